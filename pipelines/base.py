@@ -1,0 +1,58 @@
+"""The declarative description of a model family that `patch` needs, and how it is looked up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from sparse_dit.geometry import TextPosition
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the transformer's forward hook reads off one call."""
+
+    batch: int
+    grid: tuple[int, int, int]
+    timestep: float  # normalised to [0, 1], 1 = pure noise
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How sparse-dit finds its way around one diffusers model family.
+
+    transformer_classes: class names of the diffusers transformers this adapter handles.
+    pipeline_transformers: attributes of a pipeline that hold such transformers (each patched).
+    self_attention: given the transformer, the ordered self-attention modules over video tokens.
+    read_call: given the transformer and its forward's (args, kwargs), batch, post-patchify grid, timestep.
+    text_position / text_len: where text tokens sit inside the self-attention sequence.
+    """
+
+    family: str
+    transformer_classes: tuple[str, ...]
+    pipeline_transformers: tuple[str, ...]
+    self_attention: Callable[[torch.nn.Module], list[torch.nn.Module]]
+    read_call: Callable[[torch.nn.Module, tuple, dict], CallInfo]
+    text_position: TextPosition = "none"
+    docs: str = ""
+
+    def handles(self, model: Any) -> bool:
+        return any(cls.__name__ in self.transformer_classes for cls in type(model).__mro__)
+
+
+def call_argument(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    """Forward argument ``name`` whether it was passed by keyword or at ``position``."""
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    raise ValueError(f"the transformer was called without {name!r}; sparse-dit needs it to know the video grid")
+
+
+def normalised_timestep(t: Any, scale: float) -> float:
+    """First element of a scalar/1-D/2-D timestep tensor, divided by the scheduler's training range."""
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1)[0].item() if t.numel() else 0.0
+    return float(t) / scale

@@ -1,0 +1,293 @@
+"""`patch` / `unpatch`: route the self-attention of a diffusers DiT through sparse-dit, and back.
+
+How the interception works, without copying or monkey-patching diffusers:
+- a forward pre-hook on the transformer reads the call's batch, post-patchify grid and timestep;
+- each self-attention module gets a pre-hook that pushes a ``TorchFunctionMode`` and an always-run
+  post-hook that pops it, so while (and only while) that module runs, the
+  ``scaled_dot_product_attention`` call inside diffusers' own processor lands in sparse-dit;
+- the processors of patched modules are pinned to diffusers' "native" backend (the one that calls
+  ``scaled_dot_product_attention``) and their previous backend is restored by ``unpatch``.
+Everything lives on the patched model instance; nothing is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from sparse_dit.geometry import Geometry
+from sparse_dit.layout import Layout
+from sparse_dit.patterns import PatternSpec
+from sparse_dit.pipelines import CallInfo, ModelAdapter, resolve_transformers
+
+STATE_ATTR = "_sparse_dit_state"
+_SDPA = F.scaled_dot_product_attention
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_BACKENDS = ("auto", "triton", "reference")
+
+HeadPlan = tuple[PatternSpec, ...]
+
+
+def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(_SDPA_PARAMS, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _run_backend(name: str) -> Callable[..., torch.Tensor]:
+    from sparse_dit import kernels
+
+    if name == "reference":
+        return kernels.reference_attention
+    if name == "triton":
+        from sparse_dit.kernels.triton_attention import triton_block_sparse_attention
+
+        return triton_block_sparse_attention
+    return kernels.block_sparse_attention
+
+
+class _AttentionInterceptor(TorchFunctionMode):
+    """Active only while one patched attention module runs; hands its SDPA call to the patch state."""
+
+    def __init__(self, state: "PatchState", layer: int) -> None:
+        super().__init__()
+        self.state = state
+        self.layer = layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return self.state.attend(self.layer, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@dataclass
+class PatchState:
+    """Everything one patched transformer carries: settings, hooks, the current call and caches."""
+
+    adapter: ModelAdapter
+    plan_source: Callable[[int, float, int], HeadPlan | None]
+    dense_steps: int
+    block_size: int
+    backend: str
+    modules: list[torch.nn.Module]
+    handles: list[Any] = field(default_factory=list)
+    saved_backends: list[tuple[Any, bool, Any]] = field(default_factory=list)
+    call: CallInfo | None = None
+    step: int = 0
+    last_timestep: float | None = None
+    layout_cache: dict[tuple, Layout] = field(default_factory=dict)
+    layer_state: dict[tuple, dict] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=lambda: {"sparse_calls": 0, "dense_calls": 0, "density_sum": 0.0})
+
+    # ------------------------------------------------------------------------------------- hooks
+    def on_transformer_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self.adapter.read_call(transformer, args, kwargs)
+        # Steps are counted from the timestep sequence, so CFG passes (same t) share a step and a
+        # rising t marks a new generation.
+        if self.last_timestep is None or call.timestep > self.last_timestep + 1e-9:
+            self.step = 0
+        elif call.timestep < self.last_timestep - 1e-9:
+            self.step += 1
+        self.last_timestep = call.timestep
+        self.call = call
+
+    def on_transformer_done(self, *_: Any) -> None:
+        self.call = None
+
+    # ------------------------------------------------------------------------------------ planning
+    def geometry(self, B: int, S: int, H: int, D: int) -> Geometry:
+        if self.call is None:
+            raise RuntimeError(
+                "sparse-dit: a patched attention layer ran outside the transformer's forward, so the video grid "
+                "is unknown; call the transformer (or pipeline) itself"
+            )
+        F_, H_, W_ = self.call.grid
+        video = F_ * H_ * W_
+        text_len = S - video if self.adapter.text_position != "none" else 0
+        if text_len < 0 or (self.adapter.text_position == "none" and S != video):
+            raise RuntimeError(
+                f"sparse-dit: self-attention over {S} tokens but the grid {self.call.grid} has {video} video tokens; "
+                f"the {self.adapter.family} adapter does not describe this model's sequence"
+            )
+        position = self.adapter.text_position if text_len else "none"
+        return Geometry(B, H, D, F_, H_, W_, text_len=text_len, text_position=position)
+
+    def build_layout(self, layer: int, plan: HeadPlan, geometry: Geometry, q: torch.Tensor, k: torch.Tensor) -> Layout:
+        """Layout for all heads of one call; static head groups come from the cache."""
+        groups: dict[PatternSpec, list[int]] = {}
+        for h, spec in enumerate(plan):
+            groups.setdefault(spec, []).append(h)
+        all_static = all(spec.static for spec in groups)
+        key = (tuple(s.key() for s in plan), geometry, self.block_size, q.device)
+        if all_static and key in self.layout_cache:
+            return self.layout_cache[key]
+        parts, order = [], []
+        for spec, heads in groups.items():
+            if spec.static:
+                part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
+            else:
+                index = torch.tensor(heads, device=q.device)
+                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads)), {})
+                part = spec.module.build(
+                    geometry,
+                    len(heads),
+                    self.block_size,
+                    q.device,
+                    q=q.index_select(2, index),
+                    k=k.index_select(2, index),
+                    state=state,
+                    **spec.params,
+                )
+            parts.append(part)
+            order += heads
+        layout = Layout.stack_heads(parts)
+        if order != sorted(order):
+            layout = layout.take_heads(torch.tensor(order).argsort())
+        if all_static:
+            self.layout_cache[key] = layout
+        return layout
+
+    def attend(self, layer: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The intercepted SDPA call: q, k, v (B, H, S, D) as diffusers' native backend passes them."""
+        a = _bind_sdpa(args, kwargs)
+        query, key, value = a["query"], a["key"], a["value"]
+        plain = (
+            a.get("attn_mask") is None
+            and not a.get("is_causal", False)
+            and not a.get("dropout_p", 0.0)
+            and not a.get("enable_gqa", False)
+            and query.shape[-2] == key.shape[-2]
+        )
+        plan = self.plan_source(layer, self.call.timestep, self.step) if (plain and self.call) else None
+        if self.call is not None and self.step < self.dense_steps:
+            plan = None
+        if plan is None or all(spec.name == "dense" for spec in plan):
+            self.stats["dense_calls"] += 1
+            return _SDPA(*args, **kwargs)
+        B, H, S, D = query.shape
+        if len(plan) != H:
+            raise ValueError(f"sparse-dit: layer {layer} has a plan for {len(plan)} heads but the model has {H}")
+        geometry = self.geometry(B, S, H, D)
+        # diffusers' native backend hands (B, H, S, D) views of (B, S, H, D) tensors: undo the view, no copy.
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        layout = self.build_layout(layer, plan, geometry, q, k)
+        out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
+        self.stats["sparse_calls"] += 1
+        self.stats["density_sum"] += layout.density
+        return out.transpose(1, 2)
+
+
+def _uniform_plan(spec: PatternSpec, heads: int) -> Callable[[int, float, int], HeadPlan]:
+    plan = (spec,) * heads
+    return lambda layer, t, step: plan
+
+
+def _heads_of(module: torch.nn.Module) -> int:
+    heads = getattr(module, "heads", None)
+    if heads is None:
+        raise ValueError(f"attention module {type(module).__name__} has no 'heads' attribute")
+    return int(heads)
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return STATE_ATTR in model.__dict__
+
+
+def patch(
+    pipe_or_transformer: Any,
+    pattern: str | PatternSpec | dict | None = None,
+    *,
+    profile: Any = None,
+    dense_steps: int = 0,
+    block_size: int = 128,
+    backend: str = "auto",
+) -> Any:
+    """Replace self-attention in a diffusers pipeline or transformer with sparse attention.
+
+    pattern: one pattern for every layer and head (``"dense"``, ``PatternSpec("mask", block_mask=..., block_size=16)``,
+        or ``{"name": ..., **params}``). profile: a per-layer/head plan (path, `Profile` or shipped name);
+        give one of the two. dense_steps: the first denoising steps run dense. block_size: query block of
+        the layouts the patterns build. backend: "auto" (Triton on a supported GPU, else the reference),
+        "triton" or "reference".
+
+    Patching twice replaces the earlier patch; `unpatch` restores the model exactly. Returns its input.
+    """
+    if pattern is not None and profile is not None:
+        raise ValueError("give either pattern= or profile=, not both")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if int(dense_steps) < 0 or int(block_size) < 16:
+        raise ValueError("dense_steps must be >= 0 and block_size >= 16")
+    targets = resolve_transformers(pipe_or_transformer)
+    spec = PatternSpec.coerce(pattern if pattern is not None else "dense") if profile is None else None
+    for transformer, adapter in targets:
+        unpatch(transformer)
+        modules = adapter.self_attention(transformer)
+        if spec is not None:
+            plan_source = _uniform_plan(spec, _heads_of(modules[0]))
+        else:
+            from sparse_dit.profile import Profile
+
+            plan_source = Profile.coerce(profile).plan_source_for(transformer, modules)
+        state = PatchState(adapter, plan_source, int(dense_steps), int(block_size), backend, modules)
+        _install(transformer, state)
+    return pipe_or_transformer
+
+
+def _enter_hook(mode: TorchFunctionMode) -> Callable[..., None]:
+    def hook(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        mode.__enter__()
+
+    return hook
+
+
+def _exit_hook(mode: TorchFunctionMode) -> Callable[..., None]:
+    def hook(*_: Any) -> None:
+        mode.__exit__(None, None, None)
+
+    return hook
+
+
+def _install(transformer: torch.nn.Module, state: PatchState) -> None:
+    state.handles.append(transformer.register_forward_pre_hook(state.on_transformer_call, with_kwargs=True))
+    state.handles.append(transformer.register_forward_hook(state.on_transformer_done, always_call=True))
+    seen: set[int] = set()
+    for layer, module in enumerate(state.modules):
+        processor = getattr(module, "processor", None)
+        if processor is not None and id(processor) not in seen:
+            seen.add(id(processor))
+            had = "_attention_backend" in vars(processor)
+            state.saved_backends.append((processor, had, vars(processor).get("_attention_backend")))
+            if "_attention_backend" in {n for c in type(processor).__mro__ for n in vars(c)} or had:
+                processor._attention_backend = "native"
+        mode = _AttentionInterceptor(state, layer)
+        state.handles.append(module.register_forward_pre_hook(_enter_hook(mode)))
+        state.handles.append(module.register_forward_hook(_exit_hook(mode), always_call=True))
+    transformer.__dict__[STATE_ATTR] = state
+
+
+def unpatch(pipe_or_transformer: Any) -> Any:
+    """Remove sparse-dit from a pipeline or transformer; a no-op where it was not patched. Returns its input."""
+    for transformer, _ in resolve_transformers(pipe_or_transformer):
+        state: PatchState | None = transformer.__dict__.pop(STATE_ATTR, None)
+        if state is None:
+            continue
+        for handle in state.handles:
+            handle.remove()
+        for processor, had, value in state.saved_backends:
+            if had:
+                processor._attention_backend = value
+            else:
+                vars(processor).pop("_attention_backend", None)
+    return pipe_or_transformer
+
+
+def patch_state(model: torch.nn.Module) -> PatchState | None:
+    """The state of a patched transformer (for inspection), or None."""
+    return model.__dict__.get(STATE_ATTR)
+
