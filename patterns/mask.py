@@ -53,9 +53,10 @@ def build(
     nb = -(-S // block_size)
     mask = block_mask if block_mask.dim() == 4 else block_mask[None, None]
     if mask.shape[-2:] != (nb, nb) or mask.shape[0] not in (1, geometry.batch) or mask.shape[1] not in (1, num_heads):
+        lead = lambda n: "1" if n == 1 else f"1 or {n}"  # noqa: E731
         raise ValueError(
-            f"pattern 'mask': block_mask has shape {tuple(block_mask.shape)}, expected (1 or {geometry.batch}, "
-            f"1 or {num_heads}, {nb}, {nb}) for seq_len={S} and block_size={block_size}"
+            f"pattern 'mask': block_mask has shape {tuple(block_mask.shape)}, expected ({lead(geometry.batch)}, "
+            f"{lead(num_heads)}, {nb}, {nb}) for seq_len={S} and block_size={block_size}"
         )
     mask = mask.expand(mask.shape[0], num_heads, nb, nb).to(device)
     return Layout.from_block_mask(mask, block_size, seq_len=S)

@@ -78,6 +78,7 @@ class PatchState:
     handles: list[Any] = field(default_factory=list)
     saved_backends: list[tuple[Any, bool, Any]] = field(default_factory=list)
     call: CallInfo | None = None
+    last_geometry: Geometry | None = None
     step: int = 0
     last_timestep: float | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
@@ -163,16 +164,17 @@ class PatchState:
             and not a.get("enable_gqa", False)
             and query.shape[-2] == key.shape[-2]
         )
-        plan = self.plan_source(layer, self.call.timestep, self.step) if (plain and self.call) else None
-        if self.call is not None and self.step < self.dense_steps:
-            plan = None
+        if not plain:  # masked, causal or cross attention: not ours to sparsify
+            return _SDPA(*args, **kwargs)
+        B, H, S, D = query.shape
+        geometry = self.geometry(B, S, H, D)
+        self.last_geometry = geometry
+        plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
             self.stats["dense_calls"] += 1
             return _SDPA(*args, **kwargs)
-        B, H, S, D = query.shape
         if len(plan) != H:
             raise ValueError(f"sparse-dit: layer {layer} has a plan for {len(plan)} heads but the model has {H}")
-        geometry = self.geometry(B, S, H, D)
         # diffusers' native backend hands (B, H, S, D) views of (B, S, H, D) tensors: undo the view, no copy.
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         layout = self.build_layout(layer, plan, geometry, q, k)

@@ -1,0 +1,591 @@
+"""Fused block-sparse attention forward in Triton, over a `Layout` (all heads of a layer in one launch).
+
+One program computes one query block (``layout.block_q`` rows of the query order) of one (batch, head):
+an online softmax (exp2, log2(e) folded into the scale, fp32 accumulators) over
+
+1. the key *chunks* of its segments: every segment ``[start, end)`` of the key order is cut into chunks
+   of ``BLOCK_N`` keys. The chunks are flattened, per query block, into a small table (built once per
+   layout and cached): first every full chunk (no masking at all on the identity path), then the one
+   partial tail chunk of each segment whose length is not a multiple of ``BLOCK_N`` (masked). One flat
+   loop over the table keeps the software pipeline full across segment boundaries, which a loop per
+   segment would drain at every (often one-block-long) segment;
+2. the ``text_kv`` range of original key positions (unpermuted), if any.
+
+Extra programs of the same launch (placed first: they are the longest) compute the ``dense_q`` rows of
+the original order against every key; the block path skips those rows.
+
+Permutations (``q_perm``/``kv_perm``) are applied in one of two ways, both tested:
+
+* ``permute="fused"`` (default): the kernel gathers query/key/value rows through the index tensors
+  (row pointers from the permutation, one 16-byte-vectorised row load per key) and stores the output
+  rows straight back to their original positions;
+* ``permute="separate"``: a small gather kernel writes permuted contiguous copies of q/k/v first, the
+  attention kernel reads them in order (still reading the permutations for the padding masks), writes
+  a permuted output, and a scatter kernel puts rows back in the original order.
+
+q, k, v are (B, S, H, D) tensors of any strides (views of a fused qkv or of a (B, H, S, D) tensor are
+read in place); the output is a new contiguous (B, S, H, D) tensor in the original token order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_dit.layout import Layout
+
+from .reference import check_qkv
+
+__all__ = ["triton_block_sparse_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "default_config"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _attend_chunk(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    stride_ks,
+    stride_vs,
+    rows,
+    valid,
+    offs_d,
+    qk_scale,
+    HAS_VALID: tl.constexpr,
+    LOAD_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One online-softmax step of a query tile against the key rows ``rows`` (BLOCK_N,) of K/V.
+
+    ``valid`` (BLOCK_N,) bool masks keys to -inf when HAS_VALID; LOAD_MASK also masks the loads (rows that
+    may lie outside the tensor). m_i is kept in the log2 domain of the scaled scores.
+    """
+    rows64 = rows.to(tl.int64)
+    k_ptrs = K + rows64[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + rows64[:, None] * stride_vs + offs_d[None, :]
+    if LOAD_MASK:
+        lm = valid[:, None]
+        if BLOCK_D != HEAD_DIM:
+            lm = lm & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=lm, other=0.0)
+        v = tl.load(v_ptrs, mask=lm, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        dm = offs_d[None, :] < HEAD_DIM
+        k = tl.load(k_ptrs, mask=dm, other=0.0)
+        v = tl.load(v_ptrs, mask=dm, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if HAS_VALID:
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a chunk whose keys are all masked (padding) must not turn -inf - -inf into NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    stride_ks,
+    stride_vs,
+    lo,
+    hi,
+    offs_d,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Keys [lo, hi) of the original order, unpermuted: full chunks unmasked, then the masked tail."""
+    offs_n = tl.arange(0, BLOCK_N)
+    n_full = (hi - lo) // BLOCK_N
+    for t in range(0, n_full):
+        rows = lo + t * BLOCK_N + offs_n
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, K, V, stride_ks, stride_vs, rows, rows < hi, offs_d, qk_scale,
+            False, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+        )
+    tail = lo + n_full * BLOCK_N
+    if tail < hi:
+        rows = tail + offs_n
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, K, V, stride_ks, stride_vs, rows, rows < hi, offs_d, qk_scale,
+            True, True, HEAD_DIM, BLOCK_D, DOT_PREC,
+        )
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish_and_store(
+    acc, m_i, l_i, O, stride_os, rows, row_ok, offs_d, LSE, stride_ls,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    has_keys = l_i > 0.0
+    inv = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
+    out = acc * inv[:, None]
+    rows64 = rows.to(tl.int64)
+    smask = row_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        smask = smask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O + rows64[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=smask)
+    if RETURN_LSE:
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + rows64 * stride_ls, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_sparse_fwd(
+    # original tensors (text keys, dense rows, and every read/write on the identity/fused paths)
+    Q, K, V, O, LSE,
+    sq_b, sq_s, sq_h,
+    sk_b, sk_s, sk_h,
+    sv_b, sv_s, sv_h,
+    so_b, so_s, so_h,
+    sl_b, sl_h,
+    # block-path sources/destinations (the permuted copies on the separate path, else the originals)
+    QB, KB, VB, OB, LSEB,
+    sqb_b, sqb_s, sqb_h,
+    skb_b, skb_s, skb_h,
+    svb_b, svb_s, svb_h,
+    sob_b, sob_s, sob_h,
+    slb_b, slb_h,
+    # layout
+    QPERM, KVPERM, NFULL, FULL_START, NPART, PART_START, PART_END,
+    S, H, NQ, Q_ORDER, KV_ORDER, CF, CP, L_MULT,
+    TEXT_A, TEXT_B, DENSE_A, DENSE_B, N_DENSE_PROGS, BLOCK_Q,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    Q_MODE: tl.constexpr,  # 0 identity, 1 gather through q_perm, 2 permuted copy QB (rows valid by q_perm)
+    KV_MODE: tl.constexpr,  # 0 identity, 1 gather through kv_perm, 2 permuted copies KB/VB
+    HAS_TEXT: tl.constexpr,
+    HAS_DENSE: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_base = Q + b64 * sq_b + h64 * sq_h
+    k_base = K + b64 * sk_b + h64 * sk_h
+    v_base = V + b64 * sv_b + h64 * sv_h
+    o_base = O + b64 * so_b + h64 * so_h
+    lse_base = LSE + b64 * sl_b + h64 * sl_h
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    is_dense_prog = False
+    if HAS_DENSE:
+        is_dense_prog = pid < N_DENSE_PROGS
+    if is_dense_prog:
+        # ---- dense query rows (original order) against every key
+        rows = DENSE_A + pid * BLOCK_M + offs_m
+        row_ok = rows < DENSE_B
+        q = tl.load(q_base + rows.to(tl.int64)[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, 0, S, offs_d, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC
+        )
+        _finish_and_store(acc, m_i, l_i, o_base, so_s, rows, row_ok, offs_d, lse_base, 1, HEAD_DIM, BLOCK_D, RETURN_LSE)
+    else:
+        qb = pid - N_DENSE_PROGS
+        l64 = (b * L_MULT).to(tl.int64)
+        lh = l64 * H + h64
+        pos = qb * BLOCK_Q + offs_m
+        in_block = (offs_m < BLOCK_Q) & (pos < Q_ORDER)
+        if Q_MODE == 0:
+            orig = pos
+            row_ok = in_block & (pos < S)
+        else:
+            orig = tl.load(QPERM + lh * Q_ORDER + pos, mask=in_block, other=-1)
+            row_ok = orig >= 0
+        if HAS_DENSE:
+            row_ok = row_ok & ((orig < DENSE_A) | (orig >= DENSE_B))
+        if Q_MODE == 2:
+            qb_base = QB + b64 * sqb_b + h64 * sqb_h
+            q = tl.load(qb_base + pos.to(tl.int64)[:, None] * sqb_s + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            q = tl.load(q_base + orig.to(tl.int64)[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+        if KV_MODE == 2:
+            kb_base = KB + b64 * skb_b + h64 * skb_h
+            vb_base = VB + b64 * svb_b + h64 * svb_h
+            skb = skb_s
+            svb = svb_s
+        else:
+            kb_base = k_base
+            vb_base = v_base
+            skb = sk_s
+            svb = sv_s
+        kvperm_base = KVPERM + lh * KV_ORDER
+        tab = lh * NQ + qb
+        # ---- full chunks of the segments
+        n_full = tl.load(NFULL + tab)
+        for t in range(0, n_full):
+            start = tl.load(FULL_START + tab * CF + t)
+            n = start + offs_n
+            if KV_MODE == 0:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, n < KV_ORDER, offs_d, qk_scale,
+                    False, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+            elif KV_MODE == 1:
+                idx = tl.load(kvperm_base + n)
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), idx >= 0, offs_d, qk_scale,
+                    True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+            else:
+                idx = tl.load(kvperm_base + n)
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, idx >= 0, offs_d, qk_scale,
+                    True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+        # ---- partial tail chunks of the segments (masked)
+        n_part = tl.load(NPART + tab)
+        for t in range(0, n_part):
+            start = tl.load(PART_START + tab * CP + t)
+            end = tl.load(PART_END + tab * CP + t)
+            n = start + offs_n
+            inside = n < end
+            if KV_MODE == 0:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, inside, offs_d, qk_scale,
+                    True, True, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+            elif KV_MODE == 1:
+                idx = tl.load(kvperm_base + n, mask=inside, other=-1)
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), idx >= 0, offs_d, qk_scale,
+                    True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+            else:
+                idx = tl.load(kvperm_base + n, mask=inside, other=-1)
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, idx >= 0, offs_d, qk_scale,
+                    True, True, HEAD_DIM, BLOCK_D, DOT_PREC,
+                )
+        # ---- text keys, attended by every query block (original order)
+        if HAS_TEXT:
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, TEXT_A, TEXT_B, offs_d, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC,
+            )
+        if Q_MODE == 2:
+            ob_base = OB + b64 * sob_b + h64 * sob_h
+            lb_base = LSEB + b64 * slb_b + h64 * slb_h
+            _finish_and_store(acc, m_i, l_i, ob_base, sob_s, pos, row_ok, offs_d, lb_base, 1, HEAD_DIM, BLOCK_D, RETURN_LSE)
+        else:
+            _finish_and_store(acc, m_i, l_i, o_base, so_s, orig, row_ok, offs_d, lse_base, 1, HEAD_DIM, BLOCK_D, RETURN_LSE)
+
+
+@triton.jit
+def _permute_rows(
+    SRC, DST, IDX, LSRC, LDST,
+    ss_b, ss_s, ss_h,
+    sd_b, sd_s, sd_h,
+    sls_b, sls_h, sld_b, sld_h,
+    N, H, L_MULT, DENSE_A, DENSE_B,
+    SCATTER: tl.constexpr,
+    HAS_DENSE: tl.constexpr,
+    WITH_LSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Gather: DST[b, i, h] = SRC[b, IDX[l, h, i], h] (zeros for -1). Scatter: DST[b, IDX[l, h, i], h] = SRC[b, i, h]
+    for IDX >= 0 outside the dense rows (and the same for the (B, H, *) LSE rows when WITH_LSE)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    l64 = b64 * L_MULT
+    i = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    in_range = i < N
+    idx = tl.load(IDX + (l64 * H + h64) * N + i, mask=in_range, other=-1)
+    ok = idx >= 0
+    if HAS_DENSE:
+        ok = ok & ((idx < DENSE_A) | (idx >= DENSE_B))
+    if SCATTER:
+        src_row = i.to(tl.int64)
+        dst_row = tl.maximum(idx, 0).to(tl.int64)
+    else:
+        src_row = tl.maximum(idx, 0).to(tl.int64)
+        dst_row = i.to(tl.int64)
+    vals = tl.load(
+        SRC + b64 * ss_b + h64 * ss_h + src_row[:, None] * ss_s + offs_d[None, :],
+        mask=ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if SCATTER:
+        st = ok
+    else:
+        st = in_range
+    tl.store(DST + b64 * sd_b + h64 * sd_h + dst_row[:, None] * sd_s + offs_d[None, :], vals, mask=st[:, None] & d_ok[None, :])
+    if WITH_LSE:
+        lv = tl.load(LSRC + b64 * sls_b + h64 * sls_h + src_row, mask=ok, other=0.0)
+        tl.store(LDST + b64 * sld_b + h64 * sld_h + dst_row, lv, mask=ok)
+
+
+# ------------------------------------------------------------------------------------------ chunk tables
+_TABLES: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
+
+
+def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per (l, h, query block): the full BLOCK_N-chunks of its segments as one flat start table, and the
+    partial tail chunk of each segment as (start, end). Returns (n_full, full_start, n_part, part_start, part_end)."""
+    count = layout.kv_count.to(device).long()
+    start = layout.kv_start.to(device).long()
+    end = layout.kv_end.to(device).long()
+    G = start.shape[-1]
+    used = torch.arange(G, device=device) < count[..., None]
+    length = torch.where(used, end - start, 0).clamp(min=0)
+    nfull = length // block_n
+    has_tail = (length - nfull * block_n) > 0
+    n_full = nfull.sum(-1)
+    n_part = has_tail.sum(-1)
+    cf = max(1, int(n_full.max()) if n_full.numel() else 1)
+    cp = max(1, int(n_part.max()) if n_part.numel() else 1)
+    cum = nfull.cumsum(-1).contiguous()
+    c = torch.arange(cf, device=device).expand(*cum.shape[:-1], cf).contiguous()
+    g = torch.searchsorted(cum, c, right=True).clamp(max=G - 1)
+    first = (cum - nfull).gather(-1, g)
+    full_start = start.gather(-1, g) + (c - first) * block_n
+    full_start = torch.where(c < n_full[..., None], full_start, 0)
+    order = torch.sort((~has_tail).to(torch.int8), dim=-1, stable=True).indices[..., :cp]
+    part_start = (start + nfull * block_n).gather(-1, order)
+    part_end = end.gather(-1, order)
+    keep = torch.arange(part_start.shape[-1], device=device) < n_part[..., None]
+    part_start = torch.where(keep, part_start, 0)
+    part_end = torch.where(keep, part_end, 0)
+    if part_start.shape[-1] < cp:  # G < cp cannot happen, but keep the width the kernel is told
+        pad = cp - part_start.shape[-1]
+        part_start = torch.nn.functional.pad(part_start, (0, pad))
+        part_end = torch.nn.functional.pad(part_end, (0, pad))
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return i32(n_full), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+
+
+def _chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Cached per layout object (layouts are immutable), BLOCK_N and device."""
+    per_layout = _TABLES.get(layout)
+    if per_layout is None:
+        per_layout = {}
+        _TABLES[layout] = per_layout
+    key = (block_n, str(device))
+    if key not in per_layout:
+        per_layout[key] = _build_chunk_tables(layout, block_n, device)
+    return per_layout[key]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def default_config(head_dim: int, block_m: int, dtype: torch.dtype) -> dict:
+    """(BLOCK_N, num_warps, num_stages) for the GPU; measured on an H100 (benchmarks/results/kernel.md)."""
+    if _interpreting():
+        return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    bd = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if bd >= 128:
+        return {"BLOCK_N": 64 if block_m >= 128 else 64, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}
+    return {"BLOCK_N": 64, "num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of a (B, S, H, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    permute: str | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of q (B, S, H, D) against k, v over ``layout``; same contract as
+    `reference_attention`. Returns out (B, S, H, D) and, with ``return_lse``, lse (B, H, S) float32 (natural log).
+
+    ``permute``: "fused" (gather rows inside the kernel, the default) or "separate" (permuted copies,
+    then the in-order kernel, then a scatter); only matters when the layout has permutations.
+    ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
+    ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
+    """
+    check_qkv(q, k, v, layout)
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); use reference_attention on CPU")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the Triton kernel supports float16, bfloat16 and float32 inputs; got {q.dtype}: cast q, k, v to bfloat16 or float16"
+        )
+    B, S, H, D = q.shape
+    if v.shape[-1] != D:
+        raise ValueError(f"the Triton kernel needs v with the head dim of q ({D}); got {v.shape[-1]}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel supports head dims {SUPPORTED_HEAD_DIMS}; got {D}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension, got stride {t.stride(-1)}")
+    if layout.block_q > 128:
+        raise ValueError(f"the Triton kernel supports layout.block_q up to 128; got {layout.block_q}")
+    if permute is None:
+        permute = "fused"
+    if permute not in ("fused", "separate"):
+        raise ValueError(f"permute must be 'fused' or 'separate', got {permute!r}")
+    dev = q.device
+
+    block_m = max(16, triton.next_power_of_2(layout.block_q))
+    cfg = dict(default_config(D, block_m, q.dtype))
+    if config:
+        cfg.update(config)
+    block_n = int(cfg["BLOCK_N"])
+    block_d = triton.next_power_of_2(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    n_full, full_start, n_part, part_start, part_end = _chunk_tables(layout, block_n, dev)
+    L, NQ = layout.batch, layout.num_q_blocks
+    l_mult = 1 if L > 1 else 0
+    q_order, kv_order = layout.q_order_len, layout.kv_order_len
+    dummy = n_full  # any int32 tensor for absent pointers
+    q_perm = layout.q_perm.to(dev) if layout.q_perm is not None else None
+    kv_perm = layout.kv_perm.to(dev) if layout.kv_perm is not None else None
+    q_mode = 0 if q_perm is None else (1 if permute == "fused" else 2)
+    kv_mode = 0 if kv_perm is None else (1 if permute == "fused" else 2)
+
+    if out is None:
+        out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+    elif out.shape != (B, S, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a ({B}, {S}, {H}, {D}) {q.dtype} tensor with a contiguous last dim")
+    if return_lse:
+        if lse is None:
+            lse = torch.empty(B, H, S, dtype=torch.float32, device=dev)
+        elif lse.shape != (B, H, S) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
+            raise ValueError(f"lse must be a ({B}, {H}, {S}) float32 tensor with a contiguous last dim")
+    lse_t = lse if return_lse else out  # never touched without RETURN_LSE
+    sl = (lse_t.stride(0), lse_t.stride(1)) if return_lse else (0, 0)
+
+    text_a, text_b = layout.text_kv if layout.text_kv is not None else (0, 0)
+    dense_a, dense_b = layout.dense_q if layout.dense_q is not None else (0, 0)
+    has_dense = layout.dense_q is not None
+    n_dense_progs = triton.cdiv(dense_b - dense_a, block_m) if has_dense else 0
+
+    def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        n = perm.shape[-1]
+        dst = torch.empty(B, H, n, D, dtype=x.dtype, device=dev)
+        grid = (triton.cdiv(n, 64), B * H)
+        _permute_rows[grid](
+            x, dst, perm, dummy, dummy,
+            *_strides3(x), dst.stride(0), dst.stride(2), dst.stride(1),
+            0, 0, 0, 0,
+            n, H, l_mult, 0, 0,
+            SCATTER=False, HAS_DENSE=False, WITH_LSE=False, BLOCK_R=64, BLOCK_D=block_d, HEAD_DIM=D,
+        )
+        return dst
+
+    qb_t, kb_t, vb_t, ob_t, lb_t = q, k, v, out, lse_t
+    sqb, skb, svb, sob, slb = _strides3(q), _strides3(k), _strides3(v), _strides3(out), sl
+    if q_mode == 2:
+        qb_t = permuted_copy(q, q_perm)
+        sqb = (qb_t.stride(0), qb_t.stride(2), qb_t.stride(1))
+        ob_t = torch.empty(B, H, q_order, D, dtype=q.dtype, device=dev)
+        sob = (ob_t.stride(0), ob_t.stride(2), ob_t.stride(1))
+        if return_lse:
+            lb_t = torch.empty(B, H, q_order, dtype=torch.float32, device=dev)
+            slb = (lb_t.stride(0), lb_t.stride(1))
+    if kv_mode == 2:
+        kb_t, vb_t = permuted_copy(k, kv_perm), permuted_copy(v, kv_perm)
+        skb = (kb_t.stride(0), kb_t.stride(2), kb_t.stride(1))
+        svb = (vb_t.stride(0), vb_t.stride(2), vb_t.stride(1))
+
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (n_dense_progs + NQ, B * H)
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse_t,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *sl,
+        qb_t, kb_t, vb_t, ob_t, lb_t,
+        *sqb, *skb, *svb, *sob, *slb,
+        q_perm if q_perm is not None else dummy,
+        kv_perm if kv_perm is not None else dummy,
+        n_full, full_start, n_part, part_start, part_end,
+        S, H, NQ, q_order, kv_order, full_start.shape[-1], part_start.shape[-1], l_mult,
+        text_a, text_b, dense_a, dense_b, n_dense_progs, layout.block_q,
+        scale * _LOG2E,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HEAD_DIM=D,
+        Q_MODE=q_mode,
+        KV_MODE=kv_mode,
+        HAS_TEXT=layout.text_kv is not None,
+        HAS_DENSE=has_dense,
+        RETURN_LSE=bool(return_lse),
+        DOT_PREC=dot_prec,
+        num_warps=int(cfg["num_warps"]),
+        num_stages=int(cfg["num_stages"]),
+    )
+    if q_mode == 2:
+        grid = (triton.cdiv(q_order, 64), B * H)
+        _permute_rows[grid](
+            ob_t, out, q_perm, lb_t, lse_t,
+            ob_t.stride(0), ob_t.stride(2), ob_t.stride(1), *_strides3(out),
+            *(slb if return_lse else (0, 0)), *sl,
+            q_order, H, l_mult, dense_a, dense_b,
+            SCATTER=True, HAS_DENSE=has_dense, WITH_LSE=bool(return_lse), BLOCK_R=64, BLOCK_D=block_d, HEAD_DIM=D,
+        )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,293 @@
+"""Semantic-aware permutation (after Sparse VideoGen2, Yang et al. 2025): k-means clusters of queries and keys.
+
+Per head and batch element, the video queries and the video keys are clustered separately with
+Lloyd's k-means (batched over every (batch, head) problem at once in torch, no Python loop over heads),
+warm-started from the centroids of the previous call kept in ``state[b]`` (the caller keeps one
+``state`` per layer and head group; this module keys it by batch index, so each batch element, e.g.
+each CFG branch of a batched call, has its own centroids). Tokens are sorted by cluster (stable, so a
+cluster keeps raster order), which gives ``q_perm`` and ``kv_perm``.
+
+Key cluster selection, per query cluster: ``p_c ∝ |c| * exp(q̄ · k̄_c / sqrt(D))`` (the size-weighted
+centroid-score softmax, an estimate of the attention mass the cluster receives); clusters are kept in
+decreasing ``p`` until their cumulative mass reaches ``top_p`` and until they hold at least
+``min_fraction`` of the video keys. Every kept key cluster is one variable-length segment of the key
+order (adjacent kept clusters merged); keys are never padded to blocks.
+
+Queries (``q_mode``): query blocks are fixed-size runs of the query order, and a cluster rarely fills
+whole blocks. Two answers:
+
+- ``"union"`` (default): no query padding; a query block attends the union of the key clusters that
+  the query clusters it contains need. Every row gets at least its own cluster's keys (never less
+  accurate) and no row slot is wasted. With the default ~256 queries per cluster and blocks of 128 a
+  block meets one or two clusters, and neighbouring clusters in the sort often want the same keys, so
+  the union costs a few percent of density where padding would cost ~block/2 dead rows per cluster
+  (~25% more query rows at 128-token blocks and 256-token clusters).
+- ``"pad"``: each query cluster starts a new block and is padded to a block multiple with -1 slots;
+  each block attends exactly its cluster's selection. Better when clusters are much larger than a block.
+
+Parameters: ``q_clusters``/``k_clusters`` (counts; default ``V / q_tokens_per_cluster`` and
+``V / k_tokens_per_cluster``, 256 and 64 tokens per cluster, i.e. 128/512 clusters at Wan 480p and
+295/1181 at 720p, in SVG2's range), ``top_p`` in (0, 1] (default 0.9), ``min_fraction`` in [0, 1]
+(default 0.05), ``iters`` (max Lloyd iterations, default 16), ``tol`` (stop when at most this fraction of
+tokens changes cluster, default 1e-3), ``q_mode``, ``seed`` (cold-start sampling).
+
+For inspection and tests ``state[b]`` also holds the last call's ``q_labels``/``k_labels`` (h, V)
+cluster ids per video token (raster order), ``keep`` (h, Cq, Ck) bool and ``iters`` (q, k).
+Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_dit.geometry import Geometry
+from sparse_dit.layout import Layout
+
+from ._tiling import merge_segments, text_ranges
+
+NAME = "kmeans"
+STATIC = False
+Q_MODES = ("union", "pad")
+_ELEMS_BUDGET = 1 << 27  # distance-matrix elements per assignment chunk (512 MiB in fp32)
+
+
+def check_params(
+    geometry: Geometry | None,
+    q_clusters: int | None = None,
+    k_clusters: int | None = None,
+    q_tokens_per_cluster: float = 256.0,
+    k_tokens_per_cluster: float = 64.0,
+    top_p: float = 0.9,
+    min_fraction: float = 0.05,
+    iters: int = 16,
+    tol: float = 1e-3,
+    q_mode: str = "union",
+    seed: int = 0,
+) -> dict:
+    """Normalise parameters; raise ValueError for out-of-range ones."""
+    for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters)):
+        if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+            raise ValueError(f"kmeans pattern: {name} must be a positive int or None; got {v!r}")
+    for name, v in (("q_tokens_per_cluster", q_tokens_per_cluster), ("k_tokens_per_cluster", k_tokens_per_cluster)):
+        if not float(v) >= 1:
+            raise ValueError(f"kmeans pattern: {name} must be >= 1; got {v!r}")
+    if not 0 < float(top_p) <= 1:
+        raise ValueError(f"kmeans pattern: top_p must lie in (0, 1]; got {top_p!r}")
+    if not 0 <= float(min_fraction) <= 1:
+        raise ValueError(f"kmeans pattern: min_fraction must lie in [0, 1]; got {min_fraction!r}")
+    if isinstance(iters, bool) or int(iters) != iters or iters < 1:
+        raise ValueError(f"kmeans pattern: iters must be an int >= 1; got {iters!r}")
+    if not 0 <= float(tol) < 1:
+        raise ValueError(f"kmeans pattern: tol must lie in [0, 1); got {tol!r}")
+    if q_mode not in Q_MODES:
+        raise ValueError(f"kmeans pattern: q_mode must be one of {Q_MODES}; got {q_mode!r}")
+    return {
+        "q_clusters": None if q_clusters is None else int(q_clusters),
+        "k_clusters": None if k_clusters is None else int(k_clusters),
+        "q_tokens_per_cluster": float(q_tokens_per_cluster),
+        "k_tokens_per_cluster": float(k_tokens_per_cluster),
+        "top_p": float(top_p),
+        "min_fraction": float(min_fraction),
+        "iters": int(iters),
+        "tol": float(tol),
+        "q_mode": q_mode,
+        "seed": int(seed),
+    }
+
+
+# ------------------------------------------------------------------------------------------ k-means
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid: x (N, S, D), centroids (N, C, D) float -> labels (N, S) int64.
+
+    Chunked over S so the (N, chunk, C) distance matrix stays within a fixed memory budget."""
+    N, S, _ = x.shape
+    C = centroids.shape[1]
+    c_sq = (centroids * centroids).sum(-1)  # (N, C)
+    chunk = max(1, _ELEMS_BUDGET // max(1, N * C))
+    out = torch.empty(N, S, dtype=torch.int64, device=x.device)
+    for s in range(0, S, chunk):
+        xs = x[:, s : s + chunk]
+        dist = torch.baddbmm(c_sq[:, None, :], xs, centroids.transpose(1, 2), alpha=-2.0)  # ||c||^2 - 2 x.c
+        out[:, s : s + chunk] = dist.argmin(-1)
+    return out
+
+
+def update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each cluster: x (N, S, D), labels (N, S), centroids (N, C, D) (kept where a cluster is empty).
+
+    Returns (centroids (N, C, D), sizes (N, C) int64)."""
+    N, S, D = x.shape
+    C = centroids.shape[1]
+    flat = (labels + torch.arange(N, device=x.device)[:, None] * C).reshape(-1)
+    sums = torch.zeros(N * C, D, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, D))
+    sizes = torch.bincount(flat, minlength=N * C).view(N, C)
+    means = sums.view(N, C, D) / sizes.clamp(min=1)[..., None].to(x.dtype)
+    return torch.where(sizes[..., None] > 0, means, centroids), sizes
+
+
+def kmeans(
+    x: torch.Tensor,
+    num_clusters: int,
+    iters: int = 16,
+    tol: float = 1e-3,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Batched Lloyd k-means of N independent problems: x (N, S, D) float.
+
+    init: (N, C, D) centroids to warm-start from (else C distinct random points per problem).
+    Stops after ``iters`` assignments or once at most ``tol`` of the points of every problem change cluster.
+    Returns centroids (N, C, D) (means of the final clusters), labels (N, S), sizes (N, C), iterations run.
+    """
+    N, S, D = x.shape
+    C = int(num_clusters)
+    if init is None:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        pick = torch.rand(N, S, generator=gen, device=x.device).argsort(-1)[:, :C]
+        centroids = x.gather(1, pick[..., None].expand(N, C, D))
+    else:
+        centroids = init.to(x.dtype)
+    labels = None
+    it = 0
+    sizes = torch.zeros(N, C, dtype=torch.int64, device=x.device)
+    for it in range(1, iters + 1):
+        new = assign(x, centroids)
+        centroids, sizes = update(x, new, centroids)
+        done = labels is not None and float((new != labels).float().mean(-1).max()) <= tol
+        labels = new
+        if done:
+            break
+    assert labels is not None
+    return centroids, labels, sizes, it
+
+
+def inertia(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) sum of squared distances of each point to its centroid."""
+    return ((x - centroids.gather(1, labels[..., None].expand_as(x))) ** 2).sum((-1, -2))
+
+
+# ---------------------------------------------------------------------------------------- selection
+def select_clusters(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    k_sizes: torch.Tensor,
+    top_p: float,
+    min_fraction: float,
+    scale: float,
+) -> torch.Tensor:
+    """Key clusters kept per query cluster: (N, Cq, D), (N, Ck, D), (N, Ck) -> keep (N, Cq, Ck) bool.
+
+    p ∝ size * exp(score); clusters in decreasing p until the mass before them reaches ``top_p`` and the
+    keys before them reach ``min_fraction`` of all keys. Empty clusters are never kept."""
+    nonempty = k_sizes > 0
+    if top_p >= 1.0:
+        return nonempty[:, None, :].expand(-1, q_centroids.shape[1], -1).clone()
+    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2)) * scale
+    logits = logits + torch.log(k_sizes.float().clamp(min=1e-30))[:, None, :]
+    logits = logits.masked_fill(~nonempty[:, None, :], float("-inf"))
+    p = torch.softmax(logits, -1)
+    p_sorted, order = p.sort(-1, descending=True)
+    mass_before = p_sorted.cumsum(-1) - p_sorted
+    sizes_sorted = k_sizes[:, None, :].expand_as(p).gather(-1, order)
+    keys_before = sizes_sorted.cumsum(-1) - sizes_sorted
+    total = k_sizes.sum(-1)[:, None, None].float()
+    keep_sorted = (mass_before < top_p) | (keys_before.float() < min_fraction * total)
+    keep_sorted &= sizes_sorted > 0
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _cluster_counts(V: int, p: dict) -> tuple[int, int]:
+    cq = p["q_clusters"] or max(1, round(V / p["q_tokens_per_cluster"]))
+    ck = p["k_clusters"] or max(1, round(V / p["k_tokens_per_cluster"]))
+    return min(cq, V), min(ck, V)
+
+
+def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
+    """(B * h, C, D) centroids of the previous call when every batch element has them in this shape."""
+    found = [state.get(b, {}).get(key) for b in range(B)]
+    if any(c is None or tuple(c.shape) != shape for c in found):
+        return None
+    return torch.cat([c.to(device) for c in found], 0)
+
+
+def build(
+    geometry: Geometry,
+    num_heads: int,
+    block_q: int,
+    device: torch.device | str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    state: dict,
+    **params,
+) -> Layout:
+    """Per-batch layout (L = B, H = num_heads) from k-means of q, k (B, S, h, D); updates ``state``."""
+    p = check_params(geometry, **params)
+    B, S, h, D = q.shape
+    if S != geometry.seq_len or h != num_heads:
+        raise ValueError(f"kmeans pattern: q has shape {tuple(q.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
+    V, v0 = geometry.video_len, geometry.video_start
+    Cq, Ck = _cluster_counts(V, p)
+    N = B * h
+    xq = q[:, v0 : v0 + V].float().permute(0, 2, 1, 3).reshape(N, V, D)
+    xk = k[:, v0 : v0 + V].float().permute(0, 2, 1, 3).reshape(N, V, D)
+    qc, ql, qs, q_it = kmeans(xq, Cq, p["iters"], p["tol"], _warm(state, B, "q_centroids", (h, Cq, D), q.device), p["seed"])
+    kc, kl, ks, k_it = kmeans(xk, Ck, p["iters"], p["tol"], _warm(state, B, "k_centroids", (h, Ck, D), q.device), p["seed"] + 1)
+    keep = select_clusters(qc, kc, ks, p["top_p"], p["min_fraction"], 1.0 / math.sqrt(D))  # (N, Cq, Ck)
+
+    arange_v = torch.arange(V, device=q.device)
+    k_order = torch.sort(kl, -1, stable=True).indices  # (N, V) raster index, sorted by cluster
+    kv_perm = k_order + v0
+    k_start = torch.nn.functional.pad(ks.cumsum(-1), (1, 0))[:, :-1]  # (N, Ck)
+    q_sorted_lab, q_order = torch.sort(ql, -1, stable=True)
+
+    if p["q_mode"] == "union":
+        NQ = -(-V // block_q)
+        q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int64, device=q.device)
+        q_perm[:, :V] = q_order + v0
+        member = torch.zeros(N, NQ, Cq, dtype=torch.float32, device=q.device)
+        member.view(N, -1).scatter_(1, (arange_v // block_q) * Cq + q_sorted_lab, 1.0)
+        keep_block = torch.bmm(member, keep.float()) > 0  # (N, NQ, Ck)
+    else:
+        padded = -(-qs // block_q) * block_q  # (N, Cq)
+        p_end = padded.cumsum(-1)
+        p_start = p_end - padded
+        q_start = qs.cumsum(-1) - qs
+        Lq = max(block_q, int(p_end[:, -1].max()))
+        NQ = Lq // block_q
+        slot = p_start.gather(1, q_sorted_lab) + arange_v - q_start.gather(1, q_sorted_lab)  # (N, V)
+        q_perm = torch.full((N, Lq), -1, dtype=torch.int64, device=q.device)
+        q_perm.scatter_(1, slot, q_order + v0)
+        block_first = torch.arange(NQ, device=q.device) * block_q
+        block_cluster = torch.searchsorted(p_end, block_first[None].expand(N, -1).contiguous(), right=True)
+        has_rows = block_cluster < Cq
+        keep_block = keep.gather(1, block_cluster.clamp(max=Cq - 1)[..., None].expand(-1, -1, Ck))
+        keep_block &= has_rows[..., None]
+
+    start = k_start[:, None, :].expand(-1, NQ, -1)
+    end = start + ks[:, None, :]
+    count, seg_s, seg_e = merge_segments(start, end, keep_block)
+
+    G = seg_s.shape[-1]
+    lay = Layout(
+        geometry.seq_len,
+        block_q,
+        count.view(B, h, NQ),
+        seg_s.view(B, h, NQ, G),
+        seg_e.view(B, h, NQ, G),
+        q_perm.view(B, h, -1),
+        kv_perm.view(B, h, V),
+        **text_ranges(geometry),
+    )
+    for b in range(B):
+        sl = slice(b * h, (b + 1) * h)
+        state[b] = {
+            "q_centroids": qc[sl].detach(),
+            "k_centroids": kc[sl].detach(),
+            "q_labels": ql[sl].to(torch.int32),
+            "k_labels": kl[sl].to(torch.int32),
+            "keep": keep[sl],
+            "iters": (q_it, k_it),
+        }
+    return lay.to(device)

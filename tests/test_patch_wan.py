@@ -1,0 +1,188 @@
+"""patch/unpatch on the real diffusers WanTransformer3DModel and WanPipeline (small configs, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_wan_pipeline, make_wan_transformer, wan_inputs
+
+import sparse_dit
+from sparse_dit import PatternSpec
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs).sample
+
+
+def random_block_mask(heads: int, seq_len: int, block: int, density: float, seed: int, batch: int = 1) -> torch.Tensor:
+    nb = -(-seq_len // block)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, heads, nb, nb, generator=g) < density
+    mask |= torch.eye(nb, dtype=torch.bool)  # every query block keeps at least its own keys
+    return mask
+
+
+def token_mask_from_blocks(mask: torch.Tensor, block: int, seq_len: int) -> torch.Tensor:
+    """(L, H, S, S) token mask: token i sees token j iff block (i // block, j // block) is kept."""
+    idx = torch.arange(seq_len) // block
+    return mask[:, :, idx][:, :, :, idx]
+
+
+class ExplicitMask:
+    """Runs the *unpatched* model with a boolean attention mask on every self-attention (attn1) call,
+    through diffusers' own attention_mask argument."""
+
+    def __init__(self, model, token_mask: torch.Tensor):
+        self.handles = [
+            block.attn1.register_forward_pre_hook(lambda mod, args, m=token_mask: (args[0], args[1], m, *args[3:]))
+            for block in model.blocks
+        ]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def test_dense_pattern_equals_unpatched_and_unpatch_restores_bitwise(wan):
+    inputs = wan_inputs(frames=3, height=6, width=10)
+    ref = run(wan, inputs)
+    sparse_dit.patch(wan, pattern="dense")
+    assert sparse_dit.is_patched(wan)
+    out = run(wan, inputs)
+    assert (out - ref).abs().max().item() <= 1e-6
+    sparse_dit.unpatch(wan)
+    assert not sparse_dit.is_patched(wan)
+    assert torch.equal(run(wan, inputs), ref)
+    assert all("_attention_backend" not in vars(b.attn1.processor) for b in wan.blocks)
+
+
+def test_unpatch_restores_a_user_chosen_backend(wan):
+    wan.blocks[0].attn1.set_attention_backend("native")
+    sparse_dit.patch(wan, pattern="dense")
+    sparse_dit.unpatch(wan)
+    assert str(wan.blocks[0].attn1.processor._attention_backend.value) == "native"
+    assert "_attention_backend" not in vars(wan.blocks[1].attn1.processor)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_random_block_mask_equals_unpatched_with_explicit_mask(wan, batch):
+    frames, height, width, block = 3, 6, 10, 16
+    S = frames * height * width  # 180: not a multiple of the block
+    inputs = wan_inputs(batch=batch, frames=frames, height=height, width=width)
+    mask = random_block_mask(2, S, block, density=0.35, seed=batch, batch=batch)
+    with ExplicitMask(wan, token_mask_from_blocks(mask, block, S)):
+        expected = run(wan, inputs)
+    assert not torch.allclose(expected, run(wan, inputs), atol=1e-3), "the mask must change the output"
+    sparse_dit.patch(wan, pattern=PatternSpec("mask", block_mask=mask, block_size=block), backend="reference")
+    out = run(wan, inputs)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    state = sparse_dit.patch_state(wan)
+    assert state.stats["sparse_calls"] == 2 and state.stats["dense_calls"] == 0
+
+
+def test_patch_twice_is_safe_and_replaces(wan):
+    inputs = wan_inputs()
+    ref = run(wan, inputs)
+    S, block = 180, 16
+    mask = random_block_mask(2, S, block, 0.3, seed=3)
+    sparse_dit.patch(wan, pattern=PatternSpec("mask", block_mask=mask, block_size=block))
+    sparse = run(wan, inputs)
+    sparse_dit.patch(wan, pattern=PatternSpec("mask", block_mask=mask, block_size=block))
+    assert torch.equal(run(wan, inputs), sparse)
+    hooks = sum(len(b.attn1._forward_pre_hooks) for b in wan.blocks)
+    assert hooks == len(wan.blocks), "re-patching must not stack hooks"
+    sparse_dit.patch(wan, pattern="dense")
+    assert (run(wan, inputs) - ref).abs().max() <= 1e-6
+    sparse_dit.unpatch(wan)
+    sparse_dit.unpatch(wan)  # no-op
+    assert torch.equal(run(wan, inputs), ref)
+
+
+def test_two_models_patched_differently_do_not_interfere():
+    a, b = make_wan_transformer(seed=0), make_wan_transformer(seed=0)
+    inputs = wan_inputs()
+    ref = run(a, inputs)
+    mask = random_block_mask(2, 180, 16, 0.3, seed=4)
+    sparse_dit.patch(a, pattern="dense")
+    sparse_dit.patch(b, pattern=PatternSpec("mask", block_mask=mask, block_size=16))
+    out_b = run(b, inputs)
+    out_a = run(a, inputs)
+    assert (out_a - ref).abs().max() <= 1e-6
+    assert not torch.allclose(out_b, ref, atol=1e-3)
+    assert sparse_dit.patch_state(a).layout_cache == {}
+    assert len(sparse_dit.patch_state(b).layout_cache) == 1
+    sparse_dit.unpatch(b)
+    assert torch.equal(run(b, inputs), ref)
+
+
+@pytest.mark.parametrize("grid", [(3, 6, 10), (5, 7, 9), (1, 4, 4)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_captured_geometry(wan, grid, batch):
+    sparse_dit.patch(wan, pattern="dense")
+    run(wan, wan_inputs(batch=batch, frames=grid[0], height=grid[1], width=grid[2]))
+    geom = sparse_dit.patch_state(wan).last_geometry
+    assert (geom.batch, geom.heads, geom.head_dim) == (batch, 2, 16)
+    assert geom.grid == grid and geom.seq_len == grid[0] * grid[1] * grid[2]
+    assert geom.text_len == 0 and geom.text_position == "none"
+
+
+def test_pipeline_patch_dense_steps_and_timestep_steps():
+    pipe = make_wan_pipeline()
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    kwargs = dict(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        height=48,
+        width=80,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        output_type="latent",
+    )
+    ref = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+    sparse_dit.patch(pipe, pattern="dense")
+    dense = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+    assert (dense - ref).abs().max() <= 1e-6
+    S = 3 * 3 * 5
+    mask = random_block_mask(2, S, 16, 0.2, seed=5)
+    sparse_dit.patch(pipe, pattern=PatternSpec("mask", block_mask=mask, block_size=16), dense_steps=2)
+    pipe(**kwargs, generator=torch.Generator().manual_seed(1))
+    state = sparse_dit.patch_state(pipe.transformer)
+    layers = len(pipe.transformer.blocks)
+    # 3 steps x 2 CFG passes x layers; the first 2 steps dense, the last sparse
+    assert state.stats["dense_calls"] == 2 * 2 * layers
+    assert state.stats["sparse_calls"] == 1 * 2 * layers
+    assert state.step == 2
+    sparse_dit.unpatch(pipe)
+    assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames, ref)
+
+
+def test_unsupported_model_names_supported_families():
+    with pytest.raises(ValueError, match=r"supported family: wan \(WanTransformer3DModel\)"):
+        sparse_dit.patch(torch.nn.Linear(2, 2), pattern="dense")
+
+
+def test_unknown_pattern_lists_known(wan):
+    with pytest.raises(ValueError, match=r"unknown pattern 'tiles'; known patterns: .*dense.*mask"):
+        sparse_dit.patch(wan, pattern="tiles")
+    assert not sparse_dit.is_patched(wan)
+
+
+def test_mask_of_wrong_shape_says_expected_shape(wan):
+    mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
+    sparse_dit.patch(wan, pattern=PatternSpec("mask", block_mask=mask, block_size=16))
+    with pytest.raises(ValueError, match=r"expected \(1, 1 or 2, 12, 12\) for seq_len=180 and block_size=16"):
+        run(wan, wan_inputs())
+    sparse_dit.unpatch(wan)
+
+
+def test_bad_patch_arguments(wan):
+    with pytest.raises(ValueError, match="either pattern= or profile="):
+        sparse_dit.patch(wan, pattern="dense", profile="x.json")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_dit.patch(wan, pattern="dense", backend="cuda")
