@@ -412,6 +412,23 @@ class Layout:
             rows = torch.where((rows >= self.dense_q[0]) & (rows < self.dense_q[1]), -1, rows)
         return rows
 
+    def row_key_mask(self, l: int, h: int, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), S) bool: which original keys the original query tokens ``rows`` of (l, h) attend."""
+        rows = rows.long()
+        if self.q_perm is None:
+            blocks = rows // self.block_q
+        else:
+            position = torch.full((self.seq_len,), -1, dtype=torch.long, device=self.device)
+            perm = self.q_perm[l, h].long()
+            keep = perm >= 0
+            position[perm[keep]] = torch.arange(perm.numel(), device=self.device)[keep]
+            blocks = position[rows] // self.block_q
+        unique, inverse = torch.unique(blocks.clamp(min=0), return_inverse=True)
+        mask = self.key_mask(l, h, unique)[inverse]
+        if self.dense_q is not None:
+            mask[(rows >= self.dense_q[0]) & (rows < self.dense_q[1])] = True
+        return mask
+
     def to_dense_mask(self, seq_len: int | None = None) -> torch.Tensor:
         """(L, H, S, S) bool token mask in original order (query rows, key columns). For tests and small S."""
         S = self.seq_len if seq_len is None else seq_len

@@ -79,6 +79,9 @@ class PatchState:
     saved_backends: list[tuple[Any, bool, Any]] = field(default_factory=list)
     call: CallInfo | None = None
     last_geometry: Geometry | None = None
+    # called as observer(layer, geometry, timestep, q, k, v, scale) with (B, S, H, D) views before each
+    # self-attention; the profiler uses it to compare candidate patterns against dense attention
+    observer: Callable[..., None] | None = None
     step: int = 0
     last_timestep: float | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
@@ -169,6 +172,8 @@ class PatchState:
         B, H, S, D = query.shape
         geometry = self.geometry(B, S, H, D)
         self.last_geometry = geometry
+        if self.observer is not None:
+            self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
         plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
             self.stats["dense_calls"] += 1
@@ -206,7 +211,7 @@ def patch(
     *,
     profile: Any = None,
     dense_steps: int = 0,
-    block_size: int = 128,
+    block_size: int | None = None,
     backend: str = "auto",
 ) -> Any:
     """Replace self-attention in a diffusers pipeline or transformer with sparse attention.
@@ -214,7 +219,7 @@ def patch(
     pattern: one pattern for every layer and head (``"dense"``, ``PatternSpec("mask", block_mask=..., block_size=16)``,
         or ``{"name": ..., **params}``). profile: a per-layer/head plan (path, `Profile` or shipped name);
         give one of the two. dense_steps: the first denoising steps run dense. block_size: query block of
-        the layouts the patterns build. backend: "auto" (Triton on a supported GPU, else the reference),
+        the layouts the patterns build (default: the profile's, else 128). backend: "auto" (Triton on a supported GPU, else the reference),
         "triton" or "reference".
 
     Patching twice replaces the earlier patch; `unpatch` restores the model exactly. Returns its input.
@@ -223,20 +228,24 @@ def patch(
         raise ValueError("give either pattern= or profile=, not both")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-    if int(dense_steps) < 0 or int(block_size) < 16:
-        raise ValueError("dense_steps must be >= 0 and block_size >= 16")
     targets = resolve_transformers(pipe_or_transformer)
     spec = PatternSpec.coerce(pattern if pattern is not None else "dense") if profile is None else None
+    if profile is not None:
+        from sparse_dit.profile import Profile
+
+        profile = Profile.coerce(profile)
+        block_size = block_size or int(profile.header.get("block_size", 128))
+    block_size = int(block_size or 128)
+    if int(dense_steps) < 0 or block_size < 16:
+        raise ValueError("dense_steps must be >= 0 and block_size >= 16")
     for transformer, adapter in targets:
-        unpatch(transformer)
         modules = adapter.self_attention(transformer)
         if spec is not None:
             plan_source = _uniform_plan(spec, _heads_of(modules[0]))
         else:
-            from sparse_dit.profile import Profile
-
-            plan_source = Profile.coerce(profile).plan_source_for(transformer, modules)
-        state = PatchState(adapter, plan_source, int(dense_steps), int(block_size), backend, modules)
+            plan_source = profile.plan_source_for(transformer, modules)  # raises before anything is changed
+        unpatch(transformer)
+        state = PatchState(adapter, plan_source, int(dense_steps), block_size, backend, modules)
         _install(transformer, state)
     return pipe_or_transformer
 

@@ -1,0 +1,87 @@
+"""Summarise a profile: density and error per layer and timestep bucket, pattern counts, and optionally a
+heatmap of the pattern of every (layer, head) per bucket (--plot map.png)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile file (.json) or the name of a shipped profile")
+    p.add_argument("--plot", metavar="PNG", help="write a pattern map: one panel per bucket, layers x heads")
+
+
+def summary_lines(profile) -> list[str]:
+    h = profile.header
+    lines = [
+        f"model      {h.get('model_id') or '?'} ({h.get('model_class')}), {profile.layers} layers x {profile.heads} heads, head dim {h.get('head_dim')}",
+        f"budget     {h.get('budget')}, metric: {h.get('metric')}",
+        f"dense      timesteps t > {profile.dense_above:.3f} (warm-up), first {h.get('dense_layers', 0)} layers",
+        f"overall    density {profile.density():.3f}, patterns {profile.pattern_counts()}",
+    ]
+    for b, (lo, hi) in enumerate(profile.buckets):
+        lines.append(f"bucket {b}   t in [{lo:.3f}, {hi:.3f}]")
+        lines.append("  layer  density  error   patterns")
+        for layer, heads in enumerate(profile.plan[b]):
+            dens = sum(c.density for c in heads) / len(heads)
+            err = sum(c.error for c in heads) / len(heads)
+            names = " ".join(_short(c.spec) for c in heads)
+            lines.append(f"  {layer:5d}  {dens:7.3f}  {err:6.4f}  {names}")
+    return lines
+
+
+def _short(spec) -> str:
+    p = spec.params
+    if spec.name == "tile":
+        return "tile" + "x".join(map(str, p["window"]))
+    if spec.name == "radial":
+        return f"radial{p['decay']:g}"
+    if spec.name == "kmeans":
+        return f"kmeans{p['top_p']:g}"
+    if spec.name == "prune":
+        return f"prune{p['keep_ratio']:g}"
+    return spec.name
+
+
+def plot_map(profile, path: str) -> None:
+    """One panel per bucket: a layers x heads grid coloured by pattern family, each cell labelled with its density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    families = ["dense", "tile", "radial", "kmeans", "prune", "mask"]
+    colours = ["#4d4d4d", "#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd"]
+    nb = len(profile.buckets)
+    fig, axes = plt.subplots(1, nb, figsize=(1.2 + 0.55 * profile.heads * nb + 1.5, 1.0 + 0.35 * profile.layers), squeeze=False)
+    for b, ax in enumerate(axes[0]):
+        grid = [[families.index(c.spec.name) for c in layer] for layer in profile.plan[b]]
+        ax.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=len(families) - 1, aspect="auto")
+        for layer, heads in enumerate(profile.plan[b]):
+            for h, c in enumerate(heads):
+                ax.text(h, layer, f"{c.density:.2f}", ha="center", va="center", fontsize=7, color="white")
+        lo, hi = profile.buckets[b]
+        ax.set_title(f"t in [{lo:.2f}, {hi:.2f}]", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer" if b == 0 else "")
+        ax.set_xticks(range(profile.heads))
+        ax.set_yticks(range(profile.layers))
+    used = sorted({c.spec.name for bucket in profile.plan for layer in bucket for c in layer}, key=families.index)
+    fig.legend(handles=[Patch(color=colours[families.index(n)], label=n) for n in used], loc="center right", fontsize=8)
+    fig.suptitle(f"{profile.header.get('model_id') or 'profile'}: pattern per layer/head (cell: density)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_dit.profile import Profile
+
+    profile = Profile.coerce(args.profile)
+    print("\n".join(summary_lines(profile)))
+    if args.plot:
+        plot_map(profile, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,402 @@
+"""The offline head profiler: calibrate candidate patterns against dense attention, then allocate.
+
+Calibration runs the dense model (any callable that drives the patched transformer, e.g. a pipeline
+call per prompt). At every self-attention call, for every head, it samples query rows, computes their
+dense attention output, and the output each candidate pattern gives on the same rows (the candidate's
+key mask for those rows, applied to the same scores). The error is the relative L2 error
+``||o_cand - o_dense|| / ||o_dense||`` over the sampled rows of one head, averaged over calls. Nothing
+of size S x S or "all q/k/v of all layers" is stored: per call only ``rows x S`` scores of one batch
+element, then running sums.
+
+Allocation picks, per (timestep bucket, layer, head), one candidate: with ``target_density`` it
+minimises the summed error subject to the mean density (a Lagrangian sweep over the multiple-choice
+knapsack: exact dynamic programme when small, Lagrangian sweep plus greedy fill when large); with ``max_error`` it picks the cheapest
+candidate (cost model below) whose error stays under the ceiling.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+import sparse_dit
+from sparse_dit.geometry import Geometry
+from sparse_dit.layout import Layout
+from sparse_dit.patterns import PatternSpec
+from sparse_dit.profile import HeadChoice, Profile
+
+# Relative cost of a candidate, in units of one dense attention call through cuDNN:
+#   cost = density * PAIR_COST + OVERHEAD[pattern]
+# PAIR_COST is cuDNN's dense rate over our kernel's rate per computed pair; OVERHEAD is the pattern's
+# own work (permutation, k-means, scoring) relative to a dense call. Defaults until a measured cost
+# model is passed in; see benchmarks/results/kernel.md and patterns.md.
+DEFAULT_COST_MODEL: dict[str, Any] = {
+    "pair_cost": 1.2,
+    "overhead": {"dense": 0.0, "tile": 0.01, "radial": 0.01, "kmeans": 0.05, "prune": 0.02, "mask": 0.0},
+    "source": "defaults (not yet measured on a GPU)",
+}
+
+
+def candidate_cost(spec: PatternSpec, density: float, cost_model: dict[str, Any]) -> float:
+    if spec.name == "dense":
+        return 1.0
+    return density * float(cost_model["pair_cost"]) + float(cost_model["overhead"].get(spec.name, 0.0))
+
+
+def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]:
+    """Candidates sized for ``geometry``: windows clamped to the tile grid, decays, top-p, keep ratios."""
+    from sparse_dit import patterns
+
+    names = set(patterns.names())
+    out = [PatternSpec("dense")]
+    if "tile" in names:
+        from sparse_dit.patterns._tiling import default_tile
+
+        tile = default_tile(block_size, geometry.grid)
+        nt = [-(-g // t) for g, t in zip(geometry.grid, tile)]
+        seen = set()
+        for wt, frac in ((1, 0.5), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0), (9, 1.0)):
+            window = (min(wt, nt[0]), max(1, min(nt[1], math.ceil(nt[1] * frac) | 1)), max(1, min(nt[2], math.ceil(nt[2] * frac) | 1)))
+            window = tuple(min(w, n) for w, n in zip(window, nt))
+            if window not in seen and window != tuple(nt):
+                seen.add(window)
+                out.append(PatternSpec("tile", window=window))
+    if "radial" in names:
+        out += [PatternSpec("radial", decay=d) for d in (0.5, 1.0, 2.0)]
+    if "kmeans" in names:
+        out += [PatternSpec("kmeans", top_p=p) for p in (0.5, 0.75, 0.9)]
+    if "prune" in names:
+        out += [PatternSpec("prune", keep_ratio=r) for r in (0.15, 0.3, 0.5)]
+    return out
+
+
+@dataclass
+class CalibrationStats:
+    """Running sums per (timestep, layer, head, candidate)."""
+
+    candidates: list[PatternSpec]
+    layers: int
+    heads: int
+    head_dim: int = 0
+    geometry: Geometry | None = None
+    err_sum: dict[float, torch.Tensor] = field(default_factory=dict)  # t -> (layers, heads, C) float64
+    dens_sum: dict[float, torch.Tensor] = field(default_factory=dict)
+    calls: dict[float, torch.Tensor] = field(default_factory=dict)  # t -> (layers,) number of observed calls
+
+    def add(self, t: float, layer: int, err: torch.Tensor, dens: torch.Tensor) -> None:
+        t = round(float(t), 6)
+        if t not in self.err_sum:
+            shape = (self.layers, self.heads, len(self.candidates))
+            self.err_sum[t] = torch.zeros(shape, dtype=torch.float64)
+            self.dens_sum[t] = torch.zeros(shape, dtype=torch.float64)
+            self.calls[t] = torch.zeros(self.layers, dtype=torch.float64)
+        self.err_sum[t][layer] += err.double().cpu()
+        self.dens_sum[t][layer] += dens.double().cpu()
+        self.calls[t][layer] += 1
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Observed normalised timesteps, from noise (high) to clean (low)."""
+        return sorted(self.err_sum, reverse=True)
+
+    def mean(self, ts: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, heads, C) mean error and density over the calls at timesteps ``ts``."""
+        err = sum(self.err_sum[t] for t in ts)
+        dens = sum(self.dens_sum[t] for t in ts)
+        n = sum(self.calls[t] for t in ts).clamp(min=1)[:, None, None]
+        return err / n, dens / n
+
+
+class _Observer:
+    """Compares candidates with dense attention on sampled query rows at every observed call."""
+
+    def __init__(self, stats: CalibrationStats, block_size: int, rows: int, seed: int, candidate_fn):
+        self.stats = stats
+        self.block_size = block_size
+        self.rows = rows
+        self.gen = torch.Generator().manual_seed(seed)
+        self.candidate_fn = candidate_fn
+        self.layer_state: dict[tuple, dict] = {}
+        self.static_layouts: dict[tuple, Layout] = {}
+        self.on_call: Callable[[], None] | None = None
+
+    def layout(self, spec: PatternSpec, layer: int, geometry: Geometry, q: torch.Tensor, k: torch.Tensor) -> Layout:
+        if spec.static:
+            key = (spec.key(), geometry)
+            if key not in self.static_layouts:
+                self.static_layouts[key] = spec.module.build(geometry, geometry.heads, self.block_size, q.device, **spec.params)
+            return self.static_layouts[key]
+        state = self.layer_state.setdefault((layer, spec.key()), {})
+        return spec.module.build(geometry, geometry.heads, self.block_size, q.device, q=q, k=k, state=state, **spec.params)
+
+    @torch.no_grad()
+    def __call__(self, layer: int, geometry: Geometry, t: float, q, k, v, scale) -> None:
+        stats = self.stats
+        if stats.geometry is None:
+            stats.geometry = geometry
+            stats.head_dim = geometry.head_dim
+            if not stats.candidates:
+                stats.candidates.extend(self.candidate_fn(geometry, self.block_size))
+        B, S, H, D = q.shape
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        n = min(self.rows, S)
+        rows = torch.randperm(S, generator=self.gen)[:n].sort().values.to(q.device)
+        layouts = [self.layout(spec, layer, geometry, q, k) for spec in stats.candidates]
+        C = len(layouts)
+        err = torch.zeros(H, C, dtype=torch.float64)
+        dens = torch.stack([lay.density_per_head().mean(0).cpu() for lay in layouts], -1)  # (H, C)
+        for b in range(B):
+            qs = q[b, rows].float().transpose(0, 1)  # (H, n, D)
+            kb, vb = k[b].float().transpose(0, 1), v[b].float().transpose(0, 1)  # (H, S, D)
+            scores = torch.einsum("hnd,hsd->hns", qs, kb) * scale
+            probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+            dense = torch.einsum("hns,hsd->hnd", probs, vb) / probs.sum(-1, keepdim=True)
+            dense_norm = dense.norm(dim=(1, 2)).clamp(min=1e-12)
+            for c, lay in enumerate(layouts):
+                if stats.candidates[c].name == "dense":
+                    continue
+                l = b if lay.batch > 1 else 0
+                mask = torch.stack([lay.row_key_mask(l, h, rows) for h in range(H)])  # (H, n, S)
+                p = probs * mask
+                out = torch.einsum("hns,hsd->hnd", p, vb) / p.sum(-1, keepdim=True).clamp(min=1e-30)
+                err[:, c] += ((out - dense).norm(dim=(1, 2)) / dense_norm).double().cpu()
+        stats.add(t, layer, err / B, dens)
+        if self.on_call is not None:
+            self.on_call()
+
+
+def calibrate(
+    pipe_or_transformer: Any,
+    run: Callable[[], Any],
+    *,
+    candidates: Sequence[PatternSpec] | None = None,
+    block_size: int = 128,
+    query_rows: int = 256,
+    seed: int = 0,
+    on_call: Callable[[], None] | None = None,
+) -> CalibrationStats:
+    """Run ``run()`` (which drives the dense model) and measure every candidate on every attention call.
+
+    candidates: fixed candidate list, or None for `default_candidates` sized to the first call's geometry.
+    Returns the per-(timestep, layer, head, candidate) error and density sums.
+    """
+    targets = sparse_dit.pipelines.resolve_transformers(pipe_or_transformer)
+    if len(targets) != 1:
+        raise ValueError("calibrate one transformer at a time (pass the transformer, not a two-transformer pipeline)")
+    transformer, adapter = targets[0]
+    modules = adapter.self_attention(transformer)
+    stats = CalibrationStats(list(candidates or []), layers=len(modules), heads=int(modules[0].heads))
+    observer = _Observer(stats, block_size, query_rows, seed, default_candidates)
+    observer.on_call = on_call
+    sparse_dit.patch(transformer, pattern="dense")
+    try:
+        sparse_dit.patch_state(transformer).observer = observer
+        run()
+    finally:
+        sparse_dit.unpatch(transformer)
+    if not stats.err_sum:
+        raise RuntimeError("calibration saw no self-attention call: does run() call the model?")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- allocation
+def allocate_density(errors: torch.Tensor, densities: torch.Tensor, target: float, max_table: int = 20_000_000) -> torch.Tensor:
+    """Pick one option per item minimising the summed error with mean density <= target.
+
+    errors, densities: (N, C). Returns (N,) long option indices. Small problems are solved exactly by a
+    dynamic programme over density quantised upwards (so the result is always feasible); large ones by a
+    Lagrangian sweep (the smallest multiplier that meets the target) plus a greedy pass that spends the
+    remaining budget on the best error reduction per unit of density. The sweep's gap is at most one
+    item's error, negligible against thousands of (bucket, layer, head) items.
+    """
+    N, C = errors.shape
+    errors, densities = errors.double(), densities.double()
+    sparsest = densities.argmin(1)
+    if float(densities.gather(1, sparsest[:, None]).sum()) > target * N + 1e-9:
+        return sparsest  # infeasible: sparsest everywhere
+    resolution = min(10_000, int((max_table / max(1.0, target * N * N)) ** 0.5))
+    if resolution >= 100:
+        return _allocate_exact(errors, densities, target, resolution)
+    return _allocate_lagrangian(errors, densities, target)
+
+
+def _allocate_exact(errors: torch.Tensor, densities: torch.Tensor, target: float, resolution: int) -> torch.Tensor:
+    N, C = errors.shape
+    units = torch.ceil(densities * resolution - 1e-6).long().clamp(min=0)
+    budget = int(math.floor(target * N * resolution + 1e-6))
+    inf = float("inf")
+    best = torch.full((budget + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = torch.zeros(N, budget + 1, dtype=torch.int16)
+    for i in range(N):
+        options = torch.full((C, budget + 1), inf, dtype=torch.float64)
+        for c in range(C):
+            u = int(units[i, c])
+            if u <= budget:
+                options[c, u:] = best[: budget + 1 - u] + errors[i, c]
+        best, picks[i] = options.min(0)
+    b = int(best.argmin())
+    choice = torch.zeros(N, dtype=torch.long)
+    for i in range(N - 1, -1, -1):
+        c = int(picks[i, b])
+        choice[i] = c
+        b -= int(units[i, c])
+    return choice
+
+
+def _allocate_lagrangian(errors: torch.Tensor, densities: torch.Tensor, target: float) -> torch.Tensor:
+    N, C = errors.shape
+    budget = target * N
+
+    def pick(lam: float) -> torch.Tensor:
+        return (errors + lam * densities).argmin(1)
+
+    def used(choice: torch.Tensor) -> float:
+        return float(densities.gather(1, choice[:, None]).sum())
+
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > budget and hi < 1e12:
+        hi *= 4
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if used(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    choice = pick(hi)
+    if used(choice) > budget:
+        choice = densities.argmin(1)
+    spare = budget - used(choice)
+    while True:
+        gain = errors.gather(1, choice[:, None]) - errors  # error reduction of switching
+        extra = densities - densities.gather(1, choice[:, None])
+        ok = (gain > 1e-12) & (extra <= spare + 1e-12)
+        if not ok.any():
+            break
+        ratio = torch.where(ok, gain / extra.clamp(min=1e-12), torch.full_like(gain, -1.0))
+        i, c = divmod(int(ratio.argmax()), C)
+        spare -= float(extra[i, c])
+        choice[i] = c
+    return choice
+
+
+def allocate_error(errors: torch.Tensor, costs: torch.Tensor, max_error: float) -> torch.Tensor:
+    """Cheapest option per item whose error is <= max_error (dense, error 0, always qualifies)."""
+    ok = errors <= max_error
+    return torch.where(ok, costs.double(), torch.full_like(costs.double(), float("inf"))).argmin(1)
+
+
+def build_profile(
+    stats: CalibrationStats,
+    *,
+    target_density: float | None = None,
+    max_error: float | None = None,
+    num_buckets: int = 2,
+    dense_fraction: float = 0.2,
+    dense_layers: int = 0,
+    block_size: int = 128,
+    cost_model: dict[str, Any] | None = None,
+    model_class: str = "",
+    model_id: str = "",
+    calibration: dict[str, Any] | None = None,
+) -> Profile:
+    """Turn calibration statistics into a `Profile` under one budget knob (give exactly one).
+
+    The first ``dense_fraction`` of the observed timesteps run dense (``dense_above``); the rest are cut
+    into ``num_buckets`` contiguous buckets; the first ``dense_layers`` layers stay dense everywhere.
+    """
+    if (target_density is None) == (max_error is None):
+        raise ValueError("give exactly one budget: target_density=... or max_error=...")
+    if target_density is not None and not 0 < target_density <= 1:
+        raise ValueError(f"target_density must be in (0, 1]; got {target_density}")
+    cost_model = cost_model or DEFAULT_COST_MODEL
+    ts = stats.timesteps
+    n_dense = min(len(ts) - 1, math.ceil(dense_fraction * len(ts))) if dense_fraction > 0 else 0
+    dense_above = 1.0 if n_dense == 0 else (ts[n_dense - 1] + ts[n_dense]) / 2
+    rest = ts[n_dense:]
+    num_buckets = max(1, min(num_buckets, len(rest)))
+    groups = [rest[i * len(rest) // num_buckets : (i + 1) * len(rest) // num_buckets] for i in range(num_buckets)]
+    edges = [dense_above] + [(g[-1] + nxt[0]) / 2 for g, nxt in zip(groups, groups[1:])] + [0.0]
+    buckets = [(edges[i + 1], edges[i]) for i in range(num_buckets)]
+
+    cands = stats.candidates
+    C, L, H = len(cands), stats.layers, stats.heads
+    err = torch.zeros(num_buckets, L, H, C, dtype=torch.float64)
+    dens = torch.zeros_like(err)
+    for i, g in enumerate(groups):
+        err[i], dens[i] = stats.mean(g)
+    dense_idx = next(i for i, c in enumerate(cands) if c.name == "dense")
+    dens[..., dense_idx] = 1.0
+    err[..., dense_idx] = 0.0
+    allowed = torch.ones(num_buckets, L, H, C, dtype=torch.bool)
+    allowed[:, :dense_layers] = False
+    allowed[:, :dense_layers, :, dense_idx] = True
+    big = 1e9
+    err_a = torch.where(allowed, err, torch.full_like(err, big))
+    dens_a = torch.where(allowed, dens, torch.full_like(dens, big))
+    costs = torch.tensor([[candidate_cost(c, float(d), cost_model) for c, d in zip(cands, row)] for row in dens.reshape(-1, C).tolist()])
+    costs = torch.where(allowed.reshape(-1, C), costs.double(), torch.full_like(costs.double(), big))
+    if target_density is not None:
+        choice = allocate_density(err_a.reshape(-1, C), dens_a.reshape(-1, C), target_density)
+        budget = {"target_density": target_density}
+    else:
+        choice = allocate_error(err_a.reshape(-1, C), costs, max_error)
+        budget = {"max_error": max_error}
+    choice = choice.view(num_buckets, L, H)
+    plan = [
+        [[HeadChoice(cands[int(choice[b, l, h])], float(err[b, l, h, choice[b, l, h]]), float(dens[b, l, h, choice[b, l, h]])) for h in range(H)] for l in range(L)]
+        for b in range(num_buckets)
+    ]
+    geometry = stats.geometry
+    header = {
+        "model_class": model_class,
+        "model_id": model_id,
+        "layers": L,
+        "heads": H,
+        "head_dim": stats.head_dim,
+        "calibration": {
+            **(calibration or {}),
+            "grid": list(geometry.grid) if geometry else None,
+            "text_len": geometry.text_len if geometry else 0,
+            "timesteps": [round(t, 4) for t in ts],
+            "candidates": [{k: v for k, v in HeadChoice(c, 0, 0).to_json().items() if k in ("pattern", "params")} for c in cands],
+        },
+        "budget": budget,
+        "metric": "relative L2 error of each head's attention output vs dense on sampled query rows, mean over calls",
+        "dense_above": round(dense_above, 6),
+        "dense_layers": dense_layers,
+        "block_size": block_size,
+        "cost_model": cost_model,
+        "library_version": sparse_dit.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    profile = Profile(header, buckets, plan)
+    chosen_cost = costs.gather(1, choice.reshape(-1, 1)).mean().item()
+    profile.summary = {
+        **profile.default_summary(),
+        "mean_error": round(float(err.gather(-1, choice[..., None]).mean()), 5),
+        "relative_attention_cost": round(chosen_cost, 4),
+        "per_bucket_density": [round(float(dens[b].gather(-1, choice[b][..., None]).mean()), 4) for b in range(num_buckets)],
+    }
+    return profile
+
+
+def uniform_choice(stats: CalibrationStats, name: str, target_density: float, groups: Sequence[float] | None = None) -> tuple[PatternSpec, float, float]:
+    """The candidate of pattern ``name`` whose mean density is closest to ``target_density``: (spec, density, error)."""
+    ts = list(groups or stats.timesteps)
+    err, dens = stats.mean(ts)
+    best = None
+    for c, spec in enumerate(stats.candidates):
+        if spec.name != name:
+            continue
+        d = float(dens[..., c].mean())
+        e = float(err[..., c].mean())
+        if best is None or abs(d - target_density) < abs(best[1] - target_density):
+            best = (spec, d, e)
+    if best is None:
+        raise ValueError(f"no candidate of pattern {name!r} was calibrated")
+    return best
