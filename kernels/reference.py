@@ -36,6 +36,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout)
         raise ValueError(f"layout has {layout.heads} heads but q has {H}; build one layout per head of the layer")
     if layout.batch not in (1, B):
         raise ValueError(f"layout leading dimension must be 1 or the batch size {B}; got {layout.batch}")
+    if layout.text_valid is not None and layout.text_valid.numel() not in (1, B):
+        raise ValueError(f"layout.text_valid must have 1 or {B} entries; got {layout.text_valid.numel()}")
 
 
 def reference_attention(
@@ -73,17 +75,23 @@ def reference_attention(
 
     for b in range(B):
         l = b if layout.batch > 1 else 0
+        pad = layout.padded_text(b)
         for h in range(H):
             for first in range(0, layout.num_q_blocks, blocks_per_chunk):
                 blocks = torch.arange(first, min(first + blocks_per_chunk, layout.num_q_blocks), device=q.device)
                 rows = layout.query_rows(l, h, blocks)  # (nb, block_q)
                 keys = layout.key_mask(l, h, blocks)  # (nb, S)
+                if pad is not None:
+                    keys[:, pad[0] : pad[1]] = False
                 valid = rows >= 0
                 if valid.any():
                     attend(rows[valid], keys[:, None, :].expand(-1, layout.block_q, -1)[valid], b, h)
             if layout.dense_q is not None:
                 a, e = layout.dense_q
+                all_keys = torch.ones(S, dtype=torch.bool, device=q.device)
+                if pad is not None:
+                    all_keys[pad[0] : pad[1]] = False
                 for s in range(a, e, rows_per_chunk):
                     rows = torch.arange(s, min(s + rows_per_chunk, e), device=q.device)
-                    attend(rows, torch.ones(rows.numel(), S, dtype=torch.bool, device=q.device), b, h)
+                    attend(rows, all_keys.expand(rows.numel(), S), b, h)
     return (out, lse) if return_lse else out

@@ -7,9 +7,16 @@ from typing import Any
 import torch
 
 from .base import CallInfo, ModelAdapter
+from .cogvideox import COGVIDEOX
+from .flux import FLUX
+from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx import LTX_VIDEO
+from .mochi import MOCHI
+from .qwenimage import QWENIMAGE
+from .sd3 import SD3
 from .wan import WAN
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WAN,)
+ADAPTERS: tuple[ModelAdapter, ...] = (WAN, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO, MOCHI, FLUX, SD3, QWENIMAGE)
 
 
 def supported_families() -> str:

@@ -51,8 +51,37 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     raise ValueError(f"the transformer was called without {name!r}; sparse-dit needs it to know the video grid")
 
 
-def normalised_timestep(t: Any, scale: float) -> float:
-    """First element of a scalar/1-D/2-D timestep tensor, divided by the scheduler's training range."""
+def normalised_timestep(t: Any, scale: float, reversed: bool = False) -> float:
+    """First element of a scalar/1-D/2-D timestep tensor, divided by the scheduler's training range
+    (``scale``), as a fraction of noise: 1 = pure noise. ``reversed`` for models whose timestep counts
+    the other way (Mochi: 0 = pure noise)."""
     if isinstance(t, torch.Tensor):
         t = t.reshape(-1)[0].item() if t.numel() else 0.0
-    return float(t) / scale
+    t = float(t) / scale
+    return 1.0 - t if reversed else t
+
+
+def grid_5d(hidden: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Post-patchify grid of latents (B, C, F, H, W) cut into patches (p_t, p_h, p_w)."""
+    if hidden.dim() != 5:
+        raise ValueError(f"expected video latents (B, C, F, H, W); got shape {tuple(hidden.shape)}")
+    _, _, F, H, W = hidden.shape
+    return (F // patch[0], H // patch[1], W // patch[2])
+
+
+def blocks_attr(*paths: str) -> Callable[[torch.nn.Module], list[torch.nn.Module]]:
+    """Self-attention modules at ``"<block list>.<attribute>"`` paths in execution order: block lists one
+    after the other, and within a block its attributes in the order given; missing (None) ones skipped."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        blocks_name, attr = path.split(".")
+        groups.setdefault(blocks_name, []).append(attr)
+
+    def modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        out = []
+        for blocks_name, attrs in groups.items():
+            for block in getattr(transformer, blocks_name, None) or []:
+                out += [m for m in (getattr(block, a, None) for a in attrs) if m is not None]
+        return out
+
+    return modules

@@ -11,7 +11,9 @@ Queries are cut into blocks of ``block_q`` consecutive positions of the query or
 generalised from fixed blocks to segments of any length). On top of that, an optional ``text_kv``
 range of original key positions is attended by every query, and an optional ``dense_q`` range of
 original query positions attends every key (joint text-video attention). Segments never contain text
-keys, so nothing is counted twice.
+keys, so nothing is counted twice. Padded prompts: ``text_valid`` (B,) says how many keys, from the
+start of ``text_range`` (the prompt's place in the sequence), are real for each batch element; the
+rest of ``text_range`` is attended by nobody, as a key-padding mask would do.
 
 All index tensors are int32 with a leading dimension of 1 (shared by the batch) or the batch size.
 """
@@ -57,11 +59,14 @@ class Layout:
     kv_perm: torch.Tensor | None = None
     text_kv: Range | None = None
     dense_q: Range | None = None
+    text_valid: torch.Tensor | None = None
+    text_range: Range | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_kv", _as_range(self.text_kv, self.seq_len, "text_kv"))
         object.__setattr__(self, "dense_q", _as_range(self.dense_q, self.seq_len, "dense_q"))
-        for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
+        object.__setattr__(self, "text_range", _as_range(self.text_range, self.seq_len, "text_range"))
+        for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm", "text_valid"):
             t = getattr(self, name)
             if t is not None:
                 if t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -120,9 +125,12 @@ class Layout:
             raise ValueError(
                 f"Layout.q_perm length {self.q_perm.shape[-1]} must be a multiple of block_q={self.block_q} (pad with -1)"
             )
-        for t in (self.kv_start, self.kv_end, self.q_perm, self.kv_perm):
+        for t in (self.kv_start, self.kv_end, self.q_perm, self.kv_perm, self.text_valid):
             if t is not None and t.device != self.kv_count.device:
                 raise ValueError("all Layout tensors must be on one device")
+        if self.text_valid is not None:
+            if self.text_range is None or self.text_valid.dim() != 1:
+                raise ValueError("Layout.text_valid must be a (B,) tensor and needs text_range")
 
     # ------------------------------------------------------------------------------------- validation
     def validate(self) -> "Layout":
@@ -169,6 +177,10 @@ class Layout:
             if name == "q_perm" and (counts == 0).any():
                 missing = int((counts == 0).nonzero()[0, 1])
                 raise ValueError(f"Layout.q_perm misses query token {missing}: every query must be in the query order")
+        if self.text_valid is not None:
+            n_text = self.text_range[1] - self.text_range[0]
+            if ((self.text_valid < 0) | (self.text_valid > n_text)).any():
+                raise ValueError(f"Layout.text_valid must lie in [0, {n_text}] (the length of text_range)")
         if self.text_kv is not None:
             a, b = self.text_kv
             if self.kv_perm is None:
@@ -184,7 +196,7 @@ class Layout:
                 raise ValueError(
                     f"a segment contains text keys {self.text_kv}; text keys are attended through text_kv only"
                 )
-        else:
+        if self.text_kv is None or (self.text_valid is not None and (self.text_valid == 0).any()):
             valid_rows = self._valid_rows_per_block()
             empty = (count == 0) & (valid_rows > 0)
             if empty.any():
@@ -298,7 +310,26 @@ class Layout:
             kv_end=move(self.kv_end),
             q_perm=move(self.q_perm),
             kv_perm=move(self.kv_perm),
+            text_valid=move(self.text_valid),
         )
+
+    def with_text_valid(self, text_valid: torch.Tensor | None, text_range: Range | None = None) -> "Layout":
+        """The same layout where only the first ``text_valid[b]`` keys of ``text_range`` (default: text_kv)
+        are real for batch element b (a padded prompt); None: all keys real."""
+        if text_valid is None:
+            return replace(self, text_valid=None, text_range=None)
+        text_range = text_range or self.text_kv
+        if text_range is None:
+            raise ValueError("with_text_valid needs text_range= when the layout has no text_kv")
+        return replace(self, text_valid=text_valid.to(device=self.device, dtype=torch.int32), text_range=text_range)
+
+    def padded_text(self, b: int) -> Range | None:
+        """``[start, end)`` of the text keys that batch element ``b`` must not attend, or None."""
+        if self.text_valid is None:
+            return None
+        n = int(self.text_valid[b if self.text_valid.numel() > 1 else 0])
+        start = self.text_range[0] + n
+        return (start, self.text_range[1]) if start < self.text_range[1] else None
 
     def expand_batch(self, batch: int) -> "Layout":
         """The same layout with its leading dimension broadcast from 1 to ``batch`` (views, no copies)."""
@@ -378,7 +409,19 @@ class Layout:
         if any(lay.kv_perm is not None for lay in layouts):
             K = max(lay.kv_order_len for lay in layouts)
             kv_perm = torch.cat([pad_to(lay.identity_kv_perm(), (L, lay.heads, K), -1) for lay in layouts], 1)
-        return Layout(first.seq_len, first.block_q, count, start, end, q_perm, kv_perm, first.text_kv, first.dense_q)
+        return Layout(
+            first.seq_len,
+            first.block_q,
+            count,
+            start,
+            end,
+            q_perm,
+            kv_perm,
+            first.text_kv,
+            first.dense_q,
+            first.text_valid,
+            first.text_range,
+        )
 
     # ----------------------------------------------------------------------------------- dense views
     def key_mask(self, l: int, h: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -445,6 +488,12 @@ class Layout:
                 out[l, h, rows[valid]] = keys[:, None, :].expand(-1, self.block_q, -1)[valid]
         if self.dense_q is not None:
             out[:, :, self.dense_q[0] : self.dense_q[1], :] = True
+        if self.text_valid is not None:
+            out = out.expand(max(L, self.text_valid.numel()), H, S, S).clone()
+            for b in range(out.shape[0]):
+                pad = self.padded_text(b)
+                if pad is not None:
+                    out[b, :, :, pad[0] : pad[1]] = False
         return out
 
     # ------------------------------------------------------------------------------------------- stats
@@ -467,7 +516,10 @@ class Layout:
         pairs = (keys * self._valid_rows_per_block()).sum(-1).double()
         if self.dense_q is not None:
             pairs = pairs + (self.dense_q[1] - self.dense_q[0]) * S
-        return pairs / (S * S)
+        density = pairs / (S * S)
+        if self.text_valid is not None:  # padded prompt keys are skipped by every query: exact via the mask
+            return self.to_dense_mask().double().mean((-1, -2)) if S <= 4096 else density
+        return density
 
     @property
     def density(self) -> float:

@@ -161,16 +161,20 @@ class PatchState:
         a = _bind_sdpa(args, kwargs)
         query, key, value = a["query"], a["key"], a["value"]
         plain = (
-            a.get("attn_mask") is None
-            and not a.get("is_causal", False)
+            not a.get("is_causal", False)
             and not a.get("dropout_p", 0.0)
             and not a.get("enable_gqa", False)
             and query.shape[-2] == key.shape[-2]
         )
-        if not plain:  # masked, causal or cross attention: not ours to sparsify
+        if not plain:  # causal, dropout or cross attention: not ours to sparsify
             return _SDPA(*args, **kwargs)
         B, H, S, D = query.shape
         geometry = self.geometry(B, S, H, D)
+        text_valid = None
+        if a.get("attn_mask") is not None:
+            text_valid = text_valid_from_key_mask(a["attn_mask"], geometry)
+            if text_valid is None:  # a mask other than prompt padding: leave the call to SDPA
+                return _SDPA(*args, **kwargs)
         self.last_geometry = geometry
         if self.observer is not None:
             self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
@@ -183,10 +187,43 @@ class PatchState:
         # diffusers' native backend hands (B, H, S, D) views of (B, S, H, D) tensors: undo the view, no copy.
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         layout = self.build_layout(layer, plan, geometry, q, k)
+        if text_valid is not None:
+            layout = layout.with_text_valid(text_valid, geometry.text_range)
         out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
         self.stats["sparse_calls"] += 1
         self.stats["density_sum"] += layout.density
         return out.transpose(1, 2)
+
+
+def text_valid_from_key_mask(mask: torch.Tensor, geometry: Geometry) -> torch.Tensor | None:
+    """(B,) number of real prompt tokens when ``mask`` is a key-padding mask over the text that keeps
+    every video key and a prefix of the text keys; None for any other mask.
+
+    mask: bool (True = attend) or additive float, broadcastable to (B, 1, 1, S) or given as (B, S).
+    """
+    if geometry.text_range is None:
+        return None
+    S = geometry.seq_len
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        keys = mask[:, 0, 0]
+    elif mask.dim() == 2:
+        keys = mask
+    else:
+        return None
+    if keys.shape[-1] != S:
+        return None
+    keep = keys if keys.dtype == torch.bool else keys > -1e3  # additive masks use 0 / large negative
+    keep = keep.expand(geometry.batch, S)
+    a, e = geometry.text_range
+    video = torch.cat([keep[:, :a], keep[:, e:]], 1)
+    if not bool(video.all()):
+        return None
+    text = keep[:, a:e].to(torch.int32)
+    n = text.sum(1)
+    prefix = torch.arange(e - a, device=keep.device)[None, :] < n[:, None]
+    if not torch.equal(text.bool(), prefix):
+        return None
+    return n.to(torch.int32)
 
 
 def _uniform_plan(spec: PatternSpec, heads: int) -> Callable[[int, float, int], HeadPlan]:
