@@ -226,6 +226,25 @@ def text_valid_from_key_mask(mask: torch.Tensor, geometry: Geometry) -> torch.Te
     return n.to(torch.int32)
 
 
+def _profiles_per_transformer(pipe: Any, targets: list, profile: Any) -> dict[int, Any]:
+    """Profile of each target transformer: one for all, or a mapping from pipeline attribute
+    (``{"transformer": ..., "transformer_2": ...}`` for Wan 2.2) to profile."""
+    from collections.abc import Mapping
+
+    from sparse_dit.profile import Profile
+
+    if not isinstance(profile, Mapping):
+        one = Profile.coerce(profile)
+        return {id(t): one for t, _ in targets}
+    out = {}
+    for transformer, _ in targets:
+        name = next((n for n in profile if getattr(pipe, n, None) is transformer), None)
+        if name is None:
+            raise ValueError(f"profile mapping has no entry for this pipeline's {type(transformer).__name__}; keys: {sorted(profile)}")
+        out[id(transformer)] = Profile.coerce(profile[name])
+    return out
+
+
 def _uniform_plan(spec: PatternSpec, heads: int) -> Callable[[int, float, int], HeadPlan]:
     plan = (spec,) * heads
     return lambda layer, t, step: plan
@@ -254,8 +273,9 @@ def patch(
     """Replace self-attention in a diffusers pipeline or transformer with sparse attention.
 
     pattern: one pattern for every layer and head (``"dense"``, ``PatternSpec("mask", block_mask=..., block_size=16)``,
-        or ``{"name": ..., **params}``). profile: a per-layer/head plan (path, `Profile` or shipped name);
-        give one of the two. dense_steps: the first denoising steps run dense. block_size: query block of
+        or ``{"name": ..., **params}``). profile: a per-layer/head plan (path, `Profile` or shipped name), or
+        for two-transformer pipelines (Wan 2.2) a mapping ``{"transformer": ..., "transformer_2": ...}``;
+        give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
         the layouts the patterns build (default: the profile's, else 128). backend: "auto" (Triton on a supported GPU, else the reference),
         "triton" or "reference".
 
@@ -267,22 +287,22 @@ def patch(
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     targets = resolve_transformers(pipe_or_transformer)
     spec = PatternSpec.coerce(pattern if pattern is not None else "dense") if profile is None else None
-    if profile is not None:
-        from sparse_dit.profile import Profile
-
-        profile = Profile.coerce(profile)
-        block_size = block_size or int(profile.header.get("block_size", 128))
-    block_size = int(block_size or 128)
-    if int(dense_steps) < 0 or block_size < 16:
+    profiles = _profiles_per_transformer(pipe_or_transformer, targets, profile) if profile is not None else {}
+    if int(dense_steps) < 0 or (block_size is not None and int(block_size) < 16):
         raise ValueError("dense_steps must be >= 0 and block_size >= 16")
-    for transformer, adapter in targets:
+    installs = []
+    for transformer, adapter in targets:  # everything is checked before anything is changed
         modules = adapter.self_attention(transformer)
+        size = int(block_size or 128)
         if spec is not None:
             plan_source = _uniform_plan(spec, _heads_of(modules[0]))
         else:
-            plan_source = profile.plan_source_for(transformer, modules)  # raises before anything is changed
+            prof = profiles[id(transformer)]
+            plan_source = prof.plan_source_for(transformer, modules)
+            size = int(block_size or prof.header.get("block_size", 128))
+        installs.append((transformer, PatchState(adapter, plan_source, int(dense_steps), size, backend, modules)))
+    for transformer, state in installs:
         unpatch(transformer)
-        state = PatchState(adapter, plan_source, int(dense_steps), block_size, backend, modules)
         _install(transformer, state)
     return pipe_or_transformer
 

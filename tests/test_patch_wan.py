@@ -186,3 +186,46 @@ def test_bad_patch_arguments(wan):
         sparse_dit.patch(wan, pattern="dense", profile="x.json")
     with pytest.raises(ValueError, match="backend must be one of"):
         sparse_dit.patch(wan, pattern="dense", backend="cuda")
+
+
+def uniform_profile(pattern: PatternSpec, layers: int, heads: int, block_size: int):
+    from sparse_dit.profile import HeadChoice, Profile
+
+    header = {"model_class": "WanTransformer3DModel", "layers": layers, "heads": heads, "head_dim": 16, "block_size": block_size, "dense_above": 1.0}
+    plan = [[[HeadChoice(pattern, 0.0, 0.5) for _ in range(heads)] for _ in range(layers)]]
+    return Profile(header, [(0.0, 1.0)], plan)
+
+
+def test_wan22_two_transformers_each_with_its_own_profile():
+    from conftest import make_wan_pipeline
+    from diffusers import WanPipeline
+
+    base = make_wan_pipeline()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=make_wan_transformer(seed=1),
+        transformer_2=make_wan_transformer(seed=2),
+        boundary_ratio=0.5,
+    )
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 7, 32, generator=g),
+        negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+        height=48, width=80, num_frames=9, num_inference_steps=4, guidance_scale=2.0, output_type="latent",
+    )
+    ref = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+    tile = PatternSpec("tile", window=(1, 1, 1))
+    profiles = {"transformer": uniform_profile(tile, 2, 2, 16), "transformer_2": uniform_profile(PatternSpec("dense"), 2, 2, 16)}
+    sparse_dit.patch(pipe, profile=profiles)
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+    high, low = sparse_dit.patch_state(pipe.transformer), sparse_dit.patch_state(pipe.transformer_2)
+    assert high.stats["sparse_calls"] > 0 and high.stats["dense_calls"] == 0
+    assert low.stats["sparse_calls"] == 0 and low.stats["dense_calls"] > 0
+    assert not torch.equal(out, ref)
+    with pytest.raises(ValueError, match="no entry for this pipeline's WanTransformer3DModel"):
+        sparse_dit.patch(pipe, profile={"transformer": profiles["transformer"]})
+    sparse_dit.unpatch(pipe)
+    assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames, ref)
