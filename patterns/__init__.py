@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
-from . import dense, mask
+from . import dense, kmeans, mask, prune, radial, tile
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (dense, mask)}
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (dense, mask, tile, radial, kmeans, prune)}
 
 
 def register(module: ModuleType) -> None:

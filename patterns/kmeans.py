@@ -127,6 +127,30 @@ def update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tu
     return torch.where(sizes[..., None] > 0, means, centroids), sizes
 
 
+def kmeans_plus_plus(x: torch.Tensor, num_clusters: int, seed: int = 0) -> torch.Tensor:
+    """k-means++ seeding of N problems at once: x (N, S, D) -> centroids (N, C, D).
+
+    One sampling step per centroid (each O(N * S * D), batched over problems); used on cold starts only."""
+    N, S, D = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    rows = torch.arange(N, device=x.device)
+    first = torch.randint(0, S, (N,), generator=gen, device=x.device)
+    centroids = torch.empty(N, num_clusters, D, dtype=x.dtype, device=x.device)
+    centroids[:, 0] = x[rows, first]
+    x_sq = (x * x).sum(-1)  # (N, S)
+
+    def sq_dist(c: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, S), without an (N, S, D) temporary
+        return x_sq - 2 * torch.bmm(x, c[:, :, None]).squeeze(-1) + (c * c).sum(-1, keepdim=True)
+
+    best = sq_dist(centroids[:, 0])  # squared distance to the nearest chosen centroid
+    for c in range(1, num_clusters):
+        weights = best.clamp(min=0) + 1e-12  # all-equal points still get sampled
+        pick = torch.multinomial(weights, 1, generator=gen).squeeze(1)
+        centroids[:, c] = x[rows, pick]
+        best = torch.minimum(best, sq_dist(centroids[:, c]))
+    return centroids
+
+
 def kmeans(
     x: torch.Tensor,
     num_clusters: int,
@@ -137,16 +161,14 @@ def kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Batched Lloyd k-means of N independent problems: x (N, S, D) float.
 
-    init: (N, C, D) centroids to warm-start from (else C distinct random points per problem).
+    init: (N, C, D) centroids to warm-start from (else k-means++ seeding).
     Stops after ``iters`` assignments or once at most ``tol`` of the points of every problem change cluster.
     Returns centroids (N, C, D) (means of the final clusters), labels (N, S), sizes (N, C), iterations run.
     """
     N, S, D = x.shape
     C = int(num_clusters)
     if init is None:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        pick = torch.rand(N, S, generator=gen, device=x.device).argsort(-1)[:, :C]
-        centroids = x.gather(1, pick[..., None].expand(N, C, D))
+        centroids = kmeans_plus_plus(x, C, seed)
     else:
         centroids = init.to(x.dtype)
     labels = None
@@ -237,10 +259,10 @@ def build(
     keep = select_clusters(qc, kc, ks, p["top_p"], p["min_fraction"], 1.0 / math.sqrt(D))  # (N, Cq, Ck)
 
     arange_v = torch.arange(V, device=q.device)
-    k_order = torch.sort(kl, -1, stable=True).indices  # (N, V) raster index, sorted by cluster
+    k_order = torch.sort(kl, dim=-1, stable=True).indices  # (N, V) raster index, sorted by cluster
     kv_perm = k_order + v0
     k_start = torch.nn.functional.pad(ks.cumsum(-1), (1, 0))[:, :-1]  # (N, Ck)
-    q_sorted_lab, q_order = torch.sort(ql, -1, stable=True)
+    q_sorted_lab, q_order = torch.sort(ql, dim=-1, stable=True)
 
     if p["q_mode"] == "union":
         NQ = -(-V // block_q)

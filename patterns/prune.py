@@ -1,0 +1,92 @@
+"""Key/value token pruning (after ToMe, AsymRnR, AT-EDM): per head, attend only the most important keys.
+
+What is scored (``score="attn"``, the default): the attention mass each video key receives from a
+small, evenly strided sample of ``sample_queries`` video queries of the same head,
+``score_j = mean_i softmax_j(q_i · k_j / sqrt(D))``. That is AT-EDM's column-sum importance
+estimated on m sampled rows instead of the S x S map: it costs m * S * D per head (m = 64 is about
+0.2% of dense attention at S = 32760) and, unlike a key norm, it accounts for which keys the queries
+actually look at (a key with a large norm pointing away from every query gets no mass). The strided
+sample covers the video uniformly in space and time, so keys important to any region are seen;
+per-head scores let every head keep different tokens (AsymRnR's point that one reduction for all
+heads and all tokens is wasteful). ``score="norm"`` (the key's L2 norm, no queries needed) is kept
+as a cheaper baseline.
+
+The ``ceil(keep_ratio * V)`` best video keys of each (batch, head) are kept; ``kv_perm`` lists exactly
+them (in raster order, for locality) so they are one contiguous segment ``[0, n_keep)`` that every
+query block attends. Text keys are always kept (``text_kv``) and text queries attend everything.
+The layout is per batch element (L = B). ``state[b]`` receives ``kept`` (h, n_keep) original token
+indices and ``scores`` (h, V) for inspection. (Reusing query rows from the previous step, which
+ToMe-style caching allows, is not done here.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_dit.geometry import Geometry
+from sparse_dit.layout import Layout
+
+from ._tiling import text_ranges
+
+NAME = "prune"
+STATIC = False
+SCORES = ("attn", "norm")
+
+
+def check_params(geometry: Geometry | None, keep_ratio: float = 0.5, score: str = "attn", sample_queries: int = 64) -> dict:
+    """Normalise parameters; raise ValueError for keep_ratio outside (0, 1], unknown score, bad sample size."""
+    try:
+        keep_ratio = float(keep_ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"prune pattern: keep_ratio must be a number in (0, 1]; got {keep_ratio!r}") from None
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"prune pattern: keep_ratio must lie in (0, 1] (fraction of video keys kept); got {keep_ratio!r}")
+    if score not in SCORES:
+        raise ValueError(f"prune pattern: score must be one of {SCORES}; got {score!r}")
+    if isinstance(sample_queries, bool) or int(sample_queries) != sample_queries or sample_queries < 1:
+        raise ValueError(f"prune pattern: sample_queries must be an int >= 1; got {sample_queries!r}")
+    return {"keep_ratio": keep_ratio, "score": score, "sample_queries": int(sample_queries)}
+
+
+def key_scores(q: torch.Tensor, k: torch.Tensor, score: str = "attn", sample_queries: int = 64) -> torch.Tensor:
+    """Importance of each key: q, k (B, V, h, D) video tokens -> (B, h, V) float32 (higher = keep)."""
+    B, V, h, D = k.shape
+    if score == "norm":
+        return k.float().norm(dim=-1).transpose(1, 2)
+    m = min(int(sample_queries), V)
+    rows = torch.linspace(0, V - 1, m, device=q.device).round().long()
+    qs = q[:, rows].float()  # (B, m, h, D)
+    logits = torch.einsum("bmhd,bvhd->bhmv", qs, k.float()) / math.sqrt(D)
+    return torch.softmax(logits, -1).mean(2)
+
+
+def build(
+    geometry: Geometry,
+    num_heads: int,
+    block_q: int,
+    device: torch.device | str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    state: dict,
+    keep_ratio: float = 0.5,
+    score: str = "attn",
+    sample_queries: int = 64,
+) -> Layout:
+    """Per-batch layout (L = B, H = num_heads): every query attends the kept keys of its head."""
+    p = check_params(geometry, keep_ratio=keep_ratio, score=score, sample_queries=sample_queries)
+    B, S, h, D = k.shape
+    if S != geometry.seq_len or h != num_heads:
+        raise ValueError(f"prune pattern: k has shape {tuple(k.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
+    V, v0 = geometry.video_len, geometry.video_start
+    scores = key_scores(q[:, v0 : v0 + V], k[:, v0 : v0 + V], p["score"], p["sample_queries"])
+    n_keep = max(1, math.ceil(p["keep_ratio"] * V - 1e-9))
+    kept = scores.topk(n_keep, dim=-1).indices.sort(-1).values + v0  # (B, h, n_keep)
+    NQ = -(-S // block_q)
+    count = torch.ones(B, h, NQ, dtype=torch.int32, device=k.device)
+    start = torch.zeros(B, h, NQ, 1, dtype=torch.int32, device=k.device)
+    end = torch.full((B, h, NQ, 1), n_keep, dtype=torch.int32, device=k.device)
+    for b in range(B):
+        state[b] = {"kept": kept[b], "scores": scores[b]}
+    return Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry)).to(device)
