@@ -12,8 +12,9 @@ list exists. The key order is the same tile order without those padding slots, s
 never contain dead keys. Text tokens (if any) are attended by every query (``text_kv``) and attend
 every key (``dense_q``).
 
-Parameters: ``window`` (int or (wt, wh, ww) in tiles, default (3, 3, 3)); ``tile`` ((t, h, w) in
-tokens, default from ``block_q``). A window larger than the tile grid is an error at build time.
+Parameters: ``window`` (int or (wt, wh, ww) in tiles; default (3, 3, 3) cut to the tile grid); ``tile``
+((t, h, w) in tokens, default from ``block_q``). An explicit window larger than the tile grid is an
+error at build time.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ STATIC = True
 
 def check_params(
     geometry: Geometry | None,
-    window: int | Sequence[int] = (3, 3, 3),
+    window: int | Sequence[int] | None = None,
     tile: int | Sequence[int] | None = None,
 ) -> dict:
-    """Normalise ``window`` and ``tile`` to int triples; raise ValueError for bad values."""
-    out = {"window": as_triple(window, "tile pattern: window"), "tile": None if tile is None else as_triple(tile, "tile pattern: tile")}
-    if geometry is not None and out["tile"] is not None:  # the default tile depends on block_q, known in build
+    """Normalise ``window`` and ``tile`` to int triples (None: defaults); raise ValueError for bad values."""
+    out = {
+        "window": None if window is None else as_triple(window, "tile pattern: window"),
+        "tile": None if tile is None else as_triple(tile, "tile pattern: tile"),
+    }
+    if geometry is not None and out["tile"] is not None and out["window"] is not None:  # default tile needs block_q
         _check_fits(geometry, out["window"], out["tile"])
     return out
 
@@ -78,12 +82,15 @@ def build(
     num_heads: int,
     block_q: int,
     device: torch.device | str,
-    window: int | Sequence[int] = (3, 3, 3),
+    window: int | Sequence[int] | None = None,
     tile: int | Sequence[int] | None = None,
 ) -> Layout:
     """Layout (L=1, H=num_heads): query blocks in tile order, each attending its tile's window."""
-    window = as_triple(window, "tile pattern: window")
     tile = default_tile(block_q, geometry.grid) if tile is None else as_triple(tile, "tile pattern: tile")
+    if window is None:
+        counts = tuple(-(-g // t) for g, t in zip(geometry.grid, tile))
+        window = tuple(min(3, n) for n in counts)
+    window = as_triple(window, "tile pattern: window")
     _check_fits(geometry, window, tile)
     order = TileOrder(geometry, tile, block_q, device)
     count, start, end = tile_segments(order, window)

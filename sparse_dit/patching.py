@@ -83,6 +83,7 @@ class PatchState:
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
     step: int = 0
+    branch: int = 0  # which call of the current step (CFG branches called separately keep their own state)
     last_timestep: float | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
@@ -94,9 +95,11 @@ class PatchState:
         # Steps are counted from the timestep sequence, so CFG passes (same t) share a step and a
         # rising t marks a new generation.
         if self.last_timestep is None or call.timestep > self.last_timestep + 1e-9:
-            self.step = 0
+            self.step, self.branch = 0, 0
         elif call.timestep < self.last_timestep - 1e-9:
-            self.step += 1
+            self.step, self.branch = self.step + 1, 0
+        else:  # the same timestep again: the next CFG branch of this step
+            self.branch += 1
         self.last_timestep = call.timestep
         self.call = call
 
@@ -136,7 +139,7 @@ class PatchState:
                 part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
             else:
                 index = torch.tensor(heads, device=q.device)
-                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads)), {})
+                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), self.branch), {})
                 part = spec.module.build(
                     geometry,
                     len(heads),

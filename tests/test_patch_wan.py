@@ -229,3 +229,17 @@ def test_wan22_two_transformers_each_with_its_own_profile():
         sparse_dit.patch(pipe, profile={"transformer": profiles["transformer"]})
     sparse_dit.unpatch(pipe)
     assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames, ref)
+
+
+def test_dynamic_pattern_state_is_kept_per_cfg_branch(wan):
+    """Wan calls the transformer once per CFG branch with the same timestep: each branch warm-starts from its own centroids."""
+    sparse_dit.patch(wan, pattern=PatternSpec("kmeans", top_p=0.8), block_size=16, backend="reference")
+    x, _, text = wan_inputs(frames=3, height=6, width=10)
+    with torch.no_grad():
+        for t in (900, 900, 700, 700):
+            wan(x, torch.tensor([t]), text if t % 2 else -text)
+    state = sparse_dit.patch_state(wan)
+    branches = sorted({key[-1] for key in state.layer_state})
+    assert branches == [0, 1] and state.step == 1 and state.branch == 1
+    assert len(state.layer_state) == 2 * len(wan.blocks)
+    sparse_dit.unpatch(wan)

@@ -131,6 +131,15 @@ def test_tile_bad_params():
         tile.check_params(geom(), window=(6, 1, 1), tile=(1, 4, 4))
 
 
+def test_tile_default_window_is_cut_to_small_grids():
+    g = geom()
+    counts = tuple(-(-n // t) for n, t in zip(g.grid, (1, 4, 4)))
+    default = tile.build(g, 1, 16, "cpu")
+    explicit = tile.build(g, 1, 16, "cpu", window=tuple(min(3, c) for c in counts))
+    assert torch.equal(default.to_dense_mask(), explicit.to_dense_mask())
+    assert default.density < 1
+
+
 # ---------------------------------------------------------------------------------------------- radial
 def _share(d: int, decay: float) -> float:
     return decay / 2 ** d.bit_length()
