@@ -87,7 +87,21 @@ class PatchState:
     last_timestep: float | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=lambda: {"sparse_calls": 0, "dense_calls": 0, "density_sum": 0.0})
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    # summed on the device without a host sync per call; read through `stats`
+    density_total: torch.Tensor | float = 0.0
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Calls so far: sparse and dense self-attention calls and the summed density of the sparse ones."""
+        total = self.density_total
+        return {
+            "sparse_calls": self.sparse_calls,
+            "dense_calls": self.dense_calls,
+            "density_sum": float(total),
+            "mean_density": float(total) / self.sparse_calls if self.sparse_calls else 1.0,
+        }
 
     # ------------------------------------------------------------------------------------- hooks
     def on_transformer_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -183,7 +197,7 @@ class PatchState:
             self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
         plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
-            self.stats["dense_calls"] += 1
+            self.dense_calls += 1
             return _SDPA(*args, **kwargs)
         if len(plan) != H:
             raise ValueError(f"sparse-dit: layer {layer} has a plan for {len(plan)} heads but the model has {H}")
@@ -193,8 +207,8 @@ class PatchState:
         if text_valid is not None:
             layout = layout.with_text_valid(text_valid, geometry.text_range)
         out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
-        self.stats["sparse_calls"] += 1
-        self.stats["density_sum"] += layout.density
+        self.sparse_calls += 1
+        self.density_total = self.density_total + layout.density_per_head().mean()
         return out.transpose(1, 2)
 
 

@@ -91,6 +91,16 @@ class Profile:
     plan: list[list[list[HeadChoice]]]
     summary: dict = field(default_factory=dict)
 
+    @classmethod
+    def constant(
+        cls, head_plan: Sequence[PatternSpec], layers: int, *, model_class: str = "", block_size: int = 128, head_dim: int = 0
+    ) -> "Profile":
+        """A profile that gives every layer, at every timestep, the same per-head plan (no calibration)."""
+        header = {"model_class": model_class, "layers": layers, "heads": len(head_plan), "head_dim": head_dim,
+                  "block_size": block_size, "dense_above": 1.0, "budget": {}, "metric": "none (not calibrated)"}
+        plan = [[[HeadChoice(spec, 0.0, float("nan")) for spec in head_plan] for _ in range(layers)]]
+        return cls(header, [(0.0, 1.0)], plan)
+
     # --------------------------------------------------------------------------------------- queries
     @property
     def layers(self) -> int:
