@@ -29,7 +29,10 @@ from sparse_dit.patterns import PatternSpec
 
 FORMAT = "sparse-dit-profile"
 VERSION = 1
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+def _shipped_dir() -> Path:
+    import sparse_dit.profiles
+
+    return Path(sparse_dit.profiles.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,9 @@ class Profile:
         path = Path(value)
         if path.is_file():
             return cls.load(path)
-        shipped = SHIPPED_DIR / f"{value}.json"
+        shipped_dir = _shipped_dir()
+        shipped = shipped_dir / f"{value}.json"
         if shipped.is_file():
             return cls.load(shipped)
-        names = sorted(p.stem for p in SHIPPED_DIR.glob("*.json")) if SHIPPED_DIR.is_dir() else []
+        names = sorted(p.stem for p in shipped_dir.glob("*.json"))
         raise FileNotFoundError(f"no profile file {value!r} and no shipped profile of that name (shipped: {names or 'none'})")
