@@ -25,6 +25,12 @@ Permutations (``q_perm``/``kv_perm``) are applied in one of two ways, both teste
 
 q, k, v are (B, S, H, D) tensors of any strides (views of a fused qkv or of a (B, H, S, D) tensor are
 read in place); the output is a new contiguous (B, S, H, D) tensor in the original token order.
+A row whose segments hold only padding slots (and no text keys) has no key: its output is 0 and its LSE -inf.
+Padded prompts (``layout.text_valid``/``text_range``): the padded keys are skipped by the dense rows and the
+text-key loop (range splitting, no masking) and masked inside segments.
+
+On Hopper the full unpermuted key chunks are loaded through TMA tensor descriptors; measured configs and
+numbers are in benchmarks/results/kernel.md and benchmarks/notes_kernel.md.
 """
 
 from __future__ import annotations
@@ -95,6 +101,20 @@ def _attend_chunk(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    return _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, HAS_VALID, DOT_PREC)
+
+
+@triton.jit
+def _attend_chunk_tma(acc, m_i, l_i, q, k_desc, v_desc, b, h, start, qk_scale,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A full chunk of keys [start, start + BLOCK_N) of (b, h) through TMA tensor descriptors (Hopper)."""
+    k = k_desc.load([b, start, h, 0]).reshape([BLOCK_N, BLOCK_D])
+    v = v_desc.load([b, start, h, 0]).reshape([BLOCK_N, BLOCK_D])
+    return _softmax_step(acc, m_i, l_i, q, k, v, start, qk_scale, False, DOT_PREC)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, HAS_VALID: tl.constexpr, DOT_PREC: tl.constexpr):
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if HAS_VALID:
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
@@ -127,20 +147,30 @@ def _attend_range(
     hi,
     offs_d,
     qk_scale,
+    k_desc,
+    v_desc,
+    b,
+    h,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Keys [lo, hi) of the original order, unpermuted: full chunks unmasked, then the masked tail."""
     offs_n = tl.arange(0, BLOCK_N)
-    n_full = (hi - lo) // BLOCK_N
+    n_full = tl.maximum(hi - lo, 0) // BLOCK_N
     for t in range(0, n_full):
-        rows = lo + t * BLOCK_N + offs_n
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, K, V, stride_ks, stride_vs, rows, rows < hi, offs_d, qk_scale,
-            False, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-        )
+        if USE_TMA:
+            acc, m_i, l_i = _attend_chunk_tma(
+                acc, m_i, l_i, q, k_desc, v_desc, b, h, lo + t * BLOCK_N, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC
+            )
+        else:
+            rows = lo + t * BLOCK_N + offs_n
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, K, V, stride_ks, stride_vs, rows, rows < hi, offs_d, qk_scale,
+                False, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+            )
     tail = lo + n_full * BLOCK_N
     if tail < hi:
         rows = tail + offs_n
@@ -186,9 +216,11 @@ def _block_sparse_fwd(
     sob_b, sob_s, sob_h,
     slb_b, slb_h,
     # layout
-    QPERM, KVPERM, NFULL, FULL_START, NPART, PART_START, PART_END,
+    QPERM, KVPERM, NFULL, NCLEAN, FULL_START, NPART, PART_START, PART_END,
     S, H, NQ, Q_ORDER, KV_ORDER, CF, CP, L_MULT,
     TEXT_A, TEXT_B, DENSE_A, DENSE_B, N_DENSE_PROGS, BLOCK_Q,
+    TEXT_VALID, TV_MULT, PAD_END,
+    K_DESC, V_DESC,
     qk_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -198,8 +230,11 @@ def _block_sparse_fwd(
     KV_MODE: tl.constexpr,  # 0 identity, 1 gather through kv_perm, 2 permuted copies KB/VB
     HAS_TEXT: tl.constexpr,
     HAS_DENSE: tl.constexpr,
+    HAS_PAD: tl.constexpr,  # padded prompt: keys [PAD_START[b], PAD_END) are attended by nobody
     RETURN_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    USE_TMA: tl.constexpr,  # full unpermuted key chunks through TMA descriptors (GPU, HEAD_DIM == BLOCK_D)
+    USE_WS: tl.constexpr,  # experimental: warp-specialised clean-chunk loop (TMA, identity keys, no padding)
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -218,6 +253,13 @@ def _block_sparse_fwd(
     o_base = O + b64 * so_b + h64 * so_h
     lse_base = LSE + b64 * sl_b + h64 * sl_h
 
+    if HAS_PAD:
+        pad_a = tl.load(TEXT_VALID + b * TV_MULT)  # (text_range start + valid text keys of element b)
+        pad_b = PAD_END
+    else:
+        pad_a = S
+        pad_b = S
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -231,8 +273,12 @@ def _block_sparse_fwd(
         row_ok = rows < DENSE_B
         q = tl.load(q_base + rows.to(tl.int64)[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, 0, S, offs_d, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC
+            acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, 0, pad_a, offs_d, qk_scale, K_DESC, V_DESC, b, h, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA
         )
+        if HAS_PAD:
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, pad_b, S, offs_d, qk_scale, K_DESC, V_DESC, b, h, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA
+            )
         _finish_and_store(acc, m_i, l_i, o_base, so_s, rows, row_ok, offs_d, lse_base, 1, HEAD_DIM, BLOCK_D, RETURN_LSE)
     else:
         qb = pid - N_DENSE_PROGS
@@ -266,28 +312,61 @@ def _block_sparse_fwd(
             svb = sv_s
         kvperm_base = KVPERM + lh * KV_ORDER
         tab = lh * NQ + qb
-        # ---- full chunks of the segments
-        n_full = tl.load(NFULL + tab)
-        for t in range(0, n_full):
-            start = tl.load(FULL_START + tab * CF + t)
-            n = start + offs_n
-            if KV_MODE == 0:
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, n < KV_ORDER, offs_d, qk_scale,
-                    False, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+        # ---- full chunks without padding slots ("clean"): no score masking unless prompts are padded
+        n_clean = tl.load(NCLEAN + tab)
+        if USE_WS:
+            for t in tl.range(0, n_clean, warp_specialize=True):
+                start = tl.load(FULL_START + tab * CF + t)
+                acc, m_i, l_i = _attend_chunk_tma(
+                    acc, m_i, l_i, q, K_DESC, V_DESC, b, h, start, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC
                 )
-            elif KV_MODE == 1:
+        else:
+            for t in range(0, n_clean):
+                start = tl.load(FULL_START + tab * CF + t)
+                n = start + offs_n
+                if KV_MODE == 0 and USE_TMA and not HAS_PAD:
+                    acc, m_i, l_i = _attend_chunk_tma(
+                        acc, m_i, l_i, q, K_DESC, V_DESC, b, h, start, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC
+                    )
+                elif KV_MODE == 0:
+                    acc, m_i, l_i = _attend_chunk(
+                        acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, (n < pad_a) | (n >= pad_b), offs_d, qk_scale,
+                        HAS_PAD, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                    )
+                elif KV_MODE == 1:
+                    idx = tl.load(kvperm_base + n)
+                    acc, m_i, l_i = _attend_chunk(
+                        acc, m_i, l_i, q, kb_base, vb_base, skb, svb, idx, (idx < pad_a) | (idx >= pad_b), offs_d,
+                        qk_scale, HAS_PAD, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                    )
+                else:
+                    if HAS_PAD:
+                        idx = tl.load(kvperm_base + n)
+                        ok = (idx < pad_a) | (idx >= pad_b)
+                    else:
+                        ok = n >= 0
+                    acc, m_i, l_i = _attend_chunk(
+                        acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, ok, offs_d, qk_scale,
+                        HAS_PAD, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                    )
+        # ---- full chunks that hold padding slots of kv_perm (masked)
+        if KV_MODE != 0:
+            n_full = tl.load(NFULL + tab)
+            for t in range(n_clean, n_full):
+                start = tl.load(FULL_START + tab * CF + t)
+                n = start + offs_n
                 idx = tl.load(kvperm_base + n)
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), idx >= 0, offs_d, qk_scale,
-                    True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-                )
-            else:
-                idx = tl.load(kvperm_base + n)
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, idx >= 0, offs_d, qk_scale,
-                    True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-                )
+                ok = (idx >= 0) & ((idx < pad_a) | (idx >= pad_b))
+                if KV_MODE == 1:
+                    acc, m_i, l_i = _attend_chunk(
+                        acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), ok, offs_d, qk_scale,
+                        True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                    )
+                else:
+                    acc, m_i, l_i = _attend_chunk(
+                        acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, ok, offs_d, qk_scale,
+                        True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                    )
         # ---- partial tail chunks of the segments (masked)
         n_part = tl.load(NPART + tab)
         for t in range(0, n_part):
@@ -297,27 +376,35 @@ def _block_sparse_fwd(
             inside = n < end
             if KV_MODE == 0:
                 acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, inside, offs_d, qk_scale,
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, inside & ((n < pad_a) | (n >= pad_b)), offs_d, qk_scale,
                     True, True, HEAD_DIM, BLOCK_D, DOT_PREC,
                 )
             elif KV_MODE == 1:
                 idx = tl.load(kvperm_base + n, mask=inside, other=-1)
+                ok = (idx >= 0) & ((idx < pad_a) | (idx >= pad_b))
                 acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), idx >= 0, offs_d, qk_scale,
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, tl.maximum(idx, 0), ok, offs_d, qk_scale,
                     True, False, HEAD_DIM, BLOCK_D, DOT_PREC,
                 )
             else:
                 idx = tl.load(kvperm_base + n, mask=inside, other=-1)
+                ok = (idx >= 0) & ((idx < pad_a) | (idx >= pad_b))
                 acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, idx >= 0, offs_d, qk_scale,
+                    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, n, ok, offs_d, qk_scale,
                     True, True, HEAD_DIM, BLOCK_D, DOT_PREC,
                 )
         # ---- text keys, attended by every query block (original order)
         if HAS_TEXT:
+            # text keys minus the padded ones: [TEXT_A, pad_a) and [pad_b, TEXT_B), clipped to the text range
             acc, m_i, l_i = _attend_range(
-                acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, TEXT_A, TEXT_B, offs_d, qk_scale,
-                BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC,
+                acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, TEXT_A, tl.minimum(tl.maximum(pad_a, TEXT_A), TEXT_B),
+                offs_d, qk_scale, K_DESC, V_DESC, b, h, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA,
             )
+            if HAS_PAD:
+                acc, m_i, l_i = _attend_range(
+                    acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, tl.minimum(tl.maximum(pad_b, TEXT_A), TEXT_B), TEXT_B,
+                    offs_d, qk_scale, K_DESC, V_DESC, b, h, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC, USE_TMA,
+                )
         if Q_MODE == 2:
             ob_base = OB + b64 * sob_b + h64 * sob_h
             lb_base = LSEB + b64 * slb_b + h64 * slb_h
@@ -382,7 +469,8 @@ _TABLES: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
 
 def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per (l, h, query block): the full BLOCK_N-chunks of its segments as one flat start table, and the
-    partial tail chunk of each segment as (start, end). Returns (n_full, full_start, n_part, part_start, part_end)."""
+    partial tail chunk of each segment as (start, end); full chunks without kv_perm padding slots
+    ("clean", ``n_clean`` of them) come first. Returns (n_full, n_clean, full_start, n_part, part_start, part_end)."""
     count = layout.kv_count.to(device).long()
     start = layout.kv_start.to(device).long()
     end = layout.kv_end.to(device).long()
@@ -411,8 +499,22 @@ def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> t
         pad = cp - part_start.shape[-1]
         part_start = torch.nn.functional.pad(part_start, (0, pad))
         part_end = torch.nn.functional.pad(part_end, (0, pad))
+    n_clean = n_full
+    if layout.kv_perm is not None:  # full chunks holding padding slots (-1) go last and are masked
+        kv_perm = layout.kv_perm.to(device)
+        L, H = kv_perm.shape[:2]
+        prefix = torch.nn.functional.pad((kv_perm < 0).long().cumsum(-1), (1, 0))  # (L, H, K + 1)
+        NQ = full_start.shape[2]
+        flat = prefix[:, :, None, :].expand(L, H, NQ, prefix.shape[-1])
+        valid = c < n_full[..., None]
+        n_pad = flat.gather(-1, (full_start + block_n).clamp(max=prefix.shape[-1] - 1)) - flat.gather(-1, full_start)
+        dirty = valid & (n_pad > 0)
+        rank = torch.where(valid, dirty.long(), 2)
+        order = torch.sort(rank, dim=-1, stable=True).indices
+        full_start = full_start.gather(-1, order)
+        n_clean = (valid & ~dirty).sum(-1)
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return i32(n_full), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+    return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
 
 
 def _chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -427,17 +529,50 @@ def _chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[t
     return per_layout[key]
 
 
+def _padding(layout: Layout, batch: int, device: torch.device) -> tuple[torch.Tensor | None, int, int]:
+    """Padded prompt keys (``layout.text_valid``): (first padded key per batch element as int32 (1 or B,),
+    batch multiplier, end of the padded range), or (None, 0, 0) when no element has padding. Cached."""
+    text_valid = getattr(layout, "text_valid", None)
+    if text_valid is None:
+        return None, 0, 0
+    per_layout = _TABLES.setdefault(layout, {})
+    key = ("pad", str(device))
+    if key not in per_layout:
+        a, b = layout.text_range
+        tv = text_valid.to(device).reshape(-1).to(torch.int32)
+        if tv.numel() not in (1, batch):
+            raise ValueError(f"layout.text_valid must have 1 or {batch} entries; got {tv.numel()}")
+        start = (tv + a).clamp(max=b).contiguous()
+        any_pad = bool((start < b).any())
+        per_layout[key] = (start, 1 if tv.numel() > 1 else 0, b) if any_pad else (None, 0, 0)
+    return per_layout[key]
+
+
 # ---------------------------------------------------------------------------------------------- configs
 def default_config(head_dim: int, block_m: int, dtype: torch.dtype) -> dict:
-    """(BLOCK_N, num_warps, num_stages) for the GPU; measured on an H100 (benchmarks/results/kernel.md)."""
+    """(BLOCK_N, num_warps, num_stages, TMA) for the GPU, from the H100 sweep in benchmarks/results/kernel.md
+    (BLOCK_N=128 / 8 warps / 3 stages / TMA: 451-459 TFLOP/s at 10% vs 360 for BLOCK_N=64 without TMA).
+    "WS": True (warp-specialised loop) is accepted but measured no faster, so it is off by default."""
     if _interpreting():
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     bd = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if bd >= 128:
-        return {"BLOCK_N": 64 if block_m >= 128 else 64, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}
-    return {"BLOCK_N": 64, "num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}
+    if block_m >= 128:  # measured on H100, Wan 480p, D=128 (benchmarks/notes_kernel.md)
+        return {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": True}
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": True}
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
+    """TMA descriptors need a Hopper+ GPU, 16-byte aligned bases and strides (not under the interpreter)."""
+    if _interpreting() or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    e = k.element_size()
+    return all(t.data_ptr() % 16 == 0 and all((st * e) % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -498,7 +633,7 @@ def triton_block_sparse_attention(
     block_d = triton.next_power_of_2(D)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    n_full, full_start, n_part, part_start, part_end = _chunk_tables(layout, block_n, dev)
+    n_full, n_clean, full_start, n_part, part_start, part_end = _chunk_tables(layout, block_n, dev)
     L, NQ = layout.batch, layout.num_q_blocks
     l_mult = 1 if L > 1 else 0
     q_order, kv_order = layout.q_order_len, layout.kv_order_len
@@ -524,6 +659,8 @@ def triton_block_sparse_attention(
     dense_a, dense_b = layout.dense_q if layout.dense_q is not None else (0, 0)
     has_dense = layout.dense_q is not None
     n_dense_progs = triton.cdiv(dense_b - dense_a, block_m) if has_dense else 0
+    pad_start, tv_mult, pad_end = _padding(layout, B, dev)
+    has_pad = pad_start is not None
 
     def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         n = perm.shape[-1]
@@ -554,6 +691,14 @@ def triton_block_sparse_attention(
         svb = (vb_t.stride(0), vb_t.stride(2), vb_t.stride(1))
 
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    use_tma = bool(cfg.get("TMA", False)) and block_d == D and _tma_ok(k, v, block_n)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, block_n, 1, block_d])
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, block_n, 1, block_d])
+    else:
+        k_desc, v_desc = k, v  # unused
     grid = (n_dense_progs + NQ, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse_t,
@@ -562,9 +707,11 @@ def triton_block_sparse_attention(
         *sqb, *skb, *svb, *sob, *slb,
         q_perm if q_perm is not None else dummy,
         kv_perm if kv_perm is not None else dummy,
-        n_full, full_start, n_part, part_start, part_end,
+        n_full, n_clean, full_start, n_part, part_start, part_end,
         S, H, NQ, q_order, kv_order, full_start.shape[-1], part_start.shape[-1], l_mult,
         text_a, text_b, dense_a, dense_b, n_dense_progs, layout.block_q,
+        pad_start if has_pad else dummy, tv_mult, pad_end,
+        k_desc, v_desc,
         scale * _LOG2E,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -574,8 +721,11 @@ def triton_block_sparse_attention(
         KV_MODE=kv_mode,
         HAS_TEXT=layout.text_kv is not None,
         HAS_DENSE=has_dense,
+        HAS_PAD=has_pad,
         RETURN_LSE=bool(return_lse),
         DOT_PREC=dot_prec,
+        USE_TMA=use_tma,
+        USE_WS=use_tma and kv_mode == 0 and not has_pad and bool(cfg.get("WS", False)),
         num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]),
     )
