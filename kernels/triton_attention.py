@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 
 import torch
 import triton
@@ -464,7 +463,6 @@ def _permute_rows(
 
 
 # ------------------------------------------------------------------------------------------ chunk tables
-_TABLES: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
 
 
 def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -518,15 +516,8 @@ def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> t
 
 
 def _chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Cached per layout object (layouts are immutable), BLOCK_N and device."""
-    per_layout = _TABLES.get(layout)
-    if per_layout is None:
-        per_layout = {}
-        _TABLES[layout] = per_layout
-    key = (block_n, str(device))
-    if key not in per_layout:
-        per_layout[key] = _build_chunk_tables(layout, block_n, device)
-    return per_layout[key]
+    """Cached on the layout object (layouts are immutable) per BLOCK_N and device."""
+    return layout.cached(("triton_chunks", block_n, str(device)), lambda: _build_chunk_tables(layout, block_n, device))
 
 
 def _padding(layout: Layout, batch: int, device: torch.device) -> tuple[torch.Tensor | None, int, int]:
@@ -535,17 +526,15 @@ def _padding(layout: Layout, batch: int, device: torch.device) -> tuple[torch.Te
     text_valid = getattr(layout, "text_valid", None)
     if text_valid is None:
         return None, 0, 0
-    per_layout = _TABLES.setdefault(layout, {})
-    key = ("pad", str(device))
-    if key not in per_layout:
+    def build() -> tuple[torch.Tensor | None, int, int]:
         a, b = layout.text_range
         tv = text_valid.to(device).reshape(-1).to(torch.int32)
         if tv.numel() not in (1, batch):
             raise ValueError(f"layout.text_valid must have 1 or {batch} entries; got {tv.numel()}")
         start = (tv + a).clamp(max=b).contiguous()
-        any_pad = bool((start < b).any())
-        per_layout[key] = (start, 1 if tv.numel() > 1 else 0, b) if any_pad else (None, 0, 0)
-    return per_layout[key]
+        return (start, 1 if tv.numel() > 1 else 0, b) if bool((start < b).any()) else (None, 0, 0)
+
+    return layout.cached(("triton_padding", str(device)), build)
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -20,8 +20,8 @@ All index tensors are int32 with a leading dimension of 1 (shared by the batch) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -61,6 +61,14 @@ class Layout:
     dense_q: Range | None = None
     text_valid: torch.Tensor | None = None
     text_range: Range | None = None
+    # what backends derive from this (immutable) layout, e.g. the kernel's chunk tables; see `cached`
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key for this layout object (layouts are immutable, so it stays valid)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_kv", _as_range(self.text_kv, self.seq_len, "text_kv"))
@@ -198,13 +206,26 @@ class Layout:
                 )
         if self.text_kv is None or (self.text_valid is not None and (self.text_valid == 0).any()):
             valid_rows = self._valid_rows_per_block()
-            empty = (count == 0) & (valid_rows > 0)
+            empty = (self._real_keys_per_block() == 0) & (valid_rows > 0)
             if empty.any():
                 l, h, qb = (int(i) for i in empty.nonzero()[0])
                 raise ValueError(
                     f"query block {qb} of (batch {l}, head {h}) attends no keys; give it at least one segment"
                 )
         return self
+
+    def _real_keys_per_block(self) -> torch.Tensor:
+        """(L, H, NQ) number of keys (not counting -1 padding slots of kv_perm) in each block's segments."""
+        L, H, NQ = self.kv_count.shape
+        K = self.kv_order_len
+        if self.kv_perm is None:
+            real = torch.ones(L, H, K, dtype=torch.int64, device=self.device)
+        else:
+            real = (self.kv_perm >= 0).long()
+        prefix = torch.nn.functional.pad(real.cumsum(-1), (1, 0))[:, :, None, :].expand(L, H, NQ, K + 1)
+        used = torch.arange(self.kv_start.shape[-1], device=self.device) < self.kv_count[..., None].long()
+        end, start = self.kv_end.long().clamp(0, K), self.kv_start.long().clamp(0, K)
+        return ((prefix.gather(-1, end) - prefix.gather(-1, start)) * used).sum(-1)
 
     def _valid_rows_per_block(self) -> torch.Tensor:
         """(L, H, NQ) number of query rows per block that the block path computes."""
@@ -500,17 +521,7 @@ class Layout:
     def density_per_head(self) -> torch.Tensor:
         """(L, H) fraction of the S x S (query, key) pairs that are computed."""
         S = self.seq_len
-        K = self.kv_order_len
-        L, H, NQ = self.kv_count.shape
-        if self.kv_perm is None:
-            valid_kv = torch.ones(L, H, K, dtype=torch.int64, device=self.device)
-        else:
-            valid_kv = (self.kv_perm >= 0).long()
-        prefix = torch.nn.functional.pad(valid_kv.cumsum(-1), (1, 0))[:, :, None, :].expand(L, H, NQ, K + 1)
-        G = self.kv_start.shape[-1]
-        used = torch.arange(G, device=self.device) < self.kv_count[..., None].long()
-        keys = (prefix.gather(-1, self.kv_end.long()) - prefix.gather(-1, self.kv_start.long())) * used
-        keys = keys.sum(-1)
+        keys = self._real_keys_per_block()
         if self.text_kv is not None:
             keys = keys + (self.text_kv[1] - self.text_kv[0])
         pairs = (keys * self._valid_rows_per_block()).sum(-1).double()

@@ -205,7 +205,9 @@ class PatchState:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         layout = self.build_layout(layer, plan, geometry, q, k)
         if text_valid is not None:
-            layout = layout.with_text_valid(text_valid, geometry.text_range)
+            # one object per (layout, prompt lengths): the same prompts recur every step, and backends
+            # cache what they derive from a layout object
+            layout = layout.cached(("text_valid", tuple(text_valid.tolist())), lambda: layout.with_text_valid(text_valid, geometry.text_range))
         out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
         self.sparse_calls += 1
         self.density_total = self.density_total + layout.density_per_head().mean()

@@ -320,7 +320,12 @@ def test_rows_without_keys_are_zero(gen):
     S, H, D, bq = 48, 1, 16, 16
     kv_perm = torch.cat([torch.arange(S, dtype=torch.int32), torch.full((16,), -1, dtype=torch.int32)])[None, None]
     segs = [[[(0, S)], [(S, S + 16)], [(0, 20)]]]
-    layout = Layout.from_segments([segs], S, bq, kv_perm=kv_perm)
+    with pytest.raises(ValueError, match="attends no keys"):  # validation refuses it ...
+        Layout.from_segments([segs], S, bq, kv_perm=kv_perm)
+    # ... but the kernel must still be safe on an unvalidated layout
+    starts = torch.tensor([[[[0], [S], [0]]]], dtype=torch.int32)
+    ends = torch.tensor([[[[S], [S + 16], [20]]]], dtype=torch.int32)
+    layout = Layout(S, bq, torch.ones(1, 1, 3, dtype=torch.int32), starts, ends, kv_perm=kv_perm)
     q, k, v = make_qkv(gen, 1, S, H, D, torch.float32)
     for permute in ("fused", "separate"):
         out = torch.full((1, S, H, D), float("nan"))
