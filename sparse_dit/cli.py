@@ -11,6 +11,8 @@ from typing import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("sparse_dit.commands.check", "patch a small Wan transformer and compare dense vs sparse output"),
     "density": ("sparse_dit.commands.density", "print the attention density a static pattern has on a video grid"),
+    "eval": ("sparse_dit.commands.eval", "PSNR/SSIM/density of a sparse pattern vs dense on the trained reference model"),
+    "demo": ("sparse_dit.commands.demo", "generate with the reference model dense and sparse; write a side-by-side mp4"),
     "profile": ("sparse_dit.commands.profile", "calibrate a model and write a per-layer/head sparsity profile"),
     "inspect": ("sparse_dit.commands.inspect", "summarise a profile and plot its pattern map"),
 }

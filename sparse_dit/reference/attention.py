@@ -25,6 +25,20 @@ class _Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _enter(mode: TorchFunctionMode):
+    def hook(*_: Any) -> None:  # must return None: a pre-hook's return value replaces the inputs
+        mode.__enter__()
+
+    return hook
+
+
+def _exit(mode: TorchFunctionMode):
+    def hook(*_: Any) -> None:
+        mode.__exit__(None, None, None)
+
+    return hook
+
+
 @torch.no_grad()
 def capture_qk(transformer: torch.nn.Module, inputs: tuple, layers: "list[int] | None" = None) -> dict[int, tuple]:
     """Run ``transformer(*inputs)`` once and return {layer: (q, k)} of the self-attention, each (B, H, S, D)
@@ -35,8 +49,8 @@ def capture_qk(transformer: torch.nn.Module, inputs: tuple, layers: "list[int] |
     for i in layers:
         attn = transformer.blocks[i].attn1
         mode = _Capture(stores[i])
-        handles.append(attn.register_forward_pre_hook(lambda *_, m=mode: m.__enter__()))
-        handles.append(attn.register_forward_hook(lambda *_, m=mode: m.__exit__(None, None, None), always_call=True))
+        handles.append(attn.register_forward_pre_hook(_enter(mode)))
+        handles.append(attn.register_forward_hook(_exit(mode), always_call=True))
     saved = [(b.attn1.processor, vars(b.attn1.processor).get("_attention_backend")) for b in transformer.blocks]
     try:
         for b in transformer.blocks:  # pin the SDPA path so the capture sees q and k

@@ -8,6 +8,7 @@ guidance against the null prompt (all padding).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,12 @@ def load_reference_model(
 ) -> ReferenceModel:
     """Load the shipped reference model (offline, from the package's assets) onto ``device`` in ``dtype``.
 
-    On CPU use float32 (fp16 matmuls on CPU are slow); on a GPU float16 or bfloat16.
+    On CPU use float32 (fp16 matmuls on CPU are slow); on a GPU float16 or bfloat16. ``path`` (or the
+    environment variable SPARSE_DIT_REFERENCE) points at another checkpoint of the same layout.
     """
     from diffusers import WanTransformer3DModel
 
-    root = Path(path) if path is not None else ASSETS
+    root = Path(path or os.environ.get("SPARSE_DIT_REFERENCE") or ASSETS)
     tdir, edir = root / "transformer", root / "text_encoder"
     if not (tdir / "config.json").exists():
         raise FileNotFoundError(

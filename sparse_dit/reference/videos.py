@@ -6,9 +6,9 @@ other, over a two-colour gradient background with a moving stripe texture (the c
 right or stays). Everything is a pure function of a seed: the scene parameters are drawn with a
 ``numpy`` generator seeded by it and the pixels are rendered with torch on any device.
 
-    >>> scene = sample_scene(seed=3)
+    >>> scene = sample_scene(seed=1)
     >>> scene.prompt
-    'two shapes: a red circle bouncing, a blue ring spinning; camera pans left'
+    'two shapes: a yellow circle bouncing, an orange ring sliding; camera pans left'
     >>> video = render(scene, frames=16, height=64, width=64)   # (16, 64, 64, 3) float in [0, 1]
 """
 

@@ -1,0 +1,333 @@
+"""Fidelity harness: how far a sparse-attention run drifts from the dense run of the same model.
+
+    from sparse_dit import fidelity
+    report = fidelity.evaluate({"name": "tile", "window": 3}, seeds=[0, 1], steps=10, out_dir="out/eval")
+
+For every (prompt, seed) the model generates twice from the same starting noise: once unpatched (dense
+attention) and once patched with the pattern or profile under test. Both clips are compared frame by
+frame; the report holds per-clip PSNR, SSIM, attention density and wall times, and their means. By
+default the model is sparse-dit's trained reference video DiT (`sparse_dit.reference`), which runs
+offline on a CPU.
+
+Metrics (both on frames as float64 in [0, 1], i.e. uint8 / 255; data range 1.0):
+
+- PSNR: ``10 * log10(1 / MSE)`` with MSE the mean squared difference over every frame, row, column and
+  RGB channel of the clip (one MSE per clip, not a mean of per-frame PSNRs). Identical clips: ``inf``.
+- SSIM: Wang et al. (2004) with their constants: an 11 x 11 Gaussian window of sigma 1.5 (the window
+  truncated at 3.5 sigma), K1 = 0.01, K2 = 0.03, C1 = (K1 * 1)^2, C2 = (K2 * 1)^2, population
+  (not sample) covariances. The SSIM map is computed per frame and per RGB channel over the "valid"
+  window positions only (no padding; equal to scikit-image's
+  ``structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)``, which crops the padded border), averaged over positions, then over the
+  three channels, then over frames. Identical clips: 1.0. Frames need at least 11 x 11 pixels.
+- density: the share of (query, key) pairs the sparse layouts computed, averaged over the attention calls
+  that ran sparse: ``stats["density_sum"] / stats["sparse_calls"]`` of `sparse_dit.patch_state`. Calls
+  that ran dense (the pattern ``dense``, ``dense_steps``) are counted in ``dense_calls``; with no sparse call
+  density is 1.0. ``overall_density`` counts the dense calls as 1.0.
+- times: wall-clock seconds of each whole generation (first clip includes warm-up such as Triton compiles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_SSIM_SIGMA = 1.5
+_SSIM_RADIUS = int(3.5 * _SSIM_SIGMA + 0.5)  # 5: an 11 x 11 window, as scikit-image's truncate=3.5
+
+
+def _as_float(video: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    """(T, H, W, 3) uint8 or float in [0, 1] -> float64 torch tensor in [0, 1]."""
+    t = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
+    if t.dtype == torch.uint8:
+        return t.to(torch.float64) / 255.0
+    return t.to(torch.float64)
+
+
+def psnr(a: "np.ndarray | torch.Tensor", b: "np.ndarray | torch.Tensor") -> float:
+    """PSNR in dB of two clips (T, H, W, 3) (uint8, or float in [0, 1]); ``inf`` when identical."""
+    x, y = _as_float(a), _as_float(b)
+    if x.shape != y.shape:
+        raise ValueError(f"clips differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(a: "np.ndarray | torch.Tensor", b: "np.ndarray | torch.Tensor") -> float:
+    """Mean SSIM of two clips (T, H, W, C) (uint8, or float in [0, 1]); see the module docstring."""
+    x, y = _as_float(a), _as_float(b)
+    if x.shape != y.shape:
+        raise ValueError(f"clips differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.dim() == 3:
+        x, y = x[None], y[None]
+    T, H, W, C = x.shape
+    size = 2 * _SSIM_RADIUS + 1
+    if H < size or W < size:
+        raise ValueError(f"SSIM needs frames of at least {size}x{size} pixels; got {H}x{W}")
+    g = torch.exp(-0.5 * (torch.arange(size, dtype=torch.float64) - _SSIM_RADIUS) ** 2 / _SSIM_SIGMA**2)
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]  # (1, 1, 11, 11)
+    # frames and channels become the batch of a single-channel 'valid' convolution
+    xs = x.permute(0, 3, 1, 2).reshape(T * C, 1, H, W)
+    ys = y.permute(0, 3, 1, 2).reshape(T * C, 1, H, W)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, window)
+
+    mx, my = blur(xs), blur(ys)
+    vx = blur(xs * xs) - mx * mx
+    vy = blur(ys * ys) - my * my
+    cxy = blur(xs * ys) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    per_plane = smap.mean(dim=(1, 2, 3)).reshape(T, C)
+    return float(per_plane.mean(dim=1).mean())
+
+
+def _spec_label(pattern: Any) -> str:
+    if pattern is None:
+        return "dense"
+    if isinstance(pattern, str):
+        return pattern
+    return repr(pattern)
+
+
+def evaluate(
+    pattern: Any = None,
+    *,
+    profile: Any = None,
+    model: Any = None,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    steps: int = 10,
+    guidance_scale: float = 4.0,
+    frames: int = 16,
+    height: int = 64,
+    width: int = 64,
+    dense_steps: int = 0,
+    block_size: int = 64,
+    backend: str = "auto",
+    device: "str | torch.device | None" = None,
+    out_dir: "str | Path | None" = None,
+    keep_videos: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Compare dense and patched generations of ``model`` on every (prompt, seed) pair.
+
+    pattern / profile: what `sparse_dit.patch` gets (one of them; neither means ``"dense"``). model: an object
+    with ``.transformer`` and ``.generate(prompt, seed=, steps=, guidance_scale=, frames=, height=, width=)``
+    returning (T, H, W, 3) uint8; default: the reference model on ``device`` (CUDA when available). prompts:
+    default: the prompts of the held-out reference clips of ``seeds`` (`sparse_dit.reference.sample_scene`);
+    given prompts are each run with every seed. out_dir: where ``fidelity.json`` and ``fidelity.md`` go.
+    keep_videos: put the dense and sparse clips (uint8 numpy) in the result under ``videos``.
+
+    Returns a dict: ``settings``, ``clips`` (one dict per clip: prompt, seed, psnr, ssim, density,
+    overall_density, sparse_calls, dense_calls, dense_s, sparse_s) and ``summary`` (means; PSNR mean over
+    finite values, ``inf`` if all are infinite).
+    """
+    import sparse_dit
+
+    if model is None:
+        from sparse_dit.reference import load_reference_model
+
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_reference_model(dev, torch.float16 if dev.type == "cuda" else torch.float32)
+    if prompts is None:
+        from sparse_dit.reference import sample_scene
+
+        pairs = [(sample_scene(int(s)).prompt, int(s)) for s in seeds]
+    else:
+        pairs = [(p, int(s)) for p in prompts for s in seeds]
+    gen_kw = dict(steps=steps, guidance_scale=guidance_scale, frames=frames, height=height, width=width)
+    transformer = model.transformer
+    patch_kw = dict(dense_steps=dense_steps, block_size=block_size, backend=backend)
+    if profile is not None:
+        patch_kw["profile"] = profile
+    else:
+        patch_kw["pattern"] = pattern if pattern is not None else "dense"
+    clips, videos = [], []
+    sparse_dit.unpatch(transformer)
+    for prompt, seed in pairs:
+        t0 = time.perf_counter()
+        dense = model.generate(prompt, seed=seed, **gen_kw)
+        t1 = time.perf_counter()
+        sparse_dit.patch(transformer, **patch_kw)
+        try:
+            t2 = time.perf_counter()
+            sparse = model.generate(prompt, seed=seed, **gen_kw)
+            t3 = time.perf_counter()
+            stats = dict(sparse_dit.patch_state(transformer).stats)
+        finally:
+            sparse_dit.unpatch(transformer)
+        n_sparse, n_dense = int(stats["sparse_calls"]), int(stats["dense_calls"])
+        density = stats["density_sum"] / n_sparse if n_sparse else 1.0
+        overall = (stats["density_sum"] + n_dense) / max(1, n_sparse + n_dense)
+        clip = {
+            "prompt": prompt,
+            "seed": seed,
+            "psnr": psnr(dense, sparse),
+            "ssim": ssim(dense, sparse),
+            "density": density,
+            "overall_density": overall,
+            "sparse_calls": n_sparse,
+            "dense_calls": n_dense,
+            "dense_s": t1 - t0,
+            "sparse_s": t3 - t2,
+        }
+        clips.append(clip)
+        if keep_videos:
+            videos.append({"dense": dense, "sparse": sparse})
+        if verbose:
+            print(
+                f"seed {seed}: PSNR {clip['psnr']:.2f} dB, SSIM {clip['ssim']:.4f}, density {density:.3f}, "
+                f"dense {clip['dense_s']:.1f}s, sparse {clip['sparse_s']:.1f}s  ({prompt})",
+                flush=True,
+            )
+    finite = [c["psnr"] for c in clips if math.isfinite(c["psnr"])]
+    summary = {
+        "clips": len(clips),
+        "psnr": float(np.mean(finite)) if finite else math.inf,
+        "psnr_min": min(c["psnr"] for c in clips),
+        "ssim": float(np.mean([c["ssim"] for c in clips])),
+        "ssim_min": min(c["ssim"] for c in clips),
+        "density": float(np.mean([c["density"] for c in clips])),
+        "overall_density": float(np.mean([c["overall_density"] for c in clips])),
+        "dense_s": float(sum(c["dense_s"] for c in clips)),
+        "sparse_s": float(sum(c["sparse_s"] for c in clips)),
+    }
+    p = next(transformer.parameters())
+    settings = {
+        "pattern": _spec_label(pattern) if profile is None else None,
+        "profile": str(profile) if profile is not None else None,
+        "model": type(transformer).__name__,
+        "device": str(p.device),
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "backend": backend,
+        "block_size": block_size,
+        "dense_steps": dense_steps,
+        **gen_kw,
+        "sparse_dit_version": sparse_dit.__version__,
+    }
+    report: dict[str, Any] = {"settings": settings, "clips": clips, "summary": summary}
+    if out_dir is not None:
+        write_report(report, out_dir)
+    if keep_videos:
+        report["videos"] = videos
+    return report
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    s, m = report["settings"], report["summary"]
+    what = s["pattern"] if s.get("profile") is None else f"profile {s['profile']}"
+    lines = [
+        f"# Fidelity: {what} vs dense",
+        "",
+        f"Model {s['model']} on {s['device']} ({s['dtype']}), backend {s['backend']}, block {s['block_size']}, "
+        f"{s['frames']}x{s['height']}x{s['width']} frames, {s['steps']} steps, guidance {s['guidance_scale']}, "
+        f"dense steps {s['dense_steps']}, sparse-dit {s['sparse_dit_version']}.",
+        "",
+        "PSNR over the whole clip (data range 1); SSIM per frame and channel (11x11 Gaussian window, sigma 1.5), "
+        "averaged; density = computed share of the attention matrix over sparse calls.",
+        "",
+        "| seed | prompt | PSNR (dB) | SSIM | density | dense s | sparse s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in report["clips"]:
+        lines.append(
+            f"| {c['seed']} | {c['prompt']} | {_fmt(c['psnr'])} | {c['ssim']:.4f} | {c['density']:.3f} | "
+            f"{c['dense_s']:.1f} | {c['sparse_s']:.1f} |"
+        )
+    lines += [
+        f"| **mean** | {m['clips']} clips | {_fmt(m['psnr'])} | {m['ssim']:.4f} | {m['density']:.3f} | "
+        f"{m['dense_s']:.1f} | {m['sparse_s']:.1f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: "str | Path") -> tuple[Path, Path]:
+    """Write ``fidelity.json`` and ``fidelity.md`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in report.items() if k != "videos"}
+    jpath, mpath = out / "fidelity.json", out / "fidelity.md"
+    # JSON has no infinity: identical clips are written as the string "inf"
+    text = json.dumps(clean, indent=1, default=str, allow_nan=True).replace("Infinity", '"inf"')
+    jpath.write_text(text + "\n")
+    mpath.write_text(to_markdown(report))
+    return jpath, mpath
+
+
+
+
+
+# ------------------------------------------------------------------------------ patterns for the CLIs
+def local_block_mask(grid: tuple[int, int, int], block_size: int, radius: Sequence[int] = (1, 2, 2)) -> torch.Tensor:
+    """(1, 1, NB, NB) block mask of a local 3-D neighbourhood on a video grid in raster (f, h, w) order.
+
+    Query block i keeps key block j when some token of j lies within ``radius`` = (frames, rows, columns)
+    of some token of i (a box, Chebyshev distance per axis). Exact at token level; for tests and for
+    the ``mask`` fallback of the demo.
+    """
+    Fg, Hg, Wg = (int(v) for v in grid)
+    S = Fg * Hg * Wg
+    nb = -(-S // block_size)
+    owner = torch.zeros(nb, S)
+    owner[torch.arange(S) // block_size, torch.arange(S)] = 1.0
+    rf, rh, rw = (int(r) for r in radius)
+    reach = F.max_pool3d(
+        owner.view(nb, 1, Fg, Hg, Wg), kernel_size=(2 * rf + 1, 2 * rh + 1, 2 * rw + 1), stride=1, padding=(rf, rh, rw)
+    ).view(nb, S)
+    pad = nb * block_size - S
+    reach = F.pad(reach, (0, pad)).view(nb, nb, block_size)
+    return (reach.amax(-1) > 0)[None, None]
+
+
+def cli_pattern(
+    name: str,
+    grid: tuple[int, int, int],
+    block_size: int,
+    window: Sequence[int] | None = None,
+    tile: Sequence[int] | None = None,
+) -> Any:
+    """The pattern a CLI option names: a registered name (``tile``, ``radial``, ``dense``, ...) with the
+    ``window``/``tile`` options where the pattern takes them, a JSON mapping (``{"name": "radial", "decay": 1}``),
+    or ``local``: a `local_block_mask` of radius ``window`` (default (1, 2, 2)) as a ``mask`` pattern."""
+    from sparse_dit.patterns import PatternSpec
+
+    name = name.strip()
+    if name.startswith("{"):
+        return PatternSpec.coerce(json.loads(name))
+    if name == "local":
+        radius = tuple(window) if window else (1, 2, 2)
+        if len(radius) == 1:
+            radius = radius * 3
+        return PatternSpec("mask", block_mask=local_block_mask(grid, block_size, radius), block_size=block_size)
+    params: dict[str, Any] = {}
+    if name == "tile":
+        if window:
+            params["window"] = window[0] if len(window) == 1 else tuple(window)
+        if tile:
+            params["tile"] = tuple(tile)
+    elif window or tile:
+        raise ValueError(f"--window/--tile apply to the tile and local patterns; for {name!r} pass a JSON mapping")
+    return PatternSpec(name, **params)
+
+
+def default_pattern() -> str:
+    """``tile`` when that pattern is installed, else the ``local`` block mask."""
+    from sparse_dit.patterns import names
+
+    return "tile" if "tile" in names() else "local"
+__all__ = ["cli_pattern", "default_pattern", "evaluate", "local_block_mask", "psnr", "ssim", "to_markdown", "write_report"]
