@@ -66,6 +66,26 @@ class _AttentionInterceptor(TorchFunctionMode):
 
 
 @dataclass
+class StepClock:
+    """Denoising step and CFG branch, counted from the timestep sequence so CFG passes (same t) share
+    a step and a rising t marks a new generation. One clock serves every transformer of a pipeline
+    (Wan 2.2 hands over from one to the other mid-generation)."""
+
+    step: int = 0
+    branch: int = 0
+    last_timestep: float | None = None
+
+    def tick(self, t: float) -> None:
+        if self.last_timestep is None or t > self.last_timestep + 1e-9:
+            self.step, self.branch = 0, 0
+        elif t < self.last_timestep - 1e-9:
+            self.step, self.branch = self.step + 1, 0
+        else:  # the same timestep again: the next CFG branch of this step
+            self.branch += 1
+        self.last_timestep = t
+
+
+@dataclass
 class PatchState:
     """Everything one patched transformer carries: settings, hooks, the current call and caches."""
 
@@ -82,15 +102,22 @@ class PatchState:
     # called as observer(layer, geometry, timestep, q, k, v, scale) with (B, S, H, D) views before each
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
-    step: int = 0
-    branch: int = 0  # which call of the current step (CFG branches called separately keep their own state)
-    last_timestep: float | None = None
+    clock: StepClock = field(default_factory=StepClock)
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
     sparse_calls: int = 0
     dense_calls: int = 0
     # summed on the device without a host sync per call; read through `stats`
     density_total: torch.Tensor | float = 0.0
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    @property
+    def branch(self) -> int:
+        """Which call of the current step (CFG branches called separately keep their own pattern state)."""
+        return self.clock.branch
 
     @property
     def stats(self) -> dict[str, float]:
@@ -106,15 +133,7 @@ class PatchState:
     # ------------------------------------------------------------------------------------- hooks
     def on_transformer_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         call = self.adapter.read_call(transformer, args, kwargs)
-        # Steps are counted from the timestep sequence, so CFG passes (same t) share a step and a
-        # rising t marks a new generation.
-        if self.last_timestep is None or call.timestep > self.last_timestep + 1e-9:
-            self.step, self.branch = 0, 0
-        elif call.timestep < self.last_timestep - 1e-9:
-            self.step, self.branch = self.step + 1, 0
-        else:  # the same timestep again: the next CFG branch of this step
-            self.branch += 1
-        self.last_timestep = call.timestep
+        self.clock.tick(call.timestep)
         self.call = call
 
     def on_transformer_done(self, *_: Any) -> None:
@@ -310,6 +329,7 @@ def patch(
     if int(dense_steps) < 0 or (block_size is not None and int(block_size) < 16):
         raise ValueError("dense_steps must be >= 0 and block_size >= 16")
     installs = []
+    clock = StepClock()  # shared by the pipeline's transformers
     for transformer, adapter in targets:  # everything is checked before anything is changed
         modules = adapter.self_attention(transformer)
         size = int(block_size or 128)
@@ -319,7 +339,7 @@ def patch(
             prof = profiles[id(transformer)]
             plan_source = prof.plan_source_for(transformer, modules)
             size = int(block_size or prof.header.get("block_size", 128))
-        installs.append((transformer, PatchState(adapter, plan_source, int(dense_steps), size, backend, modules)))
+        installs.append((transformer, PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, clock=clock)))
     for transformer, state in installs:
         unpatch(transformer)
         _install(transformer, state)

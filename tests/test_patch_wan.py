@@ -225,6 +225,16 @@ def test_wan22_two_transformers_each_with_its_own_profile():
     assert high.stats["sparse_calls"] > 0 and high.stats["dense_calls"] == 0
     assert low.stats["sparse_calls"] == 0 and low.stats["dense_calls"] > 0
     assert not torch.equal(out, ref)
+    # one step clock for both transformers: dense_steps counts steps of the whole generation
+    sparse_dit.patch(pipe, pattern=tile, dense_steps=3, block_size=16)
+    pipe(**kwargs, generator=torch.Generator().manual_seed(1))
+    high, low = sparse_dit.patch_state(pipe.transformer), sparse_dit.patch_state(pipe.transformer_2)
+    assert high.clock is low.clock and low.step == 3
+    # steps 0-2 run on the high-noise transformer, inside the dense warm-up; step 3, the low-noise
+    # transformer's first, is the fourth of the generation and so sparse (its own counter would say 0)
+    assert high.stats["sparse_calls"] == 0 and high.stats["dense_calls"] == 3 * 2 * 2
+    assert low.stats["sparse_calls"] == 1 * 2 * 2 and low.stats["dense_calls"] == 0
+    sparse_dit.patch(pipe, profile=profiles)
     with pytest.raises(ValueError, match="no entry for this pipeline's WanTransformer3DModel"):
         sparse_dit.patch(pipe, profile={"transformer": profiles["transformer"]})
     sparse_dit.unpatch(pipe)
