@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=21)
     ap.add_argument("--height", type=int, default=30)
     ap.add_argument("--width", type=int, default=52)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables of one warm k-means build")
     args = ap.parse_args()
     dev = torch.device("cuda")
     g = Geometry(args.batch, args.heads, args.head_dim, args.frames, args.height, args.width)
@@ -110,6 +111,17 @@ def main() -> None:
         for iters in (1, 2, 4):
             fixed = timed(lambda: kmeans.build(g, H, 128, dev, q=q2, k=k2, state=state, q_mode=q_mode, iters=iters, tol=0.0), repeats=5)
             print(f"kmeans[{q_mode}] warm, exactly {iters} Lloyd iteration(s): {fixed:.1f} ms")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        state = {}
+        kmeans.build(g, H, 128, dev, q=q, k=k, state=state)  # cold start outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            kmeans.build(g, H, 128, dev, q=q2, k=k2, state=state)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
     for score in ("attn", "norm"):
         st: dict = {}
         ms = timed(lambda: prune.build(g, H, 128, dev, q=q, k=k, state=st, keep_ratio=0.3, score=score), repeats=10)
