@@ -29,7 +29,9 @@ Parameters: ``q_clusters``/``k_clusters`` (counts; default ``V / q_tokens_per_cl
 ``V / k_tokens_per_cluster``, 256 and 64 tokens per cluster, i.e. 128/512 clusters at Wan 480p and
 295/1181 at 720p, in SVG2's range), ``top_p`` in (0, 1] (default 0.9), ``min_fraction`` in [0, 1]
 (default 0.05), ``iters`` (max Lloyd iterations, default 16), ``tol`` (stop when at most this fraction of
-tokens changes cluster, default 1e-3), ``q_mode``, ``seed`` (cold-start sampling).
+tokens changes cluster, default 1e-3), ``warm_iters`` (max Lloyd iterations when warm-started, default 2:
+it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.md), ``q_mode``,
+``seed`` (cold-start sampling).
 
 For inspection and tests ``state[b]`` also holds the last call's ``q_labels``/``k_labels`` (h, V)
 cluster ids per video token (raster order), ``keep`` (h, Cq, Ck) bool and ``iters`` (q, k).
@@ -65,6 +67,7 @@ def check_params(
     tol: float = 1e-3,
     q_mode: str = "union",
     seed: int = 0,
+    warm_iters: int = 2,
 ) -> dict:
     """Normalise parameters; raise ValueError for out-of-range ones."""
     for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters)):
@@ -77,8 +80,9 @@ def check_params(
         raise ValueError(f"kmeans pattern: top_p must lie in (0, 1]; got {top_p!r}")
     if not 0 <= float(min_fraction) <= 1:
         raise ValueError(f"kmeans pattern: min_fraction must lie in [0, 1]; got {min_fraction!r}")
-    if isinstance(iters, bool) or int(iters) != iters or iters < 1:
-        raise ValueError(f"kmeans pattern: iters must be an int >= 1; got {iters!r}")
+    for name, v in (("iters", iters), ("warm_iters", warm_iters)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"kmeans pattern: {name} must be an int >= 1; got {v!r}")
     if not 0 <= float(tol) < 1:
         raise ValueError(f"kmeans pattern: tol must lie in [0, 1); got {tol!r}")
     if q_mode not in Q_MODES:
@@ -94,6 +98,7 @@ def check_params(
         "tol": float(tol),
         "q_mode": q_mode,
         "seed": int(seed),
+        "warm_iters": int(warm_iters),
     }
 
 
@@ -105,6 +110,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     N, S, _ = x.shape
     C = centroids.shape[1]
     c_sq = (centroids * centroids).sum(-1)  # (N, C)
+    if x.is_cuda:  # tensor-core GEMM: bf16 distances only decide near-ties, the means stay fp32
+        x, centroids, c_sq = x.to(torch.bfloat16), centroids.to(torch.bfloat16), c_sq.to(torch.bfloat16)
     chunk = max(1, _ELEMS_BUDGET // max(1, N * C))
     out = torch.empty(N, S, dtype=torch.int64, device=x.device)
     for s in range(0, S, chunk):
@@ -122,7 +129,8 @@ def update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tu
     C = centroids.shape[1]
     flat = (labels + torch.arange(N, device=x.device)[:, None] * C).reshape(-1)
     sums = torch.zeros(N * C, D, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, D))
-    sizes = torch.bincount(flat, minlength=N * C).view(N, C)
+    # scatter_add rather than bincount: no device-to-host sync
+    sizes = torch.zeros(N * C, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat)).view(N, C)
     means = sums.view(N, C, D) / sizes.clamp(min=1)[..., None].to(x.dtype)
     return torch.where(sizes[..., None] > 0, means, centroids), sizes
 
@@ -254,8 +262,13 @@ def build(
     N = B * h
     xq = q[:, v0 : v0 + V].float().permute(0, 2, 1, 3).reshape(N, V, D)
     xk = k[:, v0 : v0 + V].float().permute(0, 2, 1, 3).reshape(N, V, D)
-    qc, ql, qs, q_it = kmeans(xq, Cq, p["iters"], p["tol"], _warm(state, B, "q_centroids", (h, Cq, D), q.device), p["seed"])
-    kc, kl, ks, k_it = kmeans(xk, Ck, p["iters"], p["tol"], _warm(state, B, "k_centroids", (h, Ck, D), q.device), p["seed"] + 1)
+    q_init = _warm(state, B, "q_centroids", (h, Cq, D), q.device)
+    k_init = _warm(state, B, "k_centroids", (h, Ck, D), q.device)
+    # warm starts follow slowly drifting activations: a few Lloyd steps suffice (and bound the cost)
+    q_iters = p["iters"] if q_init is None else min(p["iters"], p["warm_iters"])
+    k_iters = p["iters"] if k_init is None else min(p["iters"], p["warm_iters"])
+    qc, ql, qs, q_it = kmeans(xq, Cq, q_iters, p["tol"], q_init, p["seed"])
+    kc, kl, ks, k_it = kmeans(xk, Ck, k_iters, p["tol"], k_init, p["seed"] + 1)
     keep = select_clusters(qc, kc, ks, p["top_p"], p["min_fraction"], 1.0 / math.sqrt(D))  # (N, Cq, Ck)
 
     arange_v = torch.arange(V, device=q.device)

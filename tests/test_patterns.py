@@ -342,12 +342,15 @@ def test_kmeans_warm_start_needs_fewer_iterations():
     q = centers[torch.randint(0, 12, (1, g.seq_len, 2), generator=gen)] + 0.5 * torch.randn(1, g.seq_len, 2, 16, generator=gen)
     k = q.roll(3, 1) + 0.1
     state: dict = {}
-    params = dict(q_clusters=8, k_clusters=16, iters=50, tol=0.0)
+    params = dict(q_clusters=8, k_clusters=16, iters=50, tol=0.0, warm_iters=50)  # converge, no cap
     kmeans.build(g, 2, 16, "cpu", q=q, k=k, state=state, **params)
     cold = state[0]["iters"]
     kmeans.build(g, 2, 16, "cpu", q=q + 0.01, k=k + 0.01, state=state, **params)
     warm = state[0]["iters"]
     assert warm[0] < cold[0] and warm[1] < cold[1] and max(warm) <= 3, (cold, warm)
+    # by default a warm start runs at most warm_iters=2 Lloyd steps, however far the activations moved
+    kmeans.build(g, 2, 16, "cpu", q=q.flip(1), k=k.flip(1), state=state, q_clusters=8, k_clusters=16, tol=0.0)
+    assert max(state[0]["iters"]) <= 2
 
 
 def test_kmeans_bad_params():
