@@ -99,11 +99,14 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def step_fn(model, x, text, t: int):
-    """One denoising step: the two CFG branches, as separate batch-1 calls."""
-    timestep = torch.tensor([t], device=DEVICE)
+def step_fn(model, x, text):
+    """One denoising step: the two CFG branches, as separate batch-1 calls. Each call of the returned
+    function is the next step of a sampling run (the timestep goes down by one), so dynamic patterns
+    warm-start from the previous step as they do in a pipeline."""
+    steps = iter(range(999, 0, -1))
 
     def step() -> None:
+        timestep = torch.tensor([next(steps)], device=DEVICE)
         with torch.no_grad():
             for context in text:
                 model(x, timestep, context, return_dict=False)
@@ -197,7 +200,7 @@ def run_model(name: str, args) -> dict:
     head_dim = model.config.attention_head_dim
     geometry = Geometry(1, heads, head_dim, F_, H_, W_)
     out: dict = {"model": name, "tokens": S, "layers": layers, "heads": heads, "runs": []}
-    step = step_fn(model, x, text, 700)
+    step = step_fn(model, x, text)
     cudnn = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if DEVICE == "cuda" else nullcontext()
     with cudnn:
         step()  # warm-up

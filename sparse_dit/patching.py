@@ -172,7 +172,9 @@ class PatchState:
                 part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
             else:
                 index = torch.tensor(heads, device=q.device)
-                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), self.branch), {})
+                # pipelines make at most a few calls per step (CFG branches); the cap bounds the state kept
+                # when a caller repeats one timestep many times
+                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), min(self.branch, 3)), {})
                 part = spec.module.build(
                     geometry,
                     len(heads),
