@@ -24,38 +24,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import ensure_sparse_dit  # noqa: E402
 
-
-def _bootstrap() -> None:
-    """Make ``sparse_dit.kernels`` importable without an installed package (a fresh GPU machine):
-    a temp dir holding ``sparse_dit/`` with links to the repo's files and its mapped sub-packages."""
-    try:
-        import sparse_dit.kernels.triton_attention  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    root = Path(tempfile.mkdtemp(prefix="sparse_dit_"))
-    pkg = root / "sparse_dit"
-    pkg.mkdir()
-    for entry in (REPO / "sparse_dit").iterdir():
-        (pkg / entry.name).symlink_to(entry)
-    for sub in ("kernels", "patterns", "pipelines"):
-        if not (pkg / sub).exists():
-            (pkg / sub).symlink_to(REPO / sub)
-    sys.path.insert(0, str(root))
-    for name in [m for m in sys.modules if m == "sparse_dit" or m.startswith("sparse_dit.")]:
-        del sys.modules[name]
-
-
-_bootstrap()
+ensure_sparse_dit()
 
 import triton  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

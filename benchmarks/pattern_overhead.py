@@ -10,36 +10,14 @@ structure of real activations; iteration counts are reported alongside.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import types
 from pathlib import Path
 
 
-def _import_shim() -> None:
-    """Make ``sparse_dit.patterns`` importable from a plain checkout (patterns/ -> sparse_dit.patterns)."""
-    try:
-        import sparse_dit.patterns  # noqa: F401
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import ensure_sparse_dit  # noqa: E402
 
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1]
-    for name in [m for m in sys.modules if m == "sparse_dit" or m.startswith("sparse_dit.")]:
-        del sys.modules[name]
-    pkg = types.ModuleType("sparse_dit")
-    pkg.__path__ = [str(root / "sparse_dit")]
-    sys.modules["sparse_dit"] = pkg
-    for sub in ("patterns", "kernels"):
-        spec = importlib.util.spec_from_file_location(
-            f"sparse_dit.{sub}", root / sub / "__init__.py", submodule_search_locations=[str(root / sub)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[f"sparse_dit.{sub}"] = mod
-        spec.loader.exec_module(mod)
-
-
-_import_shim()
+ensure_sparse_dit()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
