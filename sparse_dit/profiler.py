@@ -48,7 +48,14 @@ def candidate_cost(spec: PatternSpec, density: float, cost_model: dict[str, Any]
 
 
 def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]:
-    """Candidates sized for ``geometry``: windows clamped to the tile grid, decays, top-p, keep ratios."""
+    """Candidates sized for ``geometry``: tile windows, radial decays, k-means top-p, prune keep ratios.
+
+    The ladder is dense enough (about 40 candidates, densities from a few percent to about 0.6) that
+    the allocation can spend a budget in small steps and that every family has a member near any
+    target density. Tile windows combine two spatial extents (the whole tile grid and about half of
+    it) with temporal extents of 1 to 7, 9, 11 and 13 tile-frames, so heads that look along time and
+    heads that look across the frame both find a window that fits them.
+    """
     from sparse_dit import patterns
 
     names = set(patterns.names())
@@ -58,19 +65,22 @@ def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]
 
         tile = default_tile(block_size, geometry.grid)
         nt = [-(-g // t) for g, t in zip(geometry.grid, tile)]
+        total = nt[0] * nt[1] * nt[2]
+        spatial = [(nt[1], nt[2]), (max(1, min(nt[1], math.ceil(nt[1] / 2) | 1)), max(1, min(nt[2], math.ceil(nt[2] / 2) | 1)))]
         seen = set()
-        for wt, frac in ((1, 0.5), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0), (9, 1.0)):
-            window = (min(wt, nt[0]), max(1, min(nt[1], math.ceil(nt[1] * frac) | 1)), max(1, min(nt[2], math.ceil(nt[2] * frac) | 1)))
-            window = tuple(min(w, n) for w, n in zip(window, nt))
-            if window not in seen and window != tuple(nt):
+        for wh, ww in spatial:
+            for wt in (1, 2, 3, 4, 5, 6, 7, 9, 11, 13):
+                window = (min(wt, nt[0]), wh, ww)
+                if window in seen or window == tuple(nt) or window[0] * wh * ww > 0.65 * total:
+                    continue
                 seen.add(window)
                 out.append(PatternSpec("tile", window=window))
     if "radial" in names:
-        out += [PatternSpec("radial", decay=d) for d in (0.5, 1.0, 2.0)]
+        out += [PatternSpec("radial", decay=d) for d in (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)]
     if "kmeans" in names:
-        out += [PatternSpec("kmeans", top_p=p) for p in (0.5, 0.75, 0.9)]
+        out += [PatternSpec("kmeans", top_p=p) for p in (0.35, 0.5, 0.65, 0.75, 0.9)]
     if "prune" in names:
-        out += [PatternSpec("prune", keep_ratio=r) for r in (0.15, 0.3, 0.5)]
+        out += [PatternSpec("prune", keep_ratio=r) for r in (0.1, 0.15, 0.25, 0.35, 0.5)]
     return out
 
 

@@ -142,3 +142,62 @@ def test_patch_with_profile_follows_buckets(calibrated, tmp_path):
     assert torch.isfinite(out).all()
     assert state.stats["density_sum"] > 0 and expected < 1
     sparse_dit.unpatch(model)
+
+
+# ------------------------------------------------------------------------ on the trained reference model
+@pytest.fixture(scope="module")
+def reference_model():
+    from sparse_dit.reference import load_reference_model
+
+    return load_reference_model("cpu", torch.float32)
+
+
+def test_reference_profile_beats_uniform_tile_at_equal_density(reference_model):
+    """Heads of the trained model differ, so a per-head allocation beats every single window of equal or higher density."""
+    from sparse_dit.patterns import PatternSpec
+    from sparse_dit.reference import sample_scene
+
+    ref = reference_model
+    settings = dict(frames=8, height=32, width=32, steps=4, guidance_scale=4.0)  # grid 8x8x8, tiles 1x4x4: 8x2x2 tiles
+    windows = [(1, 2, 2), (2, 2, 2), (3, 2, 2), (2, 1, 1), (4, 1, 1), (8, 1, 1), (8, 1, 2), (4, 2, 1)]
+    candidates = [PatternSpec("dense")] + [PatternSpec("tile", window=w) for w in windows]
+    candidates += [PatternSpec("radial", decay=d) for d in (0.5, 1.0)]
+
+    def run():
+        for i in range(2):
+            ref.generate(sample_scene(10_000 + i).prompt, seed=i, **settings)
+
+    stats = calibrate(ref.transformer, run, candidates=candidates, block_size=16, query_rows=64, seed=0)
+    profile = build_profile(stats, target_density=0.25, num_buckets=1, dense_fraction=0.25, block_size=16)
+    assert profile.density() <= 0.25 + 1e-9
+    err, dens = stats.mean([t for t in stats.timesteps if t <= profile.dense_above])
+    # for each family, the uniform candidate of the smallest density not below the profile's (equal or denser)
+    for family in ("tile",):  # the only family with candidates near 0.25 density on this small grid
+        uniform = [(float(dens[..., c].mean()), float(err[..., c].mean()), spec) for c, spec in enumerate(candidates)
+                   if spec.name == family and float(dens[..., c].mean()) >= profile.density() - 1e-9]
+        assert uniform, f"no uniform {family} candidate at or above the profile's density"
+        u_dens, u_err, spec = min(uniform, key=lambda u: u[0])
+        assert u_dens - profile.density() < 0.05, "comparison must be at (about) equal density"
+        assert profile.summary["mean_error"] < 0.85 * u_err, (family, profile.summary, spec, u_dens, u_err)
+    # the profile mixes patterns: at least two different windows/patterns across heads
+    assert len({c.spec for layer in profile.plan[0] for c in layer}) >= 2
+
+
+def test_shipped_reference_profile_loads_and_generates(reference_model):
+    from sparse_dit.reference import sample_scene
+
+    profile = Profile.coerce("reference")
+    ref = reference_model
+    assert profile.header["model_class"] == type(ref.transformer).__name__
+    assert (profile.layers, profile.heads) == (8, 4)
+    settings = profile.header["calibration"]["settings"]
+    sparse_dit.patch(ref.transformer, profile="reference")
+    try:
+        frames = ref.generate(sample_scene(20_000).prompt, seed=100, steps=3, guidance_scale=settings["guidance_scale"],
+                              frames=settings["frames"], height=settings["height"], width=settings["width"], output="float")
+        stats = sparse_dit.patch_state(ref.transformer).stats
+    finally:
+        sparse_dit.unpatch(ref.transformer)
+    assert frames.shape == (settings["frames"], settings["height"], settings["width"], 3)
+    assert torch.isfinite(frames).all()
+    assert stats["sparse_calls"] > 0 and stats["mean_density"] < 0.6
