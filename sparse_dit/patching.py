@@ -231,7 +231,7 @@ class PatchState:
             layout = layout.cached(("text_valid", tuple(text_valid.tolist())), lambda: layout.with_text_valid(text_valid, geometry.text_range))
         out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
         self.sparse_calls += 1
-        self.density_total = self.density_total + layout.density_per_head().mean()
+        self.density_total = self.density_total + layout.cached("mean_density", lambda: layout.density_per_head().mean())
         return out.transpose(1, 2)
 
 
