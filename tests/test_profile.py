@@ -193,7 +193,7 @@ def test_shipped_reference_profile_loads_and_generates(reference_model):
     settings = profile.header["calibration"]["settings"]
     sparse_dit.patch(ref.transformer, profile="reference")
     try:
-        frames = ref.generate(sample_scene(20_000).prompt, seed=100, steps=3, guidance_scale=settings["guidance_scale"],
+        frames = ref.generate(sample_scene(20_000).prompt, seed=100, steps=2, guidance_scale=settings["guidance_scale"],
                               frames=settings["frames"], height=settings["height"], width=settings["width"], output="float")
         stats = sparse_dit.patch_state(ref.transformer).stats
     finally:
