@@ -103,6 +103,8 @@ class PatchState:
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
     clock: StepClock = field(default_factory=StepClock)
+    # a profile's plan holds windows sized for its calibration grid; another grid is refused up front
+    profile_grid: tuple[int, int, int] | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
     sparse_calls: int = 0
@@ -216,6 +218,12 @@ class PatchState:
         self.last_geometry = geometry
         if self.observer is not None:
             self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
+        if self.profile_grid is not None and geometry.grid != self.profile_grid:
+            raise ValueError(
+                f"sparse-dit: the profile was calibrated for the video grid {self.profile_grid} (frames, height, width "
+                f"after patchify) but this call has {geometry.grid}; profile the model at this resolution "
+                "(`sparse-dit profile`) or use pattern= instead"
+            )
         plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
             self.dense_calls += 1
@@ -341,7 +349,10 @@ def patch(
             prof = profiles[id(transformer)]
             plan_source = prof.plan_source_for(transformer, modules)
             size = int(block_size or prof.header.get("block_size", 128))
-        installs.append((transformer, PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, clock=clock)))
+        grid = (prof.header.get("calibration") or {}).get("grid") if spec is None else None
+        state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, clock=clock)
+        state.profile_grid = tuple(grid) if grid else None
+        installs.append((transformer, state))
     for transformer, state in installs:
         unpatch(transformer)
         _install(transformer, state)

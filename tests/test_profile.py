@@ -201,3 +201,14 @@ def test_shipped_reference_profile_loads_and_generates(reference_model):
     assert frames.shape == (settings["frames"], settings["height"], settings["width"], 3)
     assert torch.isfinite(frames).all()
     assert stats["sparse_calls"] > 0 and stats["mean_density"] < 0.6
+
+
+def test_profile_refuses_another_grid(calibrated):
+    model, stats = calibrated
+    profile = build_profile(stats, target_density=0.4, block_size=16)  # calibrated on the 5 x 7 x 9 grid
+    x, _, text = wan_inputs(batch=1, frames=3, height=6, width=10)
+    sparse_dit.patch(model, profile=profile)
+    with pytest.raises(ValueError, match=r"calibrated for the video grid \(5, 7, 9\) .* this call has \(3, 6, 10\)"):
+        with torch.no_grad():
+            model(x, torch.full((1,), 100), text)
+    sparse_dit.unpatch(model)
