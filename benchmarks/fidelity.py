@@ -35,25 +35,13 @@ ensure_sparse_dit()
 
 import sparse_dit  # noqa: E402
 from sparse_dit.fidelity import psnr, ssim  # noqa: E402
+from sparse_dit.commands.inspect import short_label  # noqa: E402
 from sparse_dit.profiler import build_profile, calibrate  # noqa: E402
 from sparse_dit.reference import load_reference_model, sample_scene  # noqa: E402
 
 FAMILIES = ("tile", "radial", "kmeans", "prune")
 # sparser static settings than the profiler's candidates, for baselines at low targets (not calibrated: no error)
 EXTRA = {"radial": [{"decay": d} for d in (0.1, 0.15, 0.2)]}
-
-
-def short(spec) -> str:
-    p = spec.params
-    if spec.name == "tile":
-        return "tile " + "x".join(map(str, p["window"]))
-    if spec.name == "radial":
-        return f"radial decay={p['decay']:g}"
-    if spec.name == "kmeans":
-        return f"kmeans top_p={p['top_p']:g}"
-    if spec.name == "prune":
-        return f"prune keep={p['keep_ratio']:g}"
-    return spec.name
 
 
 def uniform_baseline(stats, family: str, target: float, ts, slack: float, block_size: int):
@@ -149,7 +137,7 @@ def main() -> int:
             if fam in methods:
                 spec, d, e = uniform_baseline(stats, fam, target, sparse_ts, args.slack, args.block_size)
                 entries[fam] = {"patch": {"pattern": spec, "dense_steps": n_dense, "block_size": args.block_size},
-                                "label": short(spec), "calib_density": d, "calib_error": e}
+                                "label": short_label(spec), "calib_density": d, "calib_error": e}
         plans[target] = (profile, n_dense, entries, build_s)
         print(f"target {target}: warm-up {n_dense} steps, profile {profile.summary} (built in {build_s:.1f} s); "
               + ", ".join(f"{k}: {v['label']} ({v['calib_density']:.3f}, err {v['calib_error']:.4f})" for k, v in entries.items()),
@@ -214,7 +202,7 @@ def main() -> int:
                             "calibration_prompts": prompts, "seed": args.seed, "buckets": args.buckets,
                             "dense_fraction": args.dense_fraction, "clips": [{"prompt": p_, "seed": s_} for p_, s_ in clips],
                             "torch_threads": torch.get_num_threads(), "sparse_dit": sparse_dit.__version__},
-               "calibration_seconds": calib_s, "candidates": [short(c) for c in stats.candidates],
+               "calibration_seconds": calib_s, "candidates": [short_label(c) for c in stats.candidates],
                "profiles": {str(t): plans[t][0].summary for t in targets},
                "summary": summary, "clips": {str(t): results[t] for t in targets}}
         out.write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -25,12 +25,13 @@ def summary_lines(profile) -> list[str]:
         for layer, heads in enumerate(profile.plan[b]):
             dens = sum(c.density for c in heads) / len(heads)
             err = sum(c.error for c in heads) / len(heads)
-            names = " ".join(_short(c.spec) for c in heads)
+            names = " ".join(short_label(c.spec) for c in heads)
             lines.append(f"  {layer:5d}  {dens:7.3f}  {err:6.4f}  {names}")
     return lines
 
 
-def _short(spec) -> str:
+def short_label(spec) -> str:
+    """Compact name of a PatternSpec for tables: tile3x3x5, radial0.5, kmeans0.9, prune0.3, dense."""
     p = spec.params
     if spec.name == "tile":
         return "tile" + "x".join(map(str, p["window"]))
