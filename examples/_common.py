@@ -63,6 +63,16 @@ class Family:
 
 
 # ------------------------------------------------------------------------------------------ arguments
+def add_true_cfg_argument(parser: argparse.ArgumentParser) -> None:
+    """--true-cfg for pipelines whose --guidance is an embedded (distilled) guidance (Flux, HunyuanVideo)."""
+    parser.add_argument("--true-cfg", type=float, default=1.0,
+                        help="true classifier-free guidance scale, used with --negative-prompt when > 1 (default: %(default)s)")
+
+
+def true_cfg_kwargs(args: argparse.Namespace) -> dict:
+    return {"true_cfg_scale": args.true_cfg}
+
+
 def _pattern_arg(value: str) -> Any:
     """A pattern name, or a JSON object such as '{"name": "tile", "window": [3, 3, 3]}'."""
     text = value.strip()

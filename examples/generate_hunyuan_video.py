@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Family, run  # noqa: E402
+from _common import Family, add_true_cfg_argument, run, true_cfg_kwargs  # noqa: E402
 
 FAMILY = Family(
     name="HunyuanVideo text-to-video (HunyuanVideoPipeline)",
@@ -25,16 +25,7 @@ FAMILY = Family(
 )
 
 
-def add_arguments(parser):
-    parser.add_argument("--true-cfg", type=float, default=1.0,
-                        help="true classifier-free guidance scale, used with --negative-prompt when > 1 (default: %(default)s)")
-
-
-def call_kwargs(args):
-    return {"true_cfg_scale": args.true_cfg}
-
-
 if __name__ == "__main__":
     from diffusers import HunyuanVideoPipeline
 
-    run(HunyuanVideoPipeline, FAMILY, call_kwargs, description=__doc__, add_arguments=add_arguments)
+    run(HunyuanVideoPipeline, FAMILY, true_cfg_kwargs, description=__doc__, add_arguments=add_true_cfg_argument)
