@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import ensure_sparse_dit  # noqa: E402
@@ -44,13 +45,28 @@ WAN_13B = dict(
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
 WAN_14B = dict(WAN_13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+# hunyuanvideo-community/HunyuanVideo transformer/config.json (the class defaults are that config)
+HUNYUAN = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
+    num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+    text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+)
 CONFIGS = {
-    # name: (config, latent (C, F, H, W)) -- 81 frames -> 21 latent frames; 480x832 / 720x1280 pixels, VAE /8
-    "wan1.3b-480p": (WAN_13B, (16, 21, 60, 104)),
-    "wan14b-720p": (WAN_14B, (16, 21, 90, 160)),
-    "wan1.3b-720p": (WAN_13B, (16, 21, 90, 160)),
-    # a CPU smoke test of this script
-    "tiny": (dict(WAN_13B, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=64, freq_dim=32), (16, 3, 12, 20)),
+    # name: (family, config, latent (C, F, H, W), text tokens, transformer calls per step)
+    # Wan: 81 frames -> 21 latent frames, VAE /8, two CFG branches called separately (diffusers' WanPipeline);
+    # HunyuanVideo: 129 frames -> 33 latent frames, guidance-distilled (one call per step), prompt of 256 tokens
+    "wan1.3b-480p": ("wan", WAN_13B, (16, 21, 60, 104), 512, 2),
+    "wan14b-720p": ("wan", WAN_14B, (16, 21, 90, 160), 512, 2),
+    "wan1.3b-720p": ("wan", WAN_13B, (16, 21, 90, 160), 512, 2),
+    "hunyuan-720p": ("hunyuan", HUNYUAN, (16, 33, 90, 160), 256, 1),
+    # CPU smoke tests of this script
+    "tiny": ("wan", dict(WAN_13B, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=64, freq_dim=32), (16, 3, 12, 20), 16, 2),
+    "tiny-hunyuan": (
+        "hunyuan",
+        dict(HUNYUAN, num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+             text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12)),
+        (16, 3, 12, 20), 16, 1,
+    ),
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,27 +76,45 @@ def log(*a) -> None:
 
 
 def build(name: str):
-    from diffusers import WanTransformer3DModel
+    """(model, list of the keyword arguments of each transformer call of one step)."""
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    config, latent = CONFIGS[name]
+    family, config, latent, text_len, calls = CONFIGS[name]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(DEVICE):
-            model = WanTransformer3DModel(**config).eval()
+            cls = WanTransformer3DModel if family == "wan" else HunyuanVideoTransformer3DModel
+            model = cls(**config).eval()
     finally:
         torch.set_default_dtype(old)
     g = torch.Generator(device=DEVICE).manual_seed(1)
-    x = torch.randn(1, *latent, device=DEVICE, dtype=dtype, generator=g)
-    text = [torch.randn(1, 512, config["text_dim"], device=DEVICE, dtype=dtype, generator=g) for _ in range(2)]
-    return model, x, text
+
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g)
+
+    x = randn(1, *latent)
+    if family == "wan":
+        inputs = [dict(hidden_states=x, encoder_hidden_states=randn(1, text_len, config["text_dim"])) for _ in range(calls)]
+    else:
+        inputs = [
+            dict(
+                hidden_states=x,
+                encoder_hidden_states=randn(1, text_len, config["text_embed_dim"]),
+                encoder_attention_mask=torch.ones(1, text_len, dtype=torch.bool, device=DEVICE),
+                pooled_projections=randn(1, config["pooled_projection_dim"]),
+                guidance=torch.full((1,), 6000.0, device=DEVICE, dtype=dtype),
+            )
+        ]
+    return model, inputs
 
 
 def grid_of(name: str) -> tuple[int, int, int]:
-    _, (_, F, H, W) = CONFIGS[name]
-    return (F, H // 2, W // 2)
+    _, config, (_, F, H, W), _, _ = CONFIGS[name]
+    pt, p = (config["patch_size"][0], config["patch_size"][1]) if isinstance(config["patch_size"], tuple) else (config["patch_size_t"], config["patch_size"])
+    return (F // pt, H // p, W // p)
 
 
 def sync() -> None:
@@ -99,19 +133,42 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def step_fn(model, x, text):
-    """One denoising step: the two CFG branches, as separate batch-1 calls. Each call of the returned
-    function is the next step of a sampling run (the timestep goes down by one), so dynamic patterns
-    warm-start from the previous step as they do in a pipeline."""
+def step_fn(model, inputs):
+    """One denoising step: every transformer call of a step (Wan: both CFG branches as separate batch-1
+    calls). Each call of the returned function is the next step of a sampling run (the timestep goes down
+    by one), so dynamic patterns warm-start from the previous step as they do in a pipeline."""
     steps = iter(range(999, 0, -1))
 
     def step() -> None:
         timestep = torch.tensor([next(steps)], device=DEVICE)
         with torch.no_grad():
-            for context in text:
-                model(x, timestep, context, return_dict=False)
+            for kwargs in inputs:
+                model(timestep=timestep, return_dict=False, **kwargs)
 
     return step
+
+
+class SdpaTimer(TorchFunctionMode):
+    """Sums the GPU time of every scaled_dot_product_attention call made while active (dense runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention or DEVICE != "cuda":
+            return func(*args, **kwargs)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = func(*args, **kwargs)
+        e.record()
+        self.events.append((s, e))
+        return out
+
+    def total(self) -> float:
+        sync()
+        return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
 
 
 def closest(specs: list[PatternSpec], geometry: Geometry, target: float, block: int) -> tuple[PatternSpec, float]:
@@ -192,64 +249,86 @@ def run_model(name: str, args) -> dict:
 
     from sparse_dit.profile import Profile
 
-    model, x, text = build(name)
+    family, _, _, text_len, calls = CONFIGS[name]
+    model, inputs = build(name)
     F_, H_, W_ = grid_of(name)
     heads = model.config.num_attention_heads
-    layers = model.config.num_layers
-    S = F_ * H_ * W_
+    layers = len(sparse_dit.patching.resolve_transformers(model)[0][1].self_attention(model))
     head_dim = model.config.attention_head_dim
-    geometry = Geometry(1, heads, head_dim, F_, H_, W_)
-    out: dict = {"model": name, "tokens": S, "layers": layers, "heads": heads, "runs": []}
-    step = step_fn(model, x, text)
-    cudnn = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if DEVICE == "cuda" else nullcontext()
-    with cudnn:
+    text = (text_len, "last") if family == "hunyuan" else (0, "none")
+    geometry = Geometry(1, heads, head_dim, F_, H_, W_, text_len=text[0], text_position=text[1])
+    S = geometry.seq_len
+    out: dict = {"model": name, "tokens": S, "layers": layers, "heads": heads, "calls_per_step": calls, "compiled": args.compile, "runs": []}
+    step = step_fn(model, inputs)
+    # cuDNN first; HunyuanVideo's prompt-padding mask may send a call to another backend if cuDNN refuses it
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    dense_ctx = (lambda: sdpa_kernel(backends, set_priority=True)) if DEVICE == "cuda" else nullcontext
+    with dense_ctx():
         step()  # warm-up
+        with SdpaTimer() as sdpa_timer:  # attention's GPU time inside the real model, eager
+            step()
+        t_attn = sdpa_timer.total()
+        dense_eager = statistics.median(timed(step, args.reps))
+        if args.compile:
+            # regional compile, as diffusers recommends for DiTs: every repeated block compiled once
+            model.compile_repeated_blocks(fullgraph=False)
+            step()  # compile
         peak_dense = peak_memory(lambda: timed(step, 1))
         dense = timed(step, args.reps)
-        q = torch.randn(1, heads, S, head_dim, device=DEVICE, dtype=x.dtype)
-        attn_one = statistics.median(timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), 5))
-        del q
     t_dense = statistics.median(dense)
-    t_attn = attn_one * layers * 2
-    out.update(dense_step_s=t_dense, dense_attention_s=t_attn, attention_share=t_attn / t_dense, peak_dense_gib=peak_dense / 2**30)
-    log(f"{name}: dense step {t_dense:.3f} s, attention {t_attn:.3f} s ({100 * t_attn / t_dense:.0f}%), peak {peak_dense / 2**30:.1f} GiB")
+    out.update(
+        dense_step_s=t_dense, dense_eager_step_s=dense_eager, dense_attention_s=t_attn, attention_share=t_attn / t_dense,
+        peak_dense_gib=peak_dense / 2**30,
+    )
+    log(
+        f"{name}{' (compiled)' if args.compile else ''}: dense step {t_dense:.3f} s (eager {dense_eager:.3f} s), "
+        f"attention {t_attn:.3f} s ({100 * t_attn / t_dense:.0f}%), peak {peak_dense / 2**30:.1f} GiB"
+    )
     steps, dense_steps = 50, 10
     cases = []
     for target in args.densities:
         for pattern in args.patterns:
             if pattern == "mixed":
                 plan, density = mixed_plan(geometry, target, args.block, heads)
-                cases.append((f"mixed@{target:g}", plan, density))
             else:
                 spec, density = pattern_at(pattern, target, geometry, args.block)
-                cases.append((f"{pattern}@{target:g}", (spec,) * heads, density))
-    for label, plan, density in cases:
-        sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block))
+                plan = (spec,) * heads
+            dynamic = any(not spec.static for spec in plan)
+            for replan in args.replan if dynamic else [1]:
+                label = f"{pattern}@{target:g}" + (f"/r{replan}" if dynamic and replan > 1 else "")
+                cases.append((label, plan, density, replan))
+    for label, plan, density, replan in cases:
+        sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), replan_every=replan)
         state = sparse_dit.patch_state(model)
         try:
-            step()  # warm-up: compile, build static layouts
+            step()  # warm-up: compile kernels (and blocks), build static layouts
             peak = peak_memory(lambda: timed(step, 1))
-            with KernelTimer() as kt:
-                times = timed(step, args.reps)
-            kernel = kt.total() / args.reps
+            # time whole replan periods so reuse steps and planning steps are both counted
+            reps = args.reps * replan
+            # SDPA calls left to torch (cross-attention, and in HunyuanVideo the prompt refiner) count as
+            # attention, as in the dense step; not under compile, where a mode would be traced into the graphs
+            passed_through = SdpaTimer() if not args.compile else nullcontext()
+            with KernelTimer() as kt, passed_through:
+                times = timed(step, reps)
+            kernel = (kt.total() + (passed_through.total() if not args.compile else 0.0)) / reps
         except Exception as err:  # keep going: one failing case must not lose the others
             log(f"  {label}: FAILED {type(err).__name__}: {err}")
             sparse_dit.unpatch(model)
             continue
         measured = state.stats["density_sum"] / max(1, state.stats["sparse_calls"])
         sparse_dit.unpatch(model)
-        t_sparse = statistics.median(times)
+        t_sparse = statistics.mean(times)
         overhead = t_sparse - (t_dense - t_attn) - kernel
         total_dense = steps * t_dense
         total_sparse = dense_steps * t_dense + (steps - dense_steps) * t_sparse
         row = dict(
-            case=label, density=measured, step_s=t_sparse, step_speedup=t_dense / t_sparse, kernel_s=kernel,
-            overhead_s=overhead, overhead_share=overhead / t_sparse, e2e_50_speedup=total_dense / total_sparse,
+            case=label, density=measured, replan_every=replan, step_s=t_sparse, step_speedup=t_dense / t_sparse,
+            kernel_s=kernel, overhead_s=overhead, overhead_share=overhead / t_sparse, e2e_50_speedup=total_dense / total_sparse,
             peak_gib=peak / 2**30, peak_vs_dense=peak / max(1, peak_dense),
         )
         out["runs"].append(row)
         log(
-            f"  {label:14s} density {measured:.3f}  step {t_sparse:.3f} s ({t_dense / t_sparse:.2f}x)  kernel {kernel:.3f} s  "
+            f"  {label:16s} density {measured:.3f}  step {t_sparse:.3f} s ({t_dense / t_sparse:.2f}x)  attention {kernel:.3f} s  "
             f"overhead {overhead * 1e3:.0f} ms ({100 * overhead / t_sparse:.1f}%)  50-step {total_dense / total_sparse:.2f}x  "
             f"peak {peak / max(1, peak_dense):.3f}x"
         )
@@ -275,11 +354,14 @@ def main() -> int:
     p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed")
     p.add_argument("--densities", default="0.1,0.2,0.3")
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2, help="timed steps per case (times replan_every for dynamic ones)")
+    p.add_argument("--replan", default="1", help="comma-separated replan_every values for cases with dynamic heads")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks, dense and patched")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     args.patterns = args.patterns.split(",")
     args.densities = [float(d) for d in args.densities.split(",")]
+    args.replan = [int(r) for r in args.replan.split(",")]
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     log(f"device {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = []

@@ -57,9 +57,17 @@ def key_scores(q: torch.Tensor, k: torch.Tensor, score: str = "attn", sample_que
         return k.float().norm(dim=-1).transpose(1, 2)
     m = min(int(sample_queries), V)
     rows = torch.linspace(0, V - 1, m, device=q.device).round().long()
-    qs = q[:, rows].float()  # (B, m, h, D)
-    logits = torch.einsum("bmhd,bvhd->bhmv", qs, k.float()) / math.sqrt(D)
-    return torch.softmax(logits, -1).mean(2)
+    qs = q[:, rows]
+    scores = torch.empty(B, h, V, dtype=torch.float32, device=k.device)
+    # a few heads at a time bounds the (B, heads, m, V) fp32 temporaries (~0.8 GB for all 40 heads of
+    # Wan-14B at 720p); the logits only rank keys, so they are computed in the activations' dtype
+    # (tensor cores, no fp32 copy of k) and normalised in fp32
+    step = max(1, (1 << 24) // max(1, B * m * V))
+    for h0 in range(0, h, step):
+        hs = slice(h0, h0 + step)
+        logits = torch.einsum("bmhd,bvhd->bhmv", qs[:, :, hs], k[:, :, hs]).float() / math.sqrt(D)
+        scores[:, hs] = torch.softmax(logits, -1).mean(2)
+    return scores
 
 
 def build(

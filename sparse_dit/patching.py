@@ -73,11 +73,13 @@ class StepClock:
 
     step: int = 0
     branch: int = 0
+    generation: int = 0
     last_timestep: float | None = None
 
     def tick(self, t: float) -> None:
         if self.last_timestep is None or t > self.last_timestep + 1e-9:
             self.step, self.branch = 0, 0
+            self.generation += 1
         elif t < self.last_timestep - 1e-9:
             self.step, self.branch = self.step + 1, 0
         else:  # the same timestep again: the next CFG branch of this step
@@ -95,6 +97,9 @@ class PatchState:
     block_size: int
     backend: str
     modules: list[torch.nn.Module]
+    # dynamic head groups (kmeans, prune) are re-planned on every replan_every-th denoising step and
+    # their layout reused in between: planning costs a large share of a sparse step (benchmarks/results)
+    replan_every: int = 1
     handles: list[Any] = field(default_factory=list)
     saved_backends: list[tuple[Any, bool, Any]] = field(default_factory=list)
     call: CallInfo | None = None
@@ -107,6 +112,8 @@ class PatchState:
     profile_grid: tuple[int, int, int] | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
+    # (layer, plan/geometry key, branch) -> (generation, step built, layout) of layers with dynamic heads
+    dynamic_layouts: dict[tuple, tuple[int, int, Layout]] = field(default_factory=dict)
     sparse_calls: int = 0
     dense_calls: int = 0
     # summed on the device without a host sync per call; read through `stats`
@@ -168,15 +175,19 @@ class PatchState:
         key = (tuple(s.key() for s in plan), geometry, self.block_size, q.device)
         if all_static and key in self.layout_cache:
             return self.layout_cache[key]
+        branch = min(self.branch, 3)  # pipelines make at most a few calls per step (CFG branches)
+        reuse_key = (layer, key, branch)
+        if not all_static and reuse_key in self.dynamic_layouts:
+            generation, built, layout = self.dynamic_layouts[reuse_key]
+            if generation == self.clock.generation and 0 <= self.step - built < self.replan_every:
+                return layout
         parts, order = [], []
         for spec, heads in groups.items():
             if spec.static:
                 part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
             else:
                 index = torch.tensor(heads, device=q.device)
-                # pipelines make at most a few calls per step (CFG branches); the cap bounds the state kept
-                # when a caller repeats one timestep many times
-                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), min(self.branch, 3)), {})
+                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), branch), {})
                 part = spec.module.build(
                     geometry,
                     len(heads),
@@ -194,6 +205,8 @@ class PatchState:
             layout = layout.take_heads(torch.tensor(order).argsort())
         if all_static:
             self.layout_cache[key] = layout
+        else:
+            self.dynamic_layouts[reuse_key] = (self.clock.generation, self.step, layout)
         return layout
 
     def attend(self, layer: int, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -317,6 +330,7 @@ def patch(
     dense_steps: int = 0,
     block_size: int | None = None,
     backend: str = "auto",
+    replan_every: int = 1,
 ) -> Any:
     """Replace self-attention in a diffusers pipeline or transformer with sparse attention.
 
@@ -325,7 +339,9 @@ def patch(
         for two-transformer pipelines (Wan 2.2) a mapping ``{"transformer": ..., "transformer_2": ...}``;
         give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
         the layouts the patterns build (default: the profile's, else 128). backend: "auto" (Triton on a supported GPU, else the reference),
-        "triton" or "reference".
+        "triton" or "reference". replan_every: dynamic patterns (kmeans, prune) plan a new layout on every
+        replan_every-th sparse denoising step and reuse it in between (1 = every step, as Sparse VideoGen2 does;
+        larger trades a little fidelity for much less planning time).
 
     Patching twice replaces the earlier patch; `unpatch` restores the model exactly. Returns its input.
     """
@@ -338,6 +354,8 @@ def patch(
     profiles = _profiles_per_transformer(pipe_or_transformer, targets, profile) if profile is not None else {}
     if int(dense_steps) < 0 or (block_size is not None and int(block_size) < 16):
         raise ValueError("dense_steps must be >= 0 and block_size >= 16")
+    if isinstance(replan_every, bool) or int(replan_every) != replan_every or replan_every < 1:
+        raise ValueError(f"replan_every must be an int >= 1 (1 = re-plan dynamic patterns every step); got {replan_every!r}")
     installs = []
     clock = StepClock()  # shared by the pipeline's transformers
     for transformer, adapter in targets:  # everything is checked before anything is changed
@@ -350,7 +368,7 @@ def patch(
             plan_source = prof.plan_source_for(transformer, modules)
             size = int(block_size or prof.header.get("block_size", 128))
         grid = (prof.header.get("calibration") or {}).get("grid") if spec is None else None
-        state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, clock=clock)
+        state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, int(replan_every), clock=clock)
         state.profile_grid = tuple(grid) if grid else None
         installs.append((transformer, state))
     for transformer, state in installs:

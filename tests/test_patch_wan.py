@@ -253,3 +253,51 @@ def test_dynamic_pattern_state_is_kept_per_cfg_branch(wan):
     assert branches == [0, 1] and state.step == 1 and state.branch == 1
     assert len(state.layer_state) == 2 * len(wan.blocks)
     sparse_dit.unpatch(wan)
+
+
+def test_replan_every_reuses_dynamic_layouts_between_replans(wan):
+    """replan_every=2: k-means runs on steps 0, 2, ... per CFG branch; steps in between reuse that layout
+    (same object, centroids untouched); a new generation re-plans at its first step."""
+    sparse_dit.patch(wan, pattern=PatternSpec("kmeans", top_p=0.8), block_size=16, backend="reference", replan_every=2)
+    state = sparse_dit.patch_state(wan)
+    x, _, text = wan_inputs(frames=3, height=6, width=10)
+    seen = []
+    with torch.no_grad():
+        for t in (900, 800, 700, 600, 950):
+            for branch_text in (text, -text):
+                out = wan(x, torch.tensor([t]), branch_text, return_dict=False)[0]
+                assert torch.isfinite(out).all()
+            # the objects themselves, not ids: kept alive, so a freed layout's id cannot be reused
+            entries = dict(state.dynamic_layouts)
+            centroids = {key: s[0]["q_centroids"] for key, s in state.layer_state.items()}
+            seen.append((state.step, entries, centroids))
+    assert len(seen[0][1]) == 2 * len(wan.blocks)  # one layout per layer and CFG branch
+    assert {built for _, built, _ in seen[0][1].values()} == {0}
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[k][-1] is b[k][-1] for k in a)
+
+    assert same(seen[1][1], seen[0][1])  # step 1 reuses step 0's layouts
+    assert all(seen[1][2][k] is seen[0][2][k] for k in seen[0][2])  # and k-means did not run
+    assert {built for _, built, _ in seen[2][1].values()} == {2}
+    assert all(seen[2][1][k][-1] is not seen[1][1][k][-1] for k in seen[2][1])
+    assert same(seen[3][1], seen[2][1])
+    # t rises: a new generation at step 0 must not reuse the previous one's step-2 layout
+    assert seen[4][0] == 0 and {built for _, built, _ in seen[4][1].values()} == {0}
+    assert all(seen[4][1][k][-1] is not seen[3][1][k][-1] for k in seen[4][1])
+    sparse_dit.unpatch(wan)
+
+
+def test_replan_every_one_plans_every_step_and_bad_values_are_refused(wan):
+    sparse_dit.patch(wan, pattern=PatternSpec("prune", keep_ratio=0.5), block_size=16, backend="reference")
+    state = sparse_dit.patch_state(wan)
+    x, _, text = wan_inputs(frames=3, height=6, width=10)
+    ids = []
+    with torch.no_grad():
+        for t in (900, 800):
+            wan(x, torch.tensor([t]), text)
+            ids.append({key: layout for key, (_, _, layout) in state.dynamic_layouts.items()})
+    assert ids[0].keys() == ids[1].keys() and all(ids[0][k] is not ids[1][k] for k in ids[0])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="replan_every must be an int >= 1"):
+            sparse_dit.patch(wan, pattern="tile", replan_every=bad)
+    sparse_dit.unpatch(wan)
