@@ -27,17 +27,23 @@ def find_adapter(model: Any) -> ModelAdapter | None:
     return next((a for a in ADAPTERS if a.handles(model)), None)
 
 
+def unwrap_compiled(model: Any) -> Any:
+    """The module inside a ``torch.compile(module)`` wrapper (which calls it, hooks included); else ``model``."""
+    return getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else model
+
+
 def resolve_transformers(pipe_or_transformer: Any) -> list[tuple[torch.nn.Module, ModelAdapter]]:
     """The transformers to patch in a pipeline (or the transformer itself), each with its adapter.
 
     An unsupported object raises a ValueError naming the supported families.
     """
+    pipe_or_transformer = unwrap_compiled(pipe_or_transformer)
     adapter = find_adapter(pipe_or_transformer)
     if adapter is not None:
         return [(pipe_or_transformer, adapter)]
     found = []
     for attr in dict.fromkeys(a for ad in ADAPTERS for a in ad.pipeline_transformers):
-        model = getattr(pipe_or_transformer, attr, None)
+        model = unwrap_compiled(getattr(pipe_or_transformer, attr, None))
         if model is None:
             continue
         adapter = find_adapter(model)
@@ -52,4 +58,4 @@ def resolve_transformers(pipe_or_transformer: Any) -> list[tuple[torch.nn.Module
     return found
 
 
-__all__ = ["ADAPTERS", "CallInfo", "ModelAdapter", "find_adapter", "resolve_transformers", "supported_families"]
+__all__ = ["ADAPTERS", "CallInfo", "ModelAdapter", "find_adapter", "resolve_transformers", "supported_families", "unwrap_compiled"]

@@ -6,12 +6,16 @@ How the interception works, without copying or monkey-patching diffusers:
   post-hook that pops it, so while (and only while) that module runs, the
   ``scaled_dot_product_attention`` call inside diffusers' own processor lands in sparse-dit;
 - the processors of patched modules are pinned to diffusers' "native" backend (the one that calls
-  ``scaled_dot_product_attention``) and their previous backend is restored by ``unpatch``.
+  ``scaled_dot_product_attention``) and their previous backend is restored by ``unpatch``;
+- under ``torch.compile`` the hooks and the intercepted call run eagerly at one graph break per attention
+  call (``torch.compiler.disable``); everything else in the blocks stays compiled.
 Everything lives on the patched model instance; nothing is global.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
-from sparse_dit.pipelines import CallInfo, ModelAdapter, resolve_transformers
+from sparse_dit.pipelines import CallInfo, ModelAdapter, resolve_transformers, unwrap_compiled
 
 STATE_ATTR = "_sparse_dit_state"
 _SDPA = F.scaled_dot_product_attention
@@ -57,12 +61,35 @@ class _AttentionInterceptor(TorchFunctionMode):
         super().__init__()
         self.state = state
         self.layer = layer
+        self.attend_eagerly = _compiler_disabled(_attend_eagerly)  # one object for every layer and model
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
-            return self.state.attend(self.layer, args, kwargs)
+            return self.attend_eagerly(self, args, kwargs)
+        if func is torch.Tensor.unflatten:
+            # The same call, as a method. Reached through a mode, dynamo inlines Tensor.unflatten and cannot
+            # trace its `super().unflatten` (torch 2.13: a graph break on every q/k/v unflatten and RoPE).
+            return args[0].unflatten(*args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+# torch.compile: dynamo traces this mode's __torch_function__ inline, and traced, `attend` (layouts with
+# data-dependent shapes, caches, counters, the step clock, the kernel launch) graph-breaks a dozen times and
+# guards on the layer index, the step and the call counters, so it recompiled as they changed.
+# Disabled, it is one graph break per attention call and runs eagerly; diffusers' norms, projections, RoPE and
+# FFN around it stay compiled. The mode is passed whole: reading `.layer` in traced code would add a guard
+# on it (a recompile per layer).
+def _attend_eagerly(mode: _AttentionInterceptor, args: tuple, kwargs: dict) -> torch.Tensor:
+    return mode.state.attend(mode.layer, args, kwargs)
+
+
+def _compiler_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, made on first use and kept on ``fn``: decorating at import would import
+    torch._dynamo with sparse_dit (1.5 s; and a TRITON_INTERPRET=1 set after that is no longer honoured)."""
+    if "compiler_disabled" not in fn.__dict__:
+        fn.compiler_disabled = torch.compiler.disable(fn)
+    return fn.compiler_disabled
 
 
 @dataclass
@@ -299,7 +326,7 @@ def _profiles_per_transformer(pipe: Any, targets: list, profile: Any) -> dict[in
         return {id(t): one for t, _ in targets}
     out = {}
     for transformer, _ in targets:
-        name = next((n for n in profile if getattr(pipe, n, None) is transformer), None)
+        name = next((n for n in profile if unwrap_compiled(getattr(pipe, n, None)) is transformer), None)
         if name is None:
             raise ValueError(f"profile mapping has no entry for this pipeline's {type(transformer).__name__}; keys: {sorted(profile)}")
         out[id(transformer)] = Profile.coerce(profile[name])
@@ -319,7 +346,7 @@ def _heads_of(module: torch.nn.Module) -> int:
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return STATE_ATTR in model.__dict__
+    return STATE_ATTR in unwrap_compiled(model).__dict__
 
 
 def patch(
@@ -377,23 +404,61 @@ def patch(
     return pipe_or_transformer
 
 
-def _enter_hook(mode: TorchFunctionMode) -> Callable[..., None]:
+# Every hook runs eagerly under torch.compile (it is Python bookkeeping: reading the call, ticking the clock,
+# pushing the mode): traced, each layer's hook would guard on its own mode object and recompile per layer.
+def _enter_hook(mode: TorchFunctionMode, entered: list[int]) -> Callable[..., None]:
+    @torch.compiler.disable
     def hook(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        entered[0] += 1
         mode.__enter__()
 
     return hook
 
 
 def _exit_hook(mode: TorchFunctionMode) -> Callable[..., None]:
+    @torch.compiler.disable
     def hook(*_: Any) -> None:
         mode.__exit__(None, None, None)
 
     return hook
 
 
+def _transformer_hooks(state: PatchState, entered: list[int]) -> tuple[Callable[..., None], Callable[..., None]]:
+    warned = []
+
+    @torch.compiler.disable
+    def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        entered[0] = 0
+        state.on_transformer_call(module, args, kwargs)
+
+    @torch.compiler.disable
+    def after(module: torch.nn.Module, *_: Any) -> None:
+        state.on_transformer_done()
+        if not entered[0] and not warned and sys.exc_info()[0] is None:  # (not when forward raised)
+            # Never silently dense: code compiled and run before `patch` does not call hooks added later
+            # when the processors read no `_attention_backend` for the pin below to change (CogVideoX, SD3).
+            warned.append(True)
+            warnings.warn(
+                f"sparse-dit: no patched attention layer ran in this {type(module).__name__} call, so its attention "
+                "was dense. If the model was compiled and run before sparse_dit.patch, torch.compile is reusing code "
+                "that skips sparse-dit's hooks: call torch.compiler.reset() after patching, or patch before compiling.",
+                stacklevel=2,
+            )
+
+    return before, after
+
+
+def _native_backend_enum() -> Any:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return AttentionBackendName.NATIVE
+
+
 def _install(transformer: torch.nn.Module, state: PatchState) -> None:
-    state.handles.append(transformer.register_forward_pre_hook(state.on_transformer_call, with_kwargs=True))
-    state.handles.append(transformer.register_forward_hook(state.on_transformer_done, always_call=True))
+    entered = [0]  # patched attention layers entered during the current transformer call
+    before, after = _transformer_hooks(state, entered)
+    state.handles.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
+    state.handles.append(transformer.register_forward_hook(after, always_call=True))
     seen: set[int] = set()
     for layer, module in enumerate(state.modules):
         processor = getattr(module, "processor", None)
@@ -402,9 +467,14 @@ def _install(transformer: torch.nn.Module, state: PatchState) -> None:
             had = "_attention_backend" in vars(processor)
             state.saved_backends.append((processor, had, vars(processor).get("_attention_backend")))
             if "_attention_backend" in {n for c in type(processor).__mro__ for n in vars(c)} or had:
-                processor._attention_backend = "native"
+                # The pin is also what makes code compiled before `patch` re-trace (and so see the hooks):
+                # dynamo does not guard on hook dicts that were empty at compile time
+                # (torch._dynamo.config.skip_nnmodule_hook_guards) but guards this attribute by identity
+                # (enum, None) or type and value (str), so store a value of another type than the current one.
+                current = processor._attention_backend
+                processor._attention_backend = "native" if type(current) is not str else _native_backend_enum()
         mode = _AttentionInterceptor(state, layer)
-        state.handles.append(module.register_forward_pre_hook(_enter_hook(mode)))
+        state.handles.append(module.register_forward_pre_hook(_enter_hook(mode, entered)))
         state.handles.append(module.register_forward_hook(_exit_hook(mode), always_call=True))
     transformer.__dict__[STATE_ATTR] = state
 
@@ -427,5 +497,5 @@ def unpatch(pipe_or_transformer: Any) -> Any:
 
 def patch_state(model: torch.nn.Module) -> PatchState | None:
     """The state of a patched transformer (for inspection), or None."""
-    return model.__dict__.get(STATE_ATTR)
+    return unwrap_compiled(model).__dict__.get(STATE_ATTR)
 
