@@ -12,6 +12,21 @@ Sections (comma-separated, in this order):
            kernel, cuDNN SDPA dense, and compiled FlexAttention with the same block mask.
   perm     permutation overhead at 10% density: identity vs fused gather vs separate permute.
 
+Experimental kernel variants (config flags, see kernels/triton_attention.py), instead of the sections:
+
+    python benchmarks/kernel.py --variants --out $OUT          # GPU: Wan 480p B=1, densities 0.1 and 0.3
+    TRITON_INTERPRET=1 python benchmarks/kernel.py --variants --smoke   # CPU: tiny shapes, launch/syntax only
+
+  For a sliding-tile-like block mask (query blocks = tiles of a 3-D tile grid, each keeping the window of tiles
+  around it) in the identity order and behind random per-head q/kv permutations: every variant's output is
+  compared with the default path's (max abs diff; a variant that disagrees or fails to compile is reported
+  and skipped), then timed; cuDNN dense is timed for reference.
+
+    python benchmarks/kernel.py --static --variant-list default,PREFETCH_IDX,N64   # CPU, no GPU needed
+
+  compiles the variants for sm_90a with the local Triton and prints shared memory, registers, spills and
+  ptxas's wgmma-serialisation warnings (install the device's Triton, 3.6, in a venv to match it exactly).
+
 Timings: triton.testing.do_bench medians on random normal inputs (each q/k/v >= 190 MB, far beyond the
 50 MB L2, so one input set is not served from cache). Effective TFLOP/s = 4 * B * H * D * (computed
 query-key pairs) / time; cuDNN dense is counted with every pair.
@@ -355,6 +370,268 @@ def section_perm(args, results):
     results["perm"] = dict(rows=rows, fused_vs_separate=e)
 
 
+# --------------------------------------------------------------------------------------------- variants
+# name -> (config overrides on top of the default config, layouts it applies to: "id" identity, "perm" permuted)
+VARIANTS = {
+    "default": ({}, ("id", "perm")),
+    "PREFETCH_IDX": ({"PREFETCH_IDX": True}, ("perm",)),  # only the gather path has indices to prefetch
+    "N64": ({"BLOCK_N": 64}, ("id", "perm")),
+    "W16": ({"num_warps": 16}, ("id",)),  # 4 warpgroups (num_warps must be a power of two: 12 is refused)
+}
+# in order of interest (--budget-s may cut the tail). Measured on the H100 (benchmarks/results/kernel.md,
+# "Variants (2026-11-22)"): PREFETCH_IDX within noise of the default, N64 0.83-0.94x of it.
+DEFAULT_VARIANTS = "default,PREFETCH_IDX,N64"
+
+
+def tile_grid(nb: int) -> tuple[int, int, int]:
+    """The most cubic (nt, nh, nw) with nt <= nh <= nw and nt * nh * nw == nb."""
+    best = (1, 1, nb)
+    for a in range(1, nb + 1):
+        for b in range(a, nb + 1):
+            if nb % (a * b) == 0 and nb // (a * b) >= b:
+                cand = (a, b, nb // (a * b))
+                if max(cand) - min(cand) < max(best) - min(best):
+                    best = cand
+    return best
+
+
+def tile_block_mask(H: int, nb: int, density: float, device) -> tuple[torch.Tensor, tuple, tuple]:
+    """(1, H, nb, nb) sliding-tile-like block mask: block i is tile i of a (nt, nh, nw) grid in raster order; each
+    query tile keeps the (wt, wh, ww) window of tiles around it (shifted inward at the borders), the window whose
+    size is closest to density * nb. Every row of the window is one run of ww consecutive key blocks."""
+    grid = tile_grid(nb)
+    windows = [(a, b, c) for a in range(1, grid[0] + 1) for b in range(1, grid[1] + 1) for c in range(1, grid[2] + 1)]
+    window = min(windows, key=lambda w: (abs(w[0] * w[1] * w[2] / nb - density), max(w) - min(w)))
+    i = torch.arange(nb, device=device)
+    coords = (i // (grid[1] * grid[2]), (i // grid[2]) % grid[1], i % grid[2])
+    mask = torch.ones(nb, nb, dtype=torch.bool, device=device)
+    for c, w, n in zip(coords, window, grid):
+        lo = (c - w // 2).clamp(0, n - w)
+        mask &= (c[None, :] >= lo[:, None]) & (c[None, :] < lo[:, None] + w)
+    return mask.expand(1, H, nb, nb).contiguous(), grid, window
+
+
+def randomly_permuted(base: Layout, H: int, gen: torch.Generator, device) -> Layout:
+    """The same segments behind a random per-head q_perm (padded with -1 to whole blocks) and kv_perm."""
+    S, bq = base.seq_len, base.block_q
+    nq_len = base.num_q_blocks * bq
+    q_perm = torch.stack([torch.randperm(S, generator=gen) for _ in range(H)])[None]
+    kv_perm = torch.stack([torch.randperm(S, generator=gen) for _ in range(H)])[None]
+    q_perm = torch.nn.functional.pad(q_perm, (0, nq_len - S), value=-1)
+    return Layout(S, bq, base.kv_count, base.kv_start, base.kv_end, q_perm=q_perm.to(device), kv_perm=kv_perm.to(device))
+
+
+def section_variants(args, results):
+    """Default kernel vs other configs / experimental flags, on tile-like masks, identity and randomly permuted."""
+    smoke = args.smoke
+    gpu = torch.cuda.is_available() and not smoke
+    dev = "cuda" if gpu else "cpu"
+    if smoke:  # tiny, for the CPU interpreter (bf16 dots are wrong there): syntax, launch and agreement only
+        B, H, S, D, block, dtype = 1, 2, 190, 32, 16, torch.float16
+    else:
+        B, H, S, D, block, dtype = 1, 12, 32760, 128, BLOCK, torch.bfloat16
+    names = [n.strip() for n in args.variant_list.split(",") if n.strip()]
+    for n in names:
+        if n not in VARIANTS:
+            raise SystemExit(f"unknown variant {n!r}; known: {', '.join(VARIANTS)}")
+    if "default" not in names:
+        names.insert(0, "default")
+    base_cfg = default_config(D, block, dtype)
+    log(f"variants: B={B} H={H} S={S} D={D} block={block} {dtype}; default config {base_cfg}; device {dev}")
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v = (torch.randn(B, S, H, D, generator=gen).to(device=dev, dtype=dtype) for _ in range(3))
+    nb = -(-S // block)
+    rows = []
+    t_start = time.time()
+
+    def timed(fn) -> float:
+        if gpu:
+            return bench(fn, args.rep_ms)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    if gpu:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                t = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+            tf = 4 * B * H * D * S * S / t / 1e9
+            log(f"cuDNN dense {t:.3f} ms = {tf:.0f} TFLOP/s")
+            results["variants_cudnn"] = dict(ms=t, tflops=tf)
+        except Exception as exc:
+            log(f"cuDNN failed: {type(exc).__name__}: {str(exc)[:300]}")
+
+    for density in [float(x) for x in args.variant_densities.split(",")]:
+        mask, grid, window = tile_block_mask(H, nb, density, dev)
+        ident = Layout.from_block_mask(mask, block, S)
+        layouts = {"id": ident, "perm": randomly_permuted(ident, H, gen, dev)}
+        real_d = pairs_of(ident, B) / (B * H * S * S)
+        log(f"--- tile grid {grid} window {window}: density {real_d:.3f} (target {density})")
+        for kind, lay in layouts.items():
+            pairs = pairs_of(lay, B)  # the permuted layout's -1 query slots shift a few rows between blocks
+            ref = None
+            t_ref = None
+            for name in names + ["default"]:  # default timed again at the end: the run-to-run spread
+                overrides, kinds = VARIANTS[name]
+                if kind not in kinds:
+                    continue
+                again = ref is not None and name == "default"
+                if time.time() - t_start > args.budget_s and not again:
+                    log(f"{density:.1f} {kind:4s} {name:20s} skipped: past --budget-s {args.budget_s:.0f} s")
+                    continue
+                label = name + (" (again)" if again else "")
+                cfg = dict(base_cfg, **overrides)
+                row = dict(density=real_d, target_density=density, layout=kind, variant=label, cfg=json.dumps(cfg, sort_keys=True))
+                try:
+                    t0 = time.time()
+                    out = triton_block_sparse_attention(q, k, v, lay, config=cfg)
+                    if gpu:
+                        torch.cuda.synchronize()
+                    first_s = time.time() - t0
+                    finite = bool(torch.isfinite(out).all())
+                    if name == "default" and ref is None:
+                        ref, diff = out, 0.0
+                    elif ref is None:  # the default path failed: nothing to compare with
+                        diff = float("nan")
+                    else:
+                        diff = float((out.float() - ref.float()).abs().max())
+                    row.update(first_call_s=first_s, max_abs_diff=diff, finite=finite)
+                    del out
+                    if not finite or not diff <= args.variant_tol:
+                        row.update(ok=False)
+                        log(f"{density:.1f} {kind:4s} {label:20s} WRONG: max abs diff vs default {diff:.2e}, finite={finite}; not timed")
+                    elif not gpu:  # interpreter timings mean nothing
+                        row.update(ok=True)
+                        log(f"{density:.1f} {kind:4s} {label:20s} ran (max abs diff vs default {diff:.1e}; {first_s:.1f} s)")
+                    else:
+                        ms = timed(lambda: triton_block_sparse_attention(q, k, v, lay, config=cfg))
+                        tf = 4 * D * pairs / ms / 1e9
+                        if name == "default" and not again:
+                            t_ref = ms
+                        row.update(ok=True, ms=ms, tflops=tf, vs_default=t_ref / ms if t_ref else float("nan"))
+                        log(
+                            f"{density:.1f} {kind:4s} {label:20s} {ms:8.3f} ms {tf:5.0f} TFLOP/s  x{row['vs_default']:.3f} vs default"
+                            f"  (max abs diff {diff:.1e}; first call {first_s:.1f} s)"
+                        )
+                except Exception as exc:  # compile errors, out of resources, refused options
+                    row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:500]}")
+                    log(f"{density:.1f} {kind:4s} {label:20s} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+                rows.append(row)
+                results["variants"] = rows
+                save()
+            del ref
+    results["variants"] = rows
+
+
+def section_static(args, results):
+    """Compile each variant for sm_90a on this machine (no GPU; TRITON_INTERPRET unset) and report what decides
+    whether it can win: shared memory (H100 limit 232448 B), registers and spills (ptxas -v), ptxas performance
+    warnings (C7514/C7515: every wgmma of the kernel serialised), and the wgmma count. Same layouts as
+    --variants, at S=1000. Matches the device best with the device's Triton (3.6) installed here."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    import sparse_dit.kernels.triton_attention as ta
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--static compiles for the GPU: run it without TRITON_INTERPRET=1")
+    B, H, S, D, block, dtype = 1, 2, 1000, 128, BLOCK, torch.bfloat16
+    base_cfg = default_config(D, block, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v = (torch.randn(B, S, H, D, generator=gen).to(dtype) for _ in range(3))
+    mask, _, _ = tile_block_mask(H, -(-S // block), 0.3, "cpu")
+    ident = Layout.from_block_mask(mask, block, S)
+    layouts = {"id": ident, "perm": randomly_permuted(ident, H, gen, "cpu")}
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    tyname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+    kernel = ta._block_sparse_fwd
+    captured = {}
+
+    class Capture:  # stands in for the kernel: records the launch arguments
+        def __getitem__(self, grid):
+            return lambda *a, **kw: captured.update(args=a, kw=kw)
+
+    saved = (ta._block_sparse_fwd, ta._interpreting, ta._tma_ok)
+    rows = []
+    names = [n.strip() for n in args.variant_list.split(",") if n.strip()]
+    try:
+        ta._block_sparse_fwd, ta._interpreting, ta._tma_ok = Capture(), (lambda: True), (lambda *a: True)
+        for name in names:
+            overrides, kinds = VARIANTS[name]
+            for kind in kinds:
+                cfg = dict(base_cfg, **overrides)
+                row = dict(variant=name, layout=kind, cfg=json.dumps(cfg, sort_keys=True))
+                try:
+                    ta.triton_block_sparse_attention(q, k, v, layouts[kind], config=cfg)
+                    sig, consts, attrs, opts = {}, {}, {}, {}
+                    for i, (arg_name, a) in enumerate(zip(kernel.arg_names, captured["args"])):
+                        if isinstance(a, torch.Tensor):
+                            sig[arg_name] = "*" + tyname[a.dtype]
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                        elif isinstance(a, TensorDescriptor):
+                            sig[arg_name] = f"tensordesc<{tyname[a.base.dtype]}[{','.join(map(str, a.block_shape))}]>"
+                        elif isinstance(a, int) and a == 1:  # the launcher specialises 1 as a constant
+                            sig[arg_name] = "constexpr"
+                            consts[(i,)] = 1
+                        elif isinstance(a, int):
+                            sig[arg_name] = "i32"
+                            if a % 16 == 0:
+                                attrs[(i,)] = [["tt.divisibility", 16]]
+                        else:
+                            sig[arg_name] = "fp32"
+                    for key, val in captured["kw"].items():
+                        if key in ("num_warps", "num_stages"):
+                            opts[key] = val
+                        else:
+                            sig[key] = "constexpr"
+                            consts[(kernel.arg_names.index(key),)] = val
+                    for i, param in enumerate(kernel.params):  # constexprs left at their defaults
+                        if param.name not in sig:
+                            sig[param.name] = "constexpr"
+                            consts[(i,)] = param.default
+                    sig = {n: sig[n] for n in kernel.arg_names}
+                    ck = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+                    ptxas_log = ""
+                    with tempfile.TemporaryDirectory() as d:
+                        Path(d, "k.ptx").write_text(ck.asm["ptx"])
+                        for exe in ("ptxas", "ptxas-blackwell"):
+                            if (bindir / exe).exists():
+                                r = subprocess.run([str(bindir / exe), "-v", "--gpu-name", "sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                                                   capture_output=True, text=True)
+                                if r.returncode == 0:
+                                    ptxas_log = r.stderr
+                                    break
+                    regs = re.search(r"Used (\d+) registers", ptxas_log)
+                    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+                    row.update(
+                        shared=ck.metadata.shared, fits=ck.metadata.shared <= 232448,
+                        regs=int(regs.group(1)) if regs else None,
+                        spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else None,
+                        wgmma_serialised=bool(re.search(r"C751[0-9]", ptxas_log)),
+                        wgmma_ops=ck.asm["ttgir"].count("ttng.warp_group_dot "),
+                    )
+                    log(
+                        f"static {name:20s} {kind:4s} shared {row['shared']:6d} B{'' if row['fits'] else ' (OVER the H100 limit)'}"
+                        f"  regs {row['regs']}  spills {row['spill_bytes']} B  wgmma {row['wgmma_ops']}"
+                        f"{'  ptxas: wgmma SERIALISED' if row['wgmma_serialised'] else ''}"
+                    )
+                except Exception as exc:
+                    row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    log(f"static {name:20s} {kind:4s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}")
+                rows.append(row)
+    finally:
+        ta._block_sparse_fwd, ta._interpreting, ta._tma_ok = saved
+    results["static"] = rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="correct,sweep,bench,perm")
@@ -370,15 +647,37 @@ def main():
         help="JSON list of kernel configs for `sweep`",
     )
     p.add_argument("--use-best", action="store_true", help="bench/perm use the sweep's best config, not the default")
+    p.add_argument("--variants", action="store_true", help="run the variant comparison instead of --sections")
+    p.add_argument("--variant-list", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--variant-densities", default="0.1,0.3")
+    p.add_argument("--variant-tol", type=float, default=1e-2, help="max abs diff vs the default path")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench time per variant (--variants)")
+    p.add_argument("--budget-s", type=float, default=150, help="--variants: start no new variant after this many seconds")
+    p.add_argument("--smoke", action="store_true", help="--variants on tiny shapes (CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--static", action="store_true", help="compile the variants for sm_90a here, no GPU (see section_static)")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
-    log(f"seed {args.seed}; torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    log(f"seed {args.seed}; torch {torch.__version__}, triton {triton.__version__}, {device}")
     log(f"default config D=128 block 128 bf16: {default_config(128, 128, torch.bfloat16)}")
-    results = {"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    results = {"args": vars(args), "device": device, "torch": torch.__version__, "triton": triton.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _SAVE[0] = lambda: (out / "kernel_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    name = "kernel_static.json" if args.static else "kernel_variants.json" if args.variants else "kernel_bench.json"
+    _SAVE[0] = lambda: (out / name).write_text(json.dumps(results, indent=1, default=str))
+    if args.static:
+        section_static(args, results)
+        save()
+        return
+    if args.variants:
+        if args.smoke and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            raise SystemExit("--smoke without a GPU needs TRITON_INTERPRET=1 in the environment")
+        t0 = time.time()
+        section_variants(args, results)
+        log(f"[variants took {time.time() - t0:.0f} s]")
+        save()
+        return
     for sec in args.sections.split(","):
         t0 = time.time()
         {"correct": section_correct, "sweep": section_sweep, "bench": section_bench, "perm": section_perm}[sec](args, results)

@@ -132,6 +132,42 @@ def _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, HAS_VALID: tl.constex
     return acc, m_new, l_i
 
 
+# ---- experimental clean-chunk loop (opt-in: config "PREFETCH_IDX"; see benchmarks/notes_kernel.md)
+@triton.jit
+def _gather_rows(kvperm_base, fs_row, t, n, offs_n, pad_a, pad_b):
+    """Gather path: (rows of the K/V bases = original positions, key valid mask) of clean chunk ``t`` of the
+    chunk-table row ``fs_row``. Every load is masked by ``t < n``, so ``t`` may run past the table
+    (prefetching): the values are then unused."""
+    start = tl.load(fs_row + t, mask=t < n, other=0)
+    vlive = (offs_n * 0 + t) < n  # a vector mask (the interpreter neither broadcasts a scalar one nor `&`s it)
+    pos = start + offs_n
+    rows = tl.load(kvperm_base + pos, mask=vlive, other=0)
+    ok = (rows < pad_a) | (rows >= pad_b)
+    return rows, ok
+
+
+@triton.jit
+def _clean_loop_prefetch(
+    acc, m_i, l_i, q, kb_base, vb_base, skb, svb, kvperm_base, fs_row, n, offs_n, offs_d, pad_a, pad_b, qk_scale,
+    HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The gather path's clean-chunk loop with the kv_perm indices (the key rows) of chunk t + 1 loaded during
+    chunk t and carried in registers, so the row loads' addresses do not wait on an index load. On sm_90
+    (triton 3.6) this lets the pipeliner keep the K/V row loads two iterations ahead (three buffers) as on
+    the TMA path; the default gather loop's index -> row chain leaves them one iteration ahead. Measured on
+    the H100 within run-to-run noise of the default loop (benchmarks/results/kernel.md), so it stays opt-in."""
+    r_f, ok_f = _gather_rows(kvperm_base, fs_row, 0, n, offs_n, pad_a, pad_b)
+    for t in range(0, n):
+        rows = r_f
+        ok = ok_f
+        r_f, ok_f = _gather_rows(kvperm_base, fs_row, t + 1, n, offs_n, pad_a, pad_b)
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, kb_base, vb_base, skb, svb, rows, ok, offs_d, qk_scale,
+            HAS_PAD, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+        )
+    return acc, m_i, l_i
+
+
 @triton.jit
 def _attend_range(
     acc,
@@ -234,6 +270,7 @@ def _block_sparse_fwd(
     DOT_PREC: tl.constexpr,
     USE_TMA: tl.constexpr,  # full unpermuted key chunks through TMA descriptors (GPU, HEAD_DIM == BLOCK_D)
     USE_WS: tl.constexpr,  # experimental: warp-specialised clean-chunk loop (TMA, identity keys, no padding)
+    USE_PREFETCH: tl.constexpr = False,  # experimental: kv_perm indices one chunk ahead (gather path)
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -313,7 +350,12 @@ def _block_sparse_fwd(
         tab = lh * NQ + qb
         # ---- full chunks without padding slots ("clean"): no score masking unless prompts are padded
         n_clean = tl.load(NCLEAN + tab)
-        if USE_WS:
+        if USE_PREFETCH:
+            acc, m_i, l_i = _clean_loop_prefetch(
+                acc, m_i, l_i, q, kb_base, vb_base, skb, svb, kvperm_base, FULL_START + tab * CF, n_clean, offs_n,
+                offs_d, pad_a, pad_b, qk_scale, HAS_PAD, HEAD_DIM, BLOCK_D, DOT_PREC,
+            )
+        elif USE_WS:
             for t in tl.range(0, n_clean, warp_specialize=True):
                 start = tl.load(FULL_START + tab * CF + t)
                 acc, m_i, l_i = _attend_chunk_tma(
@@ -541,7 +583,10 @@ def _padding(layout: Layout, batch: int, device: torch.device) -> tuple[torch.Te
 def default_config(head_dim: int, block_m: int, dtype: torch.dtype) -> dict:
     """(BLOCK_N, num_warps, num_stages, TMA) for the GPU, from the H100 sweep in benchmarks/results/kernel.md
     (BLOCK_N=128 / 8 warps / 3 stages / TMA: 451-459 TFLOP/s at 10% vs 360 for BLOCK_N=64 without TMA).
-    "WS": True (warp-specialised loop) is accepted but measured no faster, so it is off by default."""
+    "WS": True (warp-specialised loop) is accepted but measured no faster, so it is off by default.
+    "PREFETCH_IDX": True (experimental) loads the next chunk's kv_perm indices one iteration ahead on the fused
+    gather path (no effect elsewhere); measured within noise of the default (benchmarks/results/kernel.md,
+    "Variants"), so it is off by default. num_warps must be a power of two (Triton's NVIDIA backend refuses 12)."""
     if _interpreting():
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     bd = triton.next_power_of_2(head_dim)
@@ -550,6 +595,9 @@ def default_config(head_dim: int, block_m: int, dtype: torch.dtype) -> dict:
     if block_m >= 128:  # measured on H100, Wan 480p, D=128 (benchmarks/notes_kernel.md)
         return {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": True}
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": True}
+
+
+_CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages", "TMA", "WS", "PREFETCH_IDX"})
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
@@ -618,6 +666,9 @@ def triton_block_sparse_attention(
     cfg = dict(default_config(D, block_m, q.dtype))
     if config:
         cfg.update(config)
+    unknown = set(cfg) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"unknown kernel config keys {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
     block_n = int(cfg["BLOCK_N"])
     block_d = triton.next_power_of_2(D)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -715,6 +766,7 @@ def triton_block_sparse_attention(
         DOT_PREC=dot_prec,
         USE_TMA=use_tma,
         USE_WS=use_tma and kv_mode == 0 and not has_pad and bool(cfg.get("WS", False)),
+        USE_PREFETCH=bool(cfg.get("PREFETCH_IDX", False)) and kv_mode == 1,
         num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]),
     )

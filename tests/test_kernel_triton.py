@@ -423,3 +423,117 @@ def test_tma_code_path(gen, monkeypatch, ws):
     layout = random_layout(gen, S, H, 1, bq, text="last", dense=True, max_segments=3)
     q, k, v = make_qkv(gen, B, S, H, D, torch.float16, "fused")
     check(q, k, v, layout, config={"TMA": True, "WS": ws})
+
+
+# ------------------------------------------------------------- experimental loop (config PREFETCH_IDX)
+CHUNK_CYCLE = (0, 1, 2, 5)  # clean full chunks per query block: none, one, two, several
+
+
+def chunk_count_layout(gen, S, H, L, bq, bn, *, perms=False, text=None, dense=False):
+    """Segments built so that the query blocks' clean full-chunk counts (chunks of ``bn`` keys) cycle through
+    CHUNK_CYCLE, each with a random partial tail (a tail-only segment where the count is 0), at a random
+    unaligned start. With ``perms``: random q_perm with -1 slots; kv_perm puts a random 6 * bn video tokens
+    first (the clean region) and the rest, mixed with -1 slots, after it, where every block also gets a short
+    segment (a partial chunk that may hold padding slots); text keys, if any, sit after both."""
+    text_kv = None
+    if text is not None:
+        T = randint(gen, 3, 12)
+        text_kv = (0, T) if text == "first" else (S - T, S)
+    video = torch.ones(S, dtype=torch.bool)
+    if text_kv is not None:
+        video[text_kv[0] : text_kv[1]] = False
+    video_tokens = video.nonzero()[:, 0].to(torch.int32)
+    clean = 6 * bn
+    assert video_tokens.numel() > clean + 4
+    q_perms = kv_perms = None
+    if perms:
+        nq_len = (-(-S // bq) + 1) * bq
+        q_perms = torch.stack([
+            torch.stack([random_perm_with_padding(gen, torch.arange(S, dtype=torch.int32), nq_len) for _ in range(H)])
+            for _ in range(L)
+        ])
+        per = []
+        n_pad = randint(gen, 1, 8)
+        for _ in range(L * H):
+            toks = video_tokens[torch.randperm(video_tokens.numel(), generator=gen)]
+            rest = random_perm_with_padding(gen, toks[clean:], toks.numel() - clean + n_pad)
+            p = torch.cat([toks[:clean], rest])
+            if text_kv is not None:
+                p = torch.cat([p, torch.arange(*text_kv, dtype=torch.int32)])
+            per.append(p)
+        kv_perms = torch.stack(per).view(L, H, -1)
+        lo, dirty_hi = 0, kv_perms.shape[-1] - (0 if text_kv is None else text_kv[1] - text_kv[0])
+    else:
+        lo = 0 if text != "first" else text_kv[1]
+        dirty_hi = lo + video_tokens.numel()
+    NQ = -(-(q_perms.shape[-1] if perms else S) // bq)
+    segments = []
+    for l in range(L):
+        per_h = []
+        for h in range(H):
+            per_q = []
+            for qb in range(NQ):
+                c = CHUNK_CYCLE[(qb + h + l) % len(CHUNK_CYCLE)]
+                length = c * bn + randint(gen, 1 if c == 0 else 0, bn - 1)
+                a = lo + randint(gen, 0, clean - length)
+                segs = [(a, a + length)]
+                if perms or randint(gen, 0, 1):  # a short segment after the clean region
+                    b0 = randint(gen, lo + clean, dirty_hi - 1)
+                    segs.append((b0, min(dirty_hi, b0 + randint(gen, 1, bn - 1))))
+                per_q.append(segs)
+            per_h.append(per_q)
+        segments.append(per_h)
+    layout = Layout.from_segments(
+        segments, S, bq, q_perm=q_perms, kv_perm=kv_perms, text_kv=text_kv, dense_q=text_kv if dense else None
+    )
+    n_clean = _build_chunk_tables(layout, bn, torch.device("cpu"))[1]
+    for c in CHUNK_CYCLE:  # the layout holds every count: none, the loop's first chunk only, two, several
+        assert (n_clean == c).any(), (c, n_clean)
+    return layout
+
+
+@pytest.mark.parametrize(
+    "B,H,L,dtype,text,dense,tma",
+    [
+        (2, 3, 1, torch.float16, "last", False, False),
+        (2, 2, 2, torch.float32, "last", True, False),  # per-layer layouts, dense text rows
+        (1, 3, 1, torch.float32, "first", False, True),  # TMA requested (unused by the gather path)
+    ],
+)
+def test_prefetch_idx_loop(gen, monkeypatch, B, H, L, dtype, text, dense, tma):
+    """The opt-in index-prefetching ("PREFETCH_IDX") clean-chunk loop of the fused gather path vs the reference
+    and the default loop, on permuted layouts whose query blocks hold 0, 1, 2 and several clean chunks, S not
+    a multiple of the block, poisoned outputs."""
+    import sparse_dit.kernels.triton_attention as ta
+
+    if tma:
+        monkeypatch.setattr(ta, "_tma_ok", lambda *a: True)
+    S, D, bq, bn = 150, 32, 16, 16
+    layout = chunk_count_layout(gen, S, H, L, bq, bn, perms=True, text=text, dense=dense)
+    q, k, v = make_qkv(gen, B, S, H, D, dtype)
+    cfg = {"PREFETCH_IDX": True, "BLOCK_N": bn, "TMA": tma}
+    got = check(q, k, v, layout, permute="fused", config=cfg)
+    base = triton_block_sparse_attention(q, k, v, layout, permute="fused", config={"BLOCK_N": bn, "TMA": tma})
+    assert rel_err(got, base) < TOL[dtype], "PREFETCH_IDX loop disagrees with the default loop"
+
+
+@pytest.mark.skipif(not hasattr(Layout, "with_text_valid"), reason="Layout has no padded-prompt support")
+def test_prefetch_idx_padded_prompt(gen):
+    """PREFETCH_IDX with padded prompt keys among the permuted keys: the clean chunks are masked then."""
+    B, S, H, D, bq, bn = 2, 150, 2, 16, 16, 16
+    for _ in range(20):  # redraw until no row is left with padded keys only
+        layout = chunk_count_layout(gen, S, H, 1, bq, bn, perms=True)
+        layout = layout.with_text_valid(torch.tensor([randint(gen, 5, 30), 40]), (0, 40))
+        if layout.to_dense_mask().any(-1).all():
+            break
+    else:
+        pytest.skip("no drawn layout gives every row a real key")
+    q, k, v = make_qkv(gen, B, S, H, D, torch.float32)
+    check(q, k, v, layout, permute="fused", config={"BLOCK_N": bn, "PREFETCH_IDX": True})
+
+
+def test_unknown_config_key(gen):
+    S, H, D = 40, 2, 16
+    q, k, v = make_qkv(gen, 1, S, H, D, torch.float16)
+    with pytest.raises(ValueError, match="unknown kernel config"):
+        triton_block_sparse_attention(q, k, v, Layout.dense(S, H, block_q=16), config={"PREFETCH": True})
