@@ -10,8 +10,17 @@ cluster keeps raster order), which gives ``q_perm`` and ``kv_perm``.
 Key cluster selection, per query cluster: ``p_c ∝ |c| * exp(q̄ · k̄_c / sqrt(D))`` (the size-weighted
 centroid-score softmax, an estimate of the attention mass the cluster receives); clusters are kept in
 decreasing ``p`` until their cumulative mass reaches ``top_p`` and until they hold at least
-``min_fraction`` of the video keys. Every kept key cluster is one variable-length segment of the key
-order (adjacent kept clusters merged); keys are never padded to blocks.
+``min_fraction`` of the video keys.
+
+Key segments (``kv_align``): with exact segments (``kv_align=1``) every kept key cluster is one
+variable-length segment of the key order (adjacent kept clusters merged). A cluster averages 64 keys and
+rarely starts on a chunk boundary, so the kernel, which computes keys in chunks of 64-128, spends
+~35% of its work on masked slots and runs every cluster's tail through its slower masked path (measured:
+k-means layouts ran at ~40% of tile's rate per unit of density on an H100, benchmarks/results/e2e.md).
+By default (``kv_align=None``: the query block size) segments are snapped outward to ``kv_align``-token
+chunks of the sorted key order: a chunk is computed when any kept cluster overlaps it. The keys added are
+real attention (never less accurate than the exact selection) and the chunks are full; the selection
+then counts whole chunks, so ``min_fraction``/``top_p`` give a somewhat higher density than exact segments.
 
 Queries (``q_mode``): query blocks are fixed-size runs of the query order, and a cluster rarely fills
 whole blocks. Two answers:
@@ -31,10 +40,11 @@ Parameters: ``q_clusters``/``k_clusters`` (counts; default ``V / q_tokens_per_cl
 (default 0.05), ``iters`` (max Lloyd iterations, default 16), ``tol`` (stop when at most this fraction of
 tokens changes cluster, default 1e-3), ``warm_iters`` (max Lloyd iterations when warm-started, default 2:
 it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.md), ``q_mode``,
-``seed`` (cold-start sampling).
+``seed`` (cold-start sampling), ``kv_align`` (above), ``record``.
 
-For inspection and tests ``state[b]`` also holds the last call's ``q_labels``/``k_labels`` (h, V)
-cluster ids per video token (raster order), ``keep`` (h, Cq, Ck) bool and ``iters`` (q, k).
+``state[b]`` keeps the centroids (warm start) and ``iters`` (q, k). With ``record=True`` (inspection and
+tests; off by default because per layer and branch it holds ~40 MB at 720p) it also holds the last call's
+``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
 """
 
@@ -68,6 +78,8 @@ def check_params(
     q_mode: str = "union",
     seed: int = 0,
     warm_iters: int = 2,
+    kv_align: int | None = None,
+    record: bool = False,
 ) -> dict:
     """Normalise parameters; raise ValueError for out-of-range ones."""
     for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters)):
@@ -85,6 +97,8 @@ def check_params(
             raise ValueError(f"kmeans pattern: {name} must be an int >= 1; got {v!r}")
     if not 0 <= float(tol) < 1:
         raise ValueError(f"kmeans pattern: tol must lie in [0, 1); got {tol!r}")
+    if kv_align is not None and (isinstance(kv_align, bool) or int(kv_align) != kv_align or kv_align < 1):
+        raise ValueError(f"kmeans pattern: kv_align must be an int >= 1 (1 = exact cluster segments) or None; got {kv_align!r}")
     if q_mode not in Q_MODES:
         raise ValueError(f"kmeans pattern: q_mode must be one of {Q_MODES}; got {q_mode!r}")
     return {
@@ -99,6 +113,8 @@ def check_params(
         "q_mode": q_mode,
         "seed": int(seed),
         "warm_iters": int(warm_iters),
+        "kv_align": None if kv_align is None else int(kv_align),
+        "record": bool(record),
     }
 
 
@@ -235,6 +251,26 @@ def _cluster_counts(V: int, p: dict) -> tuple[int, int]:
     return min(cq, V), min(ck, V)
 
 
+def _aligned_segments(
+    keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key segments snapped outward to ``align``-token chunks of the sorted key order.
+
+    keep (N, NQ, Ck) kept clusters per query block, k_start / k_sizes (N, Ck) where each cluster sits in
+    the key order. A chunk is kept when any kept cluster overlaps it. Returns merge_segments' triple."""
+    N, NQ, _ = keep.shape
+    NC = -(-V // align)
+    first = (k_start // align)[:, None, :].expand(-1, NQ, -1)
+    last = ((k_start + k_sizes - 1).clamp(min=0) // align + 1)[:, None, :].expand(-1, NQ, -1)
+    weight = keep.to(torch.int32)
+    cover = torch.zeros(N, NQ, NC + 1, dtype=torch.int32, device=keep.device)
+    cover.scatter_add_(-1, first, weight).scatter_add_(-1, last, -weight)
+    kept = cover.cumsum(-1)[..., :NC] > 0
+    chunk = torch.arange(NC, device=keep.device) * align
+    start = chunk.expand(N, NQ, NC)
+    return merge_segments(start, (start + align).clamp(max=V), kept)
+
+
 def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
     """(B * h, C, D) centroids of the previous call when every batch element has them in this shape."""
     found = [state.get(b, {}).get(key) for b in range(B)]
@@ -302,9 +338,12 @@ def build(
         keep_block = keep.gather(1, block_cluster.clamp(max=Cq - 1)[..., None].expand(-1, -1, Ck))
         keep_block &= has_rows[..., None]
 
-    start = k_start[:, None, :].expand(-1, NQ, -1)
-    end = start + ks[:, None, :]
-    count, seg_s, seg_e = merge_segments(start, end, keep_block)
+    align = p["kv_align"] or block_q
+    if align > 1:
+        count, seg_s, seg_e = _aligned_segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
+    else:
+        start = k_start[:, None, :].expand(-1, NQ, -1)
+        count, seg_s, seg_e = merge_segments(start, start + ks[:, None, :], keep_block)
 
     G = seg_s.shape[-1]
     lay = Layout(
@@ -319,12 +358,7 @@ def build(
     )
     for b in range(B):
         sl = slice(b * h, (b + 1) * h)
-        state[b] = {
-            "q_centroids": qc[sl].detach(),
-            "k_centroids": kc[sl].detach(),
-            "q_labels": ql[sl].to(torch.int32),
-            "k_labels": kl[sl].to(torch.int32),
-            "keep": keep[sl],
-            "iters": (q_it, k_it),
-        }
+        state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
+        if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
+            state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
     return lay.to(device)

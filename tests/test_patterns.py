@@ -271,7 +271,8 @@ def test_kmeans_mask(text, mode, block):
     g = geom(text, batch=2)
     q, k, v = qkv(g, 2, seed=2)
     state: dict = {}
-    lay = kmeans.build(g, 2, block, "cpu", q=q, k=k, state=state, q_clusters=5, k_clusters=9, top_p=0.6, q_mode=mode)
+    lay = kmeans.build(g, 2, block, "cpu", q=q, k=k, state=state, q_clusters=5, k_clusters=9, top_p=0.6, q_mode=mode,
+                       kv_align=1, record=True)
     assert lay.batch == 2 and set(state) == {0, 1}
     expected = torch.stack([kmeans_mask(g, state[b], block, mode) for b in range(2)])
     check(lay, expected)
@@ -353,9 +354,52 @@ def test_kmeans_warm_start_needs_fewer_iterations():
     assert max(state[0]["iters"]) <= 2
 
 
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("align", [None, 8, 13])
+def test_kmeans_aligned_segments_cover_the_exact_selection_with_whole_chunks(text, align):
+    """kv_align snaps each query block's key segments outward to chunks of the sorted key order: a superset of
+    the exact selection, every chunk touching a kept cluster, nothing else; attention equals masked SDPA."""
+    g = geom(text, batch=2)
+    q, k, v = qkv(g, 2, seed=12)
+    params = dict(q_clusters=5, k_clusters=11, top_p=0.5, record=True)
+    exact_state: dict = {}
+    exact = kmeans.build(g, 2, 16, "cpu", q=q, k=k, state=exact_state, kv_align=1, **params)
+    state: dict = {}
+    lay = kmeans.build(g, 2, 16, "cpu", q=q, k=k, state=state, kv_align=align, **params)
+    step = align or 16  # default: the query block
+    assert torch.equal(lay.kv_perm, exact.kv_perm) and torch.equal(lay.q_perm, exact.q_perm)
+    mask, exact_mask = lay.to_dense_mask(), exact.to_dense_mask()
+    assert (mask | exact_mask).equal(mask) and lay.density >= exact.density
+    V = g.video_len
+    NC = -(-V // step)
+    for b in range(2):
+        for h in range(2):
+            kl = exact_state[b]["k_labels"][h].long()
+            sizes = torch.bincount(kl, minlength=11)
+            starts = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))[:-1]
+            for qb in range(lay.kv_count.shape[-1]):
+                n = int(lay.kv_count[b, h, qb])
+                s, e = lay.kv_start[b, h, qb, :n], lay.kv_end[b, h, qb, :n]
+                assert (s % step == 0).all() and ((e % step == 0) | (e == V)).all() and (e <= V).all()
+                chunks = torch.zeros(NC, dtype=torch.bool)
+                for a, z in zip(s.tolist(), e.tolist()):
+                    chunks[a // step : -(-z // step)] = True
+                # the chunks a kept cluster of this block overlaps, exactly
+                n_ex = int(exact.kv_count[b, h, qb])
+                want = torch.zeros(NC, dtype=torch.bool)
+                for a, z in zip(exact.kv_start[b, h, qb, :n_ex].tolist(), exact.kv_end[b, h, qb, :n_ex].tolist()):
+                    want[a // step : -(-z // step)] = True
+                assert torch.equal(chunks, want)
+    lay.validate()
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(reference_attention(q, k, v, lay), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_kmeans_bad_params():
     with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
         PatternSpec("kmeans", top_p=0.0)
+    with pytest.raises(ValueError, match="kv_align must be an int >= 1"):
+        PatternSpec("kmeans", kv_align=0)
     with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
         PatternSpec("kmeans", top_p=1.5)
     with pytest.raises(ValueError, match="min_fraction"):
