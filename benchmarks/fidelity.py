@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import pickle
@@ -89,6 +90,8 @@ def main() -> int:
     p.add_argument("--slack", type=float, default=0.01, help="a uniform baseline may exceed the target by this much")
     p.add_argument("--methods", default="profile," + ",".join(FAMILIES))
     p.add_argument("--stats-cache", help="pickle of the calibration statistics: reused if present, else written")
+    p.add_argument("--dense-cache", help="folder of the dense held-out clips (.npy per prompt/seed/settings): "
+                   "reused if present, else written, so runs over different targets share one dense reference")
     p.add_argument("--save-profile", help="write the profile of --save-density here")
     p.add_argument("--save-density", type=float, default=0.25)
     p.add_argument("--out", help="results JSON (a markdown table goes next to it as .md)")
@@ -151,9 +154,20 @@ def main() -> int:
     transformer = ref.transformer
     for prompt, seed in clips:
         sparse_dit.unpatch(transformer)
-        t0 = time.perf_counter()
-        dense = ref.generate(prompt, seed=seed, **settings)
-        print(f"clip seed {seed}: dense {time.perf_counter() - t0:.1f} s  ({prompt})", flush=True)
+        dense_file = None
+        if args.dense_cache:
+            key = hashlib.sha256(json.dumps([prompt, seed, settings], sort_keys=True).encode()).hexdigest()[:16]
+            dense_file = Path(args.dense_cache) / f"dense_{seed}_{key}.npy"
+        if dense_file is not None and dense_file.exists():
+            dense = np.load(dense_file)
+            print(f"clip seed {seed}: dense from {dense_file}  ({prompt})", flush=True)
+        else:
+            t0 = time.perf_counter()
+            dense = ref.generate(prompt, seed=seed, **settings)
+            print(f"clip seed {seed}: dense {time.perf_counter() - t0:.1f} s  ({prompt})", flush=True)
+            if dense_file is not None:
+                dense_file.parent.mkdir(parents=True, exist_ok=True)
+                np.save(dense_file, dense)
         for target in targets:
             _, n_dense, entries, _ = plans[target]
             for name, entry in entries.items():
