@@ -56,6 +56,7 @@ def evaluate(
     dense_steps: int = 0,
     block_size: int = 64,
     backend: str = "auto",
+    replan_every: int = 1,
     device: "str | torch.device | None" = None,
     out_dir: "str | Path | None" = None,
     keep_videos: bool = False,
@@ -89,7 +90,7 @@ def evaluate(
         pairs = [(p, int(s)) for p in prompts for s in seeds]
     gen_kw = dict(steps=steps, guidance_scale=guidance_scale, frames=frames, height=height, width=width)
     transformer = model.transformer
-    patch_kw = dict(dense_steps=dense_steps, block_size=block_size, backend=backend)
+    patch_kw = dict(dense_steps=dense_steps, block_size=block_size, backend=backend, replan_every=replan_every)
     if profile is not None:
         patch_kw["profile"] = profile
     else:
@@ -154,6 +155,7 @@ def evaluate(
         "backend": backend,
         "block_size": block_size,
         "dense_steps": dense_steps,
+        "replan_every": replan_every,
         **gen_kw,
         "sparse_dit_version": sparse_dit.__version__,
     }
