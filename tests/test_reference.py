@@ -125,3 +125,17 @@ def test_demo_writes_a_playable_video(tmp_path, capsys):
     video = iio.imread(out)
     assert video.shape[0] == 4 and video.shape[-1] == 3
     assert video.shape[1] >= 16 + 64 and video.shape[2] >= 3 * 64
+
+
+def test_eval_cli_passes_replan_every(tmp_path):
+    import json
+
+    from sparse_dit.cli import main
+
+    args = ["eval", "--pattern", '{"name": "prune", "keep_ratio": 0.5}', "--replan-every", "2", "--steps", "3",
+            "--frames", "4", "--size", "16", "--seeds", "0", "--block-size", "16", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "fidelity.json").read_text())
+    assert report["settings"]["replan_every"] == 2
+    clip = report["clips"][0]
+    assert clip["sparse_calls"] > 0 and clip["density"] == pytest.approx(0.5, abs=0.02)

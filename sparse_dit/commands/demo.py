@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.size,
         width=args.size,
         dense_steps=args.dense_steps,
+        replan_every=args.replan_every,
         block_size=args.block_size,
         backend=backend,
         keep_videos=True,

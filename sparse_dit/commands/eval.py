@@ -28,6 +28,8 @@ def add_pattern_arguments(p: argparse.ArgumentParser, default_block: int = 32) -
     p.add_argument("--tile", type=int, nargs=3, metavar=("T", "H", "W"), help="tile shape in tokens (default 2 4 4)")
     p.add_argument("--block-size", type=int, default=default_block, help=f"query block in tokens (default {default_block})")
     p.add_argument("--dense-steps", type=int, default=0, help="first denoising steps kept dense (default 0)")
+    p.add_argument("--replan-every", type=int, default=1,
+                   help="dynamic patterns (kmeans, prune) plan a new layout every N sparse steps (default 1)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                    help="auto: the Triton kernel on a supported GPU, else the PyTorch reference")
 
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.size,
         width=args.size,
         dense_steps=args.dense_steps,
+        replan_every=args.replan_every,
         block_size=args.block_size,
         backend=args.backend,
         device=args.device,
