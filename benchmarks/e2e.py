@@ -148,27 +148,46 @@ def step_fn(model, inputs):
     return step
 
 
-class SdpaTimer(TorchFunctionMode):
-    """Sums the GPU time of every scaled_dot_product_attention call made while active (dense runs)."""
+class CallTimer:
+    """Sums the time of the calls made through ``call``: GPU time between CUDA events, wall time on a CPU."""
 
     def __init__(self):
-        super().__init__()
         self.events: list = []
+        self.cpu_seconds = 0.0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention or DEVICE != "cuda":
-            return func(*args, **kwargs)
+    def call(self, fn, *args, **kwargs):
+        if DEVICE != "cuda":
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.cpu_seconds += time.perf_counter() - start
+            return out
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        out = func(*args, **kwargs)
+        out = fn(*args, **kwargs)
         e.record()
         self.events.append((s, e))
         return out
 
     def total(self) -> float:
         sync()
-        return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        return self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+
+
+class SdpaTimer(TorchFunctionMode):
+    """Sums the GPU time of every scaled_dot_product_attention call made while active (0 on a CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.timer = CallTimer()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention or DEVICE != "cuda":
+            return func(*args, **kwargs)
+        return self.timer.call(func, *args, **kwargs)
+
+    def total(self) -> float:
+        return self.timer.total()
 
 
 def closest(specs: list[PatternSpec], geometry: Geometry, target: float, block: int) -> tuple[PatternSpec, float]:
@@ -215,31 +234,16 @@ def mixed_plan(geometry: Geometry, target: float, block: int, heads: int) -> tup
 
 
 class KernelTimer:
-    """Wraps the attention backend that `patch` calls (this benchmark only) to sum its GPU time."""
+    """Wraps the attention backend that `patch` calls (this benchmark only) to sum its time."""
 
     def __init__(self):
-        self.events: list = []
-        self.cpu_seconds = 0.0
+        self.timer = CallTimer()
         self.original = patching._run_backend
 
     def __enter__(self):
         def timed_backend(name):
             fn = self.original(name)
-
-            def run(*args, **kwargs):
-                if DEVICE != "cuda":
-                    start = time.perf_counter()
-                    out = fn(*args, **kwargs)
-                    self.cpu_seconds += time.perf_counter() - start
-                    return out
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = fn(*args, **kwargs)
-                e.record()
-                self.events.append((s, e))
-                return out
-
-            return run
+            return lambda *args, **kwargs: self.timer.call(fn, *args, **kwargs)
 
         patching._run_backend = timed_backend
         return self
@@ -248,8 +252,7 @@ class KernelTimer:
         patching._run_backend = self.original
 
     def total(self) -> float:
-        sync()
-        return self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        return self.timer.total()
 
 
 def run_model(name: str, args) -> dict:
