@@ -301,3 +301,23 @@ def test_replan_every_one_plans_every_step_and_bad_values_are_refused(wan):
         with pytest.raises(ValueError, match="replan_every must be an int >= 1"):
             sparse_dit.patch(wan, pattern="tile", replan_every=bad)
     sparse_dit.unpatch(wan)
+
+
+def test_static_heads_of_a_mixed_layer_are_built_once(wan, monkeypatch):
+    """A layer with tile and k-means heads re-plans k-means every step but builds its tile part only once."""
+    from sparse_dit.patterns import tile
+
+    builds = []
+    real_build = tile.build
+    monkeypatch.setattr(tile, "build", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    sparse_dit.patch(wan, pattern=PatternSpec("kmeans", top_p=0.8), block_size=16, backend="reference")
+    mixed = (PatternSpec("tile", window=(1, 2, 2)), PatternSpec("kmeans", top_p=0.8))  # head 0 tile, head 1 k-means
+    sparse_dit.patch_state(wan).plan_source = lambda layer, t, step: mixed
+    x, _, text = wan_inputs(frames=3, height=6, width=10)
+    with torch.no_grad():
+        for t in (900, 800, 700):
+            out = wan(x, torch.tensor([t]), text, return_dict=False)[0]
+            assert torch.isfinite(out).all()
+    assert len(builds) == 1  # one geometry, one spec, one head count: shared by every layer and step
+    assert sparse_dit.patch_state(wan).sparse_calls == 3 * len(wan.blocks)
+    sparse_dit.unpatch(wan)
