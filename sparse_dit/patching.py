@@ -212,11 +212,13 @@ class PatchState:
         for spec, heads in groups.items():
             if spec.static:
                 # layers mixing static and dynamic heads restack every call: their static parts come cached
+                # (all-static layers cache their whole layout below instead)
                 part_key = ("part", spec.key(), len(heads), geometry, self.block_size, q.device)
-                part = self.layout_cache.get(part_key)
+                part = None if all_static else self.layout_cache.get(part_key)
                 if part is None:
                     part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
-                    self.layout_cache[part_key] = part
+                    if not all_static:
+                        self.layout_cache[part_key] = part
             else:
                 index = torch.tensor(heads, device=q.device)
                 state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), branch), {})
