@@ -239,7 +239,7 @@ class PatchState:
             layout = layout.take_heads(torch.tensor(order).argsort())
         if all_static:
             self.layout_cache[key] = layout
-        else:
+        elif self.replan_every > 1:  # kept only for reuse: per layer and branch they can add up to GBs at 720p
             self.dynamic_layouts[reuse_key] = (self.clock.generation, self.step, layout)
         return layout
 

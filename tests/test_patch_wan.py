@@ -291,12 +291,14 @@ def test_replan_every_one_plans_every_step_and_bad_values_are_refused(wan):
     sparse_dit.patch(wan, pattern=PatternSpec("prune", keep_ratio=0.5), block_size=16, backend="reference")
     state = sparse_dit.patch_state(wan)
     x, _, text = wan_inputs(frames=3, height=6, width=10)
-    ids = []
+    kept = []
     with torch.no_grad():
         for t in (900, 800):
             wan(x, torch.tensor([t]), text)
-            ids.append({key: layout for key, (_, _, layout) in state.dynamic_layouts.items()})
-    assert ids[0].keys() == ids[1].keys() and all(ids[0][k] is not ids[1][k] for k in ids[0])
+            kept.append({key: s[0]["kept"] for key, s in state.layer_state.items()})
+    # planned again on the second step (new selections), and no layout is held for reuse
+    assert kept[0].keys() == kept[1].keys() and all(kept[0][k] is not kept[1][k] for k in kept[0])
+    assert state.dynamic_layouts == {}
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="replan_every must be an int >= 1"):
             sparse_dit.patch(wan, pattern="tile", replan_every=bad)
