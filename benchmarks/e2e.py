@@ -309,10 +309,9 @@ def run_model(name: str, args) -> dict:
             dynamic = any(not spec.static for spec in plan)
             for replan in args.replan if dynamic else [1]:
                 label = f"{pattern}@{target:g}" + (f"/r{replan}" if dynamic and replan > 1 else "")
-                cases.append((label, plan, density, replan))
+                cases.append((label, plan, density, replan, target))
     kmeans_scale: dict[float, float] = {}  # target -> min_fraction correction measured on the uniform k-means case
-    for label, plan, density, replan in cases:
-        target = float(label.split("@")[1].split("/")[0])
+    for label, plan, density, replan, target in cases:
         plan = rescale_kmeans(plan, kmeans_scale.get(target, 1.0))
         sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), replan_every=replan)
         state = sparse_dit.patch_state(model)

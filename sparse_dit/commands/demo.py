@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval import add_pattern_arguments, resolve_pattern
+from .eval import add_pattern_arguments, clip_and_patch_options, resolve_pattern
 
 DEFAULT_PROMPT = "two shapes: a yellow square spinning, a blue ring sliding; camera pans left"
 
@@ -98,16 +98,9 @@ def run(args: argparse.Namespace) -> int:
         model=ref,
         prompts=[args.prompt],
         seeds=[args.seed],
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        frames=args.frames,
-        height=args.size,
-        width=args.size,
-        dense_steps=args.dense_steps,
-        replan_every=args.replan_every,
-        block_size=args.block_size,
         backend=backend,
         keep_videos=True,
+        **clip_and_patch_options(args),
     )
     clip, videos = report["clips"][0], report["videos"][0]
     out = write_video(args.out, side_by_side(videos["dense"], videos["sparse"], args.scale,

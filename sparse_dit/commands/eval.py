@@ -34,6 +34,20 @@ def add_pattern_arguments(p: argparse.ArgumentParser, default_block: int = 32) -
                    help="auto: the Triton kernel on a supported GPU, else the PyTorch reference")
 
 
+def clip_and_patch_options(args: argparse.Namespace) -> dict:
+    """The `evaluate` keywords that ``eval`` and ``demo`` read alike: clip settings and the shared patch options."""
+    return dict(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        frames=args.frames,
+        height=args.size,
+        width=args.size,
+        dense_steps=args.dense_steps,
+        replan_every=args.replan_every,
+        block_size=args.block_size,
+    )
+
+
 def resolve_pattern(args: argparse.Namespace, frames: int, size: int):
     """(pattern for sparse_dit.patch, label) from the shared options, for a clip of frames x size x size."""
     from sparse_dit.fidelity import cli_pattern, default_pattern
@@ -75,18 +89,11 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         prompts=args.prompt,
         seeds=args.seeds,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        frames=args.frames,
-        height=args.size,
-        width=args.size,
-        dense_steps=args.dense_steps,
-        replan_every=args.replan_every,
-        block_size=args.block_size,
         backend=args.backend,
         device=args.device,
         out_dir=args.out,
         verbose=not args.json,
+        **clip_and_patch_options(args),
     )
     if args.json:
         print(json.dumps(report, indent=1, default=str).replace("Infinity", '"inf"'))
