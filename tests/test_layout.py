@@ -117,6 +117,20 @@ def test_stack_and_take_heads_preserve_per_head_masks():
     assert torch.equal(stacked.take_heads(order).to_dense_mask(), expected[:, order])
 
 
+@pytest.mark.parametrize("perm,text,dense", [(False, None, False), (True, None, False), (True, (48, 61), False), (True, (0, 9), True)])
+def test_row_key_mask_matches_token_mask(perm, text, dense):
+    """The profiler's row mask equals the rows of the dense token mask, for sampled, unsorted, repeated rows."""
+    S, H, L = 61, 3, 2
+    lay = random_segment_layout(S, H, L, 16, seed=11, perm=perm, text=text, dense_q=text if dense else None)
+    full = lay.to_dense_mask()
+    g = torch.Generator().manual_seed(5)
+    for rows in (torch.arange(S), torch.randint(0, S, (23,), generator=g), torch.tensor([S - 1, 0, S - 1])):
+        for l in range(L):
+            got = torch.stack([lay.row_key_mask(l, h, rows) for h in range(H)])
+            assert got.shape == (H, rows.numel(), S) and got.dtype == torch.bool
+            assert torch.equal(got, full[l][:, rows])
+
+
 def test_validation_errors_are_clear():
     count = torch.ones(1, 1, 2, dtype=torch.int32)
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
