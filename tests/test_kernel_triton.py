@@ -116,7 +116,7 @@ def random_segments(gen, lo: int, hi: int, max_segments: int, allow_empty: bool)
 def random_layout(gen, S, H, L, block_q, **kw):
     """A layout with random segments of any length; optional permutations with -1 padding, a text range
     (at the start or at the end) whose rows may attend densely. Redrawn until every query has a real key
-    (segments made only of padding slots are legal but leave rows with nothing to attend)."""
+    (a query block whose segments hold only padding slots of kv_perm attends nothing; validation refuses it)."""
     for _ in range(50):
         try:
             layout = _random_layout(gen, S, H, L, block_q, **kw)
