@@ -396,23 +396,26 @@ def test_padded_prompt_keys(gen, case):
     """``text_valid``: only the first text_valid[b] keys of text_range are real for batch element b."""
     B, S, H, D, bq = 2, 100, 2, 16, 16
     T = 20
-    if case == "text_kv":  # text keys through text_kv, text rows dense
-        layout = random_layout(gen, S, H, 1, bq, text="last", dense=True, max_segments=3)
-        text_range = layout.text_kv
-    elif case == "in_segments":  # no text_kv: the prompt sits inside ordinary segments
-        layout = random_layout(gen, S, H, 2, bq, max_segments=3)
-        text_range = (S - T, S)
-        text_valid = torch.tensor([T - 3, T])
+    for _ in range(50):  # redraw until no row is left with only padded prompt keys
+        if case == "text_kv":  # text keys through text_kv, text rows dense
+            layout = random_layout(gen, S, H, 1, bq, text="last", dense=True, max_segments=3)
+            text_range = layout.text_kv
+        elif case == "in_segments":  # no text_kv: the prompt sits inside ordinary segments
+            layout = random_layout(gen, S, H, 2, bq, max_segments=3)
+            text_range = (S - T, S)
+            text_valid = torch.tensor([T - 3, T])
+        else:
+            layout = random_layout(gen, S, H, 1, bq, q_perm=True, kv_perm=True, text="first", dense=True, max_segments=3)
+            text_range = layout.text_kv
+        n = text_range[1] - text_range[0]
+        if case != "in_segments":
+            text_valid = torch.tensor([randint(gen, 1, n - 1), n])
+        layout = layout.with_text_valid(text_valid, text_range)
+        if layout.to_dense_mask().any(-1).all():
+            break
     else:
-        layout = random_layout(gen, S, H, 1, bq, q_perm=True, kv_perm=True, text="first", dense=True, max_segments=3)
-        text_range = layout.text_kv
-    n = text_range[1] - text_range[0]
-    if case != "in_segments":
-        text_valid = torch.tensor([randint(gen, 1, n - 1), n])
-    layout = layout.with_text_valid(text_valid, text_range)
+        raise AssertionError("could not draw a layout where every row keeps a real key")
     q, k, v = make_qkv(gen, B, S, H, D, torch.float32)
-    if not layout.to_dense_mask().any(-1).all():
-        pytest.skip("drawn layout leaves a row with only padded keys")
     for permute in ("fused", "separate"):
         check(q, k, v, layout, permute=permute)
 
