@@ -233,6 +233,40 @@ def mixed_plan(geometry: Geometry, target: float, block: int, heads: int) -> tup
     return plan, sum(specs[h % len(specs)][1] for h in range(heads)) / heads
 
 
+def short(spec: PatternSpec) -> str:
+    from sparse_dit.commands.inspect import short_label
+
+    return short_label(spec)
+
+
+def profile_mix_plan(path: str, geometry: Geometry, block: int, heads: int) -> tuple[tuple[PatternSpec, ...], float]:
+    """The pattern mix of a calibrated profile carried to this model's heads: each family gets the share of
+    heads it has in the profile (largest remainder), at the mean density the profile gave that family."""
+    from sparse_dit.profile import Profile
+
+    prof = Profile.load(path)
+    choices = [c for b in prof.plan for layer in b for c in layer]
+    families: dict[str, list[float]] = {}
+    for c in choices:
+        families.setdefault(c.spec.name, []).append(float(c.density))
+    quota = {f: heads * len(d) / len(choices) for f, d in families.items()}
+    count = {f: int(q) for f, q in quota.items()}
+    for f in sorted(quota, key=lambda f: quota[f] - count[f], reverse=True)[: heads - sum(count.values())]:
+        count[f] += 1
+    plan: list[PatternSpec] = []
+    density = 0.0
+    for f, n in count.items():
+        if n == 0:
+            continue
+        if f == "dense":
+            spec, d = PatternSpec("dense"), 1.0
+        else:
+            spec, d = pattern_at(f, sum(families[f]) / len(families[f]), geometry, block)
+        plan += [spec] * n
+        density += d * n
+    return tuple(plan), density / heads
+
+
 class KernelTimer:
     """Wraps the attention backend that `patch` calls (this benchmark only) to sum its time."""
 
@@ -303,6 +337,14 @@ def run_model(name: str, args) -> dict:
         for pattern in args.patterns:
             if pattern == "mixed":
                 plan, density = mixed_plan(geometry, target, args.block, heads)
+            elif pattern == "profilemix":
+                if not args.mix_profile:
+                    raise SystemExit("--patterns profilemix needs --mix-profile PATH[,PATH...]")
+                for path in args.mix_profile.split(","):
+                    plan, density = profile_mix_plan(path, geometry, args.block, heads)
+                    log(f"  profile mix from {path}: " + ", ".join(short(s_) for s_ in plan) + f" (density {density:.3f})")
+                    cases.append((f"mix:{Path(path).stem}", plan, density, 1, target))
+                continue
             else:
                 spec, density = pattern_at(pattern, target, geometry, args.block)
                 plan = (spec,) * heads
@@ -381,6 +423,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=2, help="timed steps per case (times replan_every for dynamic ones)")
     p.add_argument("--replan", default="1", help="comma-separated replan_every values for cases with dynamic heads")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks, dense and patched")
+    p.add_argument("--mix-profile", help="for --patterns profilemix: carry this profile's pattern mix and densities "
+                   "to the model's heads (the target density is then ignored)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     args.patterns = args.patterns.split(",")
@@ -391,6 +435,7 @@ def main() -> int:
     results = []
     for name in args.models.split(","):
         results.append(run_model(name, args))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "e2e.json").write_text(json.dumps(results, indent=1))
     return 0
 

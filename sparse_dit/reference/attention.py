@@ -71,7 +71,8 @@ def capture_qk(transformer: torch.nn.Module, inputs: tuple, layers: "list[int] |
 def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Softmax attention probabilities of query ``rows`` for every head: (B, H, len(rows), S)."""
     scale = q.shape[-1] ** -0.5
-    return torch.softmax((q[:, :, rows] @ k.transpose(-1, -2)) * scale, dim=-1)
+    rows = rows.to(q.device)
+    return torch.softmax((q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
 
 
 def head_reach(probs: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int, int]) -> dict[str, torch.Tensor]:
@@ -81,10 +82,11 @@ def head_reach(probs: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int, in
     S = Fg * Hg * Wg
     idx = torch.arange(S)
     f, h, w = idx // (Hg * Wg), (idx // Wg) % Hg, idx % Wg
+    rows = rows.cpu()
     qf, qh, qw = f[rows], h[rows], w[rows]
     dt = (f[None, :] - qf[:, None]).abs().float()  # (R, S)
     ds = torch.sqrt(((h[None, :] - qh[:, None]) ** 2 + (w[None, :] - qw[:, None]) ** 2).float())
-    p = probs.mean(0)  # (H, R, S)
+    p = probs.float().mean(0).cpu()  # (H, R, S)
     return {
         "temporal": (p * dt).sum(-1).mean(-1),
         "spatial": (p * ds).sum(-1).mean(-1),
@@ -93,12 +95,14 @@ def head_reach(probs: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int, in
 
 
 def head_survey(model: Any, prompt: str, seed: int = 0, t: float = 500.0, frames: int = 16, size: int = 64,
-                queries: int = 256) -> dict[str, Any]:
-    """Attention reach of every (layer, head) of ``model`` (a `ReferenceModel`) on a noised real clip."""
+                queries: int = 256, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """Attention reach of every (layer, head) of ``model`` (a `ReferenceModel`) on a noised real clip of
+    ``frames`` x ``height`` x ``width`` pixels (height and width default to ``size``)."""
     from .model import video_to_model
     from .videos import render_batch
 
-    video, _ = render_batch([seed], frames, size, size)
+    height, width = height or size, width or size
+    video, _ = render_batch([seed], frames, height, width)
     x0 = video_to_model(video)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)
@@ -108,7 +112,7 @@ def head_survey(model: Any, prompt: str, seed: int = 0, t: float = 500.0, frames
     tt = torch.tensor([t], device=model.device)
     qk = capture_qk(model.transformer, (x, tt, ctx))
     p = model.transformer.config.patch_size
-    grid = (frames // p[0], size // p[1], size // p[2])
+    grid = (frames // p[0], height // p[1], width // p[2])
     S = grid[0] * grid[1] * grid[2]
     rows = torch.randperm(S, generator=g)[:queries]
     out = {"grid": grid, "layers": {}, "qk": qk}

@@ -16,9 +16,12 @@ from torch import nn
 from .videos import CAMERAS, COLOURS, COUNTS, MOTIONS, SHAPES
 
 PAD, UNK = "<pad>", "<unk>"
+# Words keep their index across releases (new words are appended), so a trained word table can be extended.
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
-        [PAD, UNK, *COUNTS, "shape", "shapes", "a", "an", *COLOURS, *SHAPES, *MOTIONS, "camera", "pans", *CAMERAS]
+        [PAD, UNK, "one", "two", "three", "shape", "shapes", "a", "an", *COLOURS, *SHAPES,
+         "bouncing", "spinning", "sliding", "still", "camera", "pans", "left", "right",
+         *COUNTS, *MOTIONS, "zooms", *CAMERAS]
     )
 )
 CONFIG_NAME = "config.json"
