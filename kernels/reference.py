@@ -126,15 +126,17 @@ def _masked_attention(
     lse = torch.full((B, H, S), float("-inf"), dtype=work, device=q.device)
     bq = layout.block_q
     blocks_per_chunk = max(1, rows_per_chunk // bq)
+    # with NaN/inf somewhere in K or V, a key outside a group's mask is zeroed in that group's copy of K and V,
+    # so it reaches neither the output nor the gradients (0 * NaN would); finite inputs need no copies
+    sanitize = not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all()))
 
     def attend(rows: torch.Tensor, keys: torch.Tensor, b: int, h: int) -> None:
         """rows: (n, r) original query indices, -1 for rows to skip; keys: (n, S) bool, one mask per row group."""
         valid = rows >= 0
         qs = q[b, rows.clamp(min=0), h].to(work) * scale  # (n, r, D)
-        # a key outside a group's mask is zeroed in that group's copy of K and V, so NaN/inf there can
-        # reach neither the output nor the gradients (0 * NaN would)
-        ks = torch.where(keys[..., None], k[b, :, h].to(work), 0)  # (n, S, D)
-        vs = torch.where(keys[..., None], v[b, :, h].to(work), 0)
+        ks, vs = k[b, :, h].to(work).expand(keys.shape[0], -1, -1), v[b, :, h].to(work).expand(keys.shape[0], -1, -1)
+        if sanitize:
+            ks, vs = torch.where(keys[..., None], ks, 0), torch.where(keys[..., None], vs, 0)  # (n, S, D)
         scores = (qs @ ks.transpose(1, 2)).masked_fill(~keys[:, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (n, r); -inf for a group without keys
         probs = torch.exp(scores - torch.where(torch.isinf(row_lse), 0, row_lse)[..., None])
