@@ -4,11 +4,14 @@ Two methods compute the same function:
 
 - ``"gather"`` (the default, the CPU backend): per (batch, head, query block) the kept keys are gathered
   and a small dense attention runs on them, so the work scales with the layout's density and a sparse run
-  is faster than dense SDPA on a CPU. Query blocks with the same number of kept keys are batched together
-  (bucketed by key count) so one call is a few large fused attention calls, not a Python loop per block.
+  is faster than dense SDPA on a CPU. Keys are copied in units of the gcd of the segments' starts and
+  lengths (whole tiles for the tile pattern); query blocks of one head that share a key list (border
+  tiles, dense heads) are one item with a longer query; items with the same number of keys are batched
+  (bucketed by key count) so a call is a few large CPU flash-attention calls, not a Python loop per block.
+  The index tables behind this are built once per layout and batch size and cached on the layout.
 - ``"masked"`` (the oracle, `masked_reference_attention`): every query block against the whole key set
   with the layout's mask, one (batch, head) and ``rows_per_chunk`` query rows at a time. Simple enough
-  to trust, and 2-3x slower than dense attention.
+  to trust, and slower than dense attention (see benchmarks/results/cpu_backend.md).
 
 Contract of both (the Triton kernel honours the same): a row with no key at all gives 0 and LSE -inf;
 a key a row does not attend never contributes, even where K or V hold NaN/inf; float32 and float64 are
@@ -134,13 +137,17 @@ def _masked_attention(
         """rows: (n, r) original query indices, -1 for rows to skip; keys: (n, S) bool, one mask per row group."""
         valid = rows >= 0
         qs = q[b, rows.clamp(min=0), h].to(work) * scale  # (n, r, D)
-        ks, vs = k[b, :, h].to(work).expand(keys.shape[0], -1, -1), v[b, :, h].to(work).expand(keys.shape[0], -1, -1)
-        if sanitize:
-            ks, vs = torch.where(keys[..., None], ks, 0), torch.where(keys[..., None], vs, 0)  # (n, S, D)
-        scores = (qs @ ks.transpose(1, 2)).masked_fill(~keys[:, None, :], float("-inf"))
+        ks, vs = k[b, :, h].to(work), v[b, :, h].to(work)  # (S, D)
+        if sanitize:  # one copy of K and V per row group: (n, S, D)
+            ks, vs = torch.where(keys[..., None], ks, 0), torch.where(keys[..., None], vs, 0)
+            scores = qs @ ks.transpose(1, 2)
+        else:  # one matmul against the shared keys
+            scores = (qs.flatten(0, 1) @ ks.T).view(*rows.shape, -1)
+        scores = scores.masked_fill(~keys[:, None, :], float("-inf"))  # (n, r, S)
         row_lse = torch.logsumexp(scores, dim=-1)  # (n, r); -inf for a group without keys
         probs = torch.exp(scores - torch.where(torch.isinf(row_lse), 0, row_lse)[..., None])
-        out[b, rows[valid], h] = (probs @ vs)[valid]
+        values = probs @ vs if sanitize else (probs.flatten(0, 1) @ vs).view(*rows.shape, -1)
+        out[b, rows[valid], h] = values[valid]
         lse[b, h, rows[valid]] = row_lse[valid]
 
     for b in range(B):
@@ -166,7 +173,7 @@ def _masked_attention(
 
 
 # ------------------------------------------------------------------------------------------- gather path
-# Index tables of the key expansion are cached with the plan up to this many entries (else built per step).
+# A bucket's table of unit indices is cached with the plan up to this many entries (else built per step).
 _CACHED_INDEX_ENTRIES = 2**23
 
 
@@ -241,6 +248,8 @@ def _expand_units(n_units: torch.Tensor, seg_cum: torch.Tensor, seg_offset: torc
 
 
 def _build_gather_plan(layout: Layout, B: int, max_blocks_per_item: int) -> _GatherPlan:
+    """The gather path's index tables for ``layout`` at batch size B (items of at most max_blocks_per_item
+    query blocks). Pure index work on the layout's device; no q, k, v needed."""
     L, H, NQ, G = layout.kv_start.shape
     S, bq, device = layout.seq_len, layout.block_q, layout.device
     # plan rows: the layout's rows, or one per batch element when padded prompts differ per element
@@ -395,7 +404,8 @@ def _gather_attention(
     return_lse: bool,
     rows_per_chunk: int,
     chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """out (B, S, H, Dv) in q's dtype and, with return_lse, lse (B, H, S) in the work dtype (else None)."""
     B, S, H, D = q.shape
     Dv = v.shape[-1]
     work = _work_dtype(q.dtype)
@@ -444,7 +454,7 @@ def _gather_attention(
             outs.append(o.reshape(-1, Dv))
             lses.append(s.reshape(-1))
     if layout.dense_q is not None:
-        _dense_rows(qf, kv, layout, B, H, S, D, scale, lse_grad, rows_per_chunk, outs, lses)
+        _dense_rows(qf, kv, layout, B, H, S, D, scale, lse_grad, rows_per_chunk, chunk_bytes, outs, lses)
     outs.append(torch.zeros(1, Dv, dtype=work, device=q.device))  # rows without keys
     out = torch.cat(outs).index_select(0, plan.out_index).view(B, H, S, Dv).transpose(1, 2).to(q.dtype)
     if not return_lse:
@@ -464,6 +474,7 @@ def _dense_rows(
     scale: float,
     lse_grad: bool,
     rows_per_chunk: int,
+    chunk_bytes: int,
     outs: list[torch.Tensor],
     lses: list[torch.Tensor],
 ) -> None:
@@ -482,9 +493,12 @@ def _dense_rows(
             outs.append(torch.zeros(H * (e - a), Dv, dtype=kv.dtype, device=kv.device))
             lses.append(torch.full((H * (e - a),), float("-inf"), dtype=kv.dtype, device=kv.device))
             continue
+        step = rows_per_chunk
+        if lse_grad:  # the explicit softmax holds (H, rows, keys) scores and probabilities
+            step = max(1, min(step, chunk_bytes // (2 * H * keys.shape[1] * keys.element_size())))
         o_parts, s_parts = [], []
-        for s in range(a, e, rows_per_chunk):
-            o, row_lse = _attend(q4[b, :, s : min(s + rows_per_chunk, e)], keys[..., :D], keys[..., D:], None, scale, lse_grad)
+        for s in range(a, e, step):
+            o, row_lse = _attend(q4[b, :, s : min(s + step, e)], keys[..., :D], keys[..., D:], None, scale, lse_grad)
             o_parts.append(o)
             s_parts.append(row_lse)
         outs.append(torch.cat(o_parts, 1).reshape(-1, Dv))
