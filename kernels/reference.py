@@ -213,13 +213,14 @@ class _GatherPlan:
     layouts), which copies far faster than key by key. ``q_rows`` (T,): the flat query row of every
     item row of every bucket, in bucket and item order. ``out_index`` (B * H * S,): for each flat output
     row, its row in the concatenation of the buckets' outputs, the dense rows' outputs ((b, h, row) order)
-    and one zero row (rows without keys).
+    and one zero row (rows without keys); ``out_index_bshd`` the same in (batch, token, head) order.
     """
 
     unit: int
     key_rows: torch.Tensor
     q_rows: torch.Tensor
     out_index: torch.Tensor
+    out_index_bshd: torch.Tensor
     buckets: tuple[_Bucket, ...]
     dense_rows: int  # number of dense query rows (layout.dense_q) per (batch, head)
 
@@ -361,7 +362,8 @@ def _build_gather_plan(layout: Layout, B: int, max_blocks_per_item: int) -> _Gat
         total += flat.numel()
     out_index = torch.where(out_position >= 0, out_position, total)  # the zero row
     q_rows = torch.cat(q_rows) if q_rows else torch.zeros(0, dtype=torch.long, device=device)
-    return _GatherPlan(unit, key_rows, q_rows, out_index, tuple(buckets), dense_rows)
+    out_index_bshd = out_index.view(B, H, S).transpose(1, 2).reshape(-1)
+    return _GatherPlan(unit, key_rows, q_rows, out_index, out_index_bshd, tuple(buckets), dense_rows)
 
 
 def _attend(
@@ -456,7 +458,9 @@ def _gather_attention(
     if layout.dense_q is not None:
         _dense_rows(qf, kv, layout, B, H, S, D, scale, lse_grad, rows_per_chunk, chunk_bytes, outs, lses)
     outs.append(torch.zeros(1, Dv, dtype=work, device=q.device))  # rows without keys
-    out = torch.cat(outs).index_select(0, plan.out_index).view(B, H, S, Dv).transpose(1, 2).to(q.dtype)
+    # gathered straight into (B, S, H, Dv) order: contiguous, the memory layout of dense SDPA's output on the CPU
+    # too, so a compiled model sees the same strides from dense and sparse calls (no recompiles)
+    out = torch.cat(outs).index_select(0, plan.out_index_bshd).view(B, S, H, Dv).to(q.dtype)
     if not return_lse:
         return out, None
     lses.append(torch.full((1,), float("-inf"), dtype=work, device=q.device))
