@@ -26,6 +26,7 @@ import datetime as dt
 import itertools
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -137,7 +138,7 @@ def run_grid(grid, args) -> list[dict]:
 
 
 def markdown(rows: list[dict], args, started: str, load: tuple, load_end: tuple) -> str:
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    command = "python " + shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     lines = [
         f"## {args.label or 'run'} ({started})",
         "",

@@ -392,3 +392,19 @@ def test_plan_is_cached_per_layout_and_batch(gen):
         reference_attention(q, k, v, layout)
     plans = [key for key in layout._derived if key[0] == "reference_gather_plan"]
     assert sorted(key[1] for key in plans) == [1, 2]
+
+
+def test_cpu_benchmark_script_runs(tmp_path):
+    """benchmarks/cpu_backend.py on a tiny grid: every case timed and written as a markdown row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_backend.py"
+    out = tmp_path / "cpu_backend.md"
+    args = ["--grids", "2x8x8", "--densities", "0.3", "0.6", "--repeats", "1", "--block", "16", "--heads", "2",
+            "--head-dim", "16", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 2x8x8 |")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("x |") for row in rows)
