@@ -222,7 +222,6 @@ class _GatherPlan:
     out_index: torch.Tensor
     out_index_bshd: torch.Tensor
     buckets: tuple[_Bucket, ...]
-    dense_rows: int  # number of dense query rows (layout.dense_q) per (batch, head)
 
 
 def _width_groups(widths: list[int]) -> list[tuple[int, int]]:
@@ -353,17 +352,15 @@ def _build_gather_plan(layout: Layout, B: int, max_blocks_per_item: int) -> _Gat
             buckets.append(_Bucket(W * unit, lo != hi, m * bq, total, unit_base, n_units, u_cum, seg_offset, unit_index))
             total += flat_rows.numel()
 
-    dense_rows = 0
     if layout.dense_q is not None:
         a, e = layout.dense_q
-        dense_rows = e - a
         flat = (torch.arange(B * H, device=device)[:, None] * S + torch.arange(a, e, device=device)).view(-1)
         out_position[flat] = total + torch.arange(flat.numel(), device=device)
         total += flat.numel()
     out_index = torch.where(out_position >= 0, out_position, total)  # the zero row
     q_rows = torch.cat(q_rows) if q_rows else torch.zeros(0, dtype=torch.long, device=device)
     out_index_bshd = out_index.view(B, H, S).transpose(1, 2).reshape(-1)
-    return _GatherPlan(unit, key_rows, q_rows, out_index, out_index_bshd, tuple(buckets), dense_rows)
+    return _GatherPlan(unit, key_rows, q_rows, out_index, out_index_bshd, tuple(buckets))
 
 
 def _attend(
