@@ -10,6 +10,11 @@ import torch
 from sparse_dit.geometry import TextPosition
 
 
+class NoGridError(ValueError):
+    """Raised by an adapter's ``read_call`` for an input it cannot map to a video grid: the call runs dense (counted,
+    with one warning) instead of failing, as the unpatched model would accept it."""
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What the transformer's forward hook reads off one call."""
