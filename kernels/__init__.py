@@ -36,7 +36,11 @@ def block_sparse_attention(
 
     Returns out (B, S, H, D) and, with ``return_lse``, lse (B, H, S) float32. Runs the Triton kernel on a
     supported GPU; anywhere else the PyTorch reference, with one warning when a CUDA tensor had to fall back.
+    Shapes and the layout's bounds (`Layout.check_bounds`) are checked before anything runs. The Triton kernel has
+    no backward: for gradients use the reference (``sparse_dit.patch`` does so by itself).
     """
+    check_qkv(q, k, v, layout)
+    layout.check_bounds()  # before any kernel reads through the layout's indices (cached per layout object)
     if triton_supported(q):
         from .triton_attention import triton_block_sparse_attention
 

@@ -485,7 +485,7 @@ class PatchState:
             if key in self._warned:
                 return
             self._warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, stacklevel=3)
 
     @property
     def uniform_dense(self) -> bool:
