@@ -22,6 +22,9 @@ class CallInfo:
     batch: int
     grid: tuple[int, int, int]
     timestep: float  # normalised to [0, 1], 1 = pure noise
+    # image tokens after the grid that are not part of it (Flux Kontext reference images, QwenImage's extra images):
+    # attended like text (every query sees them, they see every key)
+    extra_len: int = 0
 
 
 @dataclass(frozen=True)

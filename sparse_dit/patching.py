@@ -265,6 +265,9 @@ class Decision(NamedTuple):
     reason: str | None  # None: sparse
     layout: Layout | None
     probe: torch.Tensor | None  # a few query values: tells apart recorded forwards of one layer on replay
+    # sequence positions in the order the layout is built for, when that is not diffusers' order (extra image
+    # tokens moved next to the text, see `PatchState.geometry`)
+    order: torch.Tensor | None = None
 
 
 class CallRecord:
@@ -399,13 +402,14 @@ class PatchState:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._records: list[weakref.ref] = []
+        self._orders = _BoundedCache(16)
         self._warned: set[str] = set()
         self.layout_cache = _BoundedCache(self.layout_cache_size)
         self._text_valid_layouts = _BoundedCache(self.text_valid_cache_size)
         self.modes = [_AttentionInterceptor(self, layer) for layer in range(len(self.modules))]
 
     # ------------------------------------------------------------------------------ copy and pickle
-    _RUNTIME = ("_local", "_lock", "_records", "_warned", "layout_cache", "_text_valid_layouts", "modes")
+    _RUNTIME = ("_local", "_lock", "_records", "_orders", "_warned", "layout_cache", "_text_valid_layouts", "modes")
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -577,7 +581,9 @@ class PatchState:
         saved[3] = pin
 
     def restore_backends(self) -> None:
-        for processor, had, value, _ in self.saved_backends.values():
+        for processor, had, value, pin in self.saved_backends.values():
+            if vars(processor).get("_attention_backend", _MISSING) is not pin:
+                continue  # the user chose a backend since the last call: that is their latest choice
             if had:
                 processor._attention_backend = value
             else:
@@ -616,21 +622,43 @@ class PatchState:
     # ------------------------------------------------------------------------------------ planning
     def geometry(self, B: int, S: int, H: int, D: int) -> Geometry | None:
         """The call's geometry, or None when the sequence does not fit the grid the transformer's hook read."""
+        found = self.geometry_and_order(B, S, H, D)
+        return None if found is None else found[0]
+
+    def geometry_and_order(self, B: int, S: int, H: int, D: int) -> tuple[Geometry, torch.Tensor | None] | None:
+        """The call's geometry and, when the layout needs another token order than diffusers', that order.
+
+        Image tokens that are not part of the grid (``CallInfo.extra_len``, after the grid) are attended like text.
+        Where text comes last they already sit between grid and text; where text comes first the sequence is taken
+        as [extra, text, grid], so text and extra tokens form one range whose real keys are a prefix (padded prompts).
+        """
         ctx = self.context
         if ctx is None or ctx.info is None:
             return None
         F_, H_, W_ = ctx.info.grid
-        video = F_ * H_ * W_
-        text_len = S - video if self.adapter.text_position != "none" else 0
-        if text_len < 0 or (self.adapter.text_position == "none" and S != video):
+        video, extra = F_ * H_ * W_, ctx.info.extra_len
+        position = self.adapter.text_position
+        text_len = S - video - extra if position != "none" else 0
+        if text_len < 0 or (position == "none" and S != video + extra):
             self.warn_once(
-                f"seq:{S}:{video}",
-                f"sparse-dit: self-attention over {S} tokens but the grid {ctx.info.grid} has {video} video tokens; the "
-                f"{self.adapter.family} adapter does not describe this call's sequence, so it runs dense",
+                f"seq:{S}:{video}:{extra}",
+                f"sparse-dit: self-attention over {S} tokens but the grid {ctx.info.grid} has {video} video tokens "
+                f"(and {extra} other image tokens); the {self.adapter.family} adapter does not describe this call's "
+                "sequence, so it runs dense",
             )
             return None
-        position = self.adapter.text_position if text_len else "none"
-        return Geometry(B, H, D, F_, H_, W_, text_len=text_len, text_position=position)
+        order = None
+        if extra and position == "first" and text_len:
+            key = (S, text_len, video)
+            order = self._orders.get(key)
+            if order is None:
+                order = torch.cat([torch.arange(text_len + video, S), torch.arange(0, text_len), torch.arange(text_len, text_len + video)])
+                self._orders[key] = order
+        if extra and position != "first":
+            position = "last"
+        side = text_len + extra
+        geometry = Geometry(B, H, D, F_, H_, W_, text_len=side, text_position=position if side else "none")
+        return geometry, order
 
     def build_layout(self, layer: int, plan: HeadPlan, geometry: Geometry, q: torch.Tensor, k: torch.Tensor) -> Layout:
         """Layout for all heads of one call; static head groups come from the cache."""
@@ -719,17 +747,23 @@ class PatchState:
         if ctx is None or ctx.info is None:
             return Decision(ctx.reason if ctx is not None and ctx.reason else REASON_NO_GRID, None, None)
         B, H, S, D = query.shape
-        geometry = self.geometry(B, S, H, D)
-        if geometry is None:
+        found = self.geometry_and_order(B, S, H, D)
+        if found is None:
             return Decision(REASON_NO_GRID, None, None)
+        geometry, order = found
         text_valid = None
         if a.get("attn_mask") is not None:
-            text_valid = text_valid_from_key_mask(a["attn_mask"], geometry)
+            mask = a["attn_mask"]
+            if order is not None and mask.shape[-1] == S:
+                mask = mask.index_select(-1, order.to(mask.device))
+            text_valid = text_valid_from_key_mask(mask, geometry)
             if text_valid is None:  # a mask other than prompt padding: leave the call to dense attention
                 return Decision(REASON_MASK, None, None)
         self.last_geometry = geometry
+        q, k = _in_order(query.transpose(1, 2), order), _in_order(key.transpose(1, 2), order)
         if self.observer is not None:
-            self.observer(layer, geometry, ctx.info.timestep, *(t.transpose(1, 2) for t in (query, key, a["value"])), a.get("scale"))
+            v = _in_order(a["value"].transpose(1, 2), order)
+            self.observer(layer, geometry, ctx.info.timestep, q, k, v, a.get("scale"))
         if self.profile_grid is not None and geometry.grid != self.profile_grid:
             raise ValueError(
                 f"sparse-dit: the profile was calibrated for the video grid {self.profile_grid} (frames, height, width "
@@ -743,11 +777,10 @@ class PatchState:
             return Decision(REASON_PLAN, None, None)
         if len(plan) != H:
             raise ValueError(f"sparse-dit: layer {layer} has a plan for {len(plan)} heads but the model has {H}")
-        q, k = query.transpose(1, 2), key.transpose(1, 2)
         layout = self.build_layout(layer, plan, geometry, q, k)
         if text_valid is not None:
             layout = self._with_text_valid(layout, text_valid, geometry)
-        return Decision(None, layout, None)
+        return Decision(None, layout, None, order)
 
     def _replayed(self, layer: int, occurrence: int, query: torch.Tensor) -> Decision | None:
         """The decision the forward being recomputed made at this call (the latest recorded one whose query matches)."""
@@ -779,7 +812,8 @@ class PatchState:
             with self._lock:
                 self.recomputed_calls += 1
             return self._execute(layer, decision, args, kwargs, a)
-        decision = self._decide(layer, a)
+        with torch.no_grad():  # planning is not differentiated (and must save nothing a recomputation would not)
+            decision = self._decide(layer, a)
         if ctx.record is not None:
             ctx.record.decisions[(layer, occurrence)] = decision._replace(probe=_probe(a["query"]))
         if decision.reason is not None:
@@ -801,11 +835,21 @@ class PatchState:
         backend, warning = choose_backend(self.backend, q, needs_grad)
         if warning is not None:
             self.warn_once("grad-backend", warning)
+        order = decision.order
+        if order is not None:  # copies in the layout's order, and the output back to diffusers' order
+            q, k, v = (_in_order(t, order) for t in (q, k, v))
         out = _run_backend(backend)(q, k, v, decision.layout, scale=a.get("scale"))
+        if order is not None:
+            out = out.index_select(1, order.to(out.device).argsort())
         return out.transpose(1, 2)
 
 
 _MISSING = object()
+
+
+def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """(B, S, H, D) tokens in ``order`` (a copy), or ``t`` itself when there is no order."""
+    return t if order is None else t.index_select(1, order.to(t.device))
 
 
 def _grad_node(output: Any) -> Any:
