@@ -413,3 +413,97 @@ def test_export_of_a_dense_patched_model_and_a_clear_refusal_for_sparse():
     assert interceptors_on_stack() == []
     sparse_dit.unpatch(model)
     assert torch.equal(run(model, x, t, text), ref)
+
+
+# ------------------------------------------------------------------- 6. Flux Kontext, layered QwenImage
+def flux_kontext():
+    """Flux.1 Kontext's call: a 6x10 latent grid (ids (0, row, column)) followed by a 4x6 reference image (ids
+    (1, row, column)), as FluxKontextPipeline concatenates them."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def ids(index, h, w):
+        out = torch.zeros(h, w, 3)
+        out[..., 0], out[..., 1], out[..., 2] = index, torch.arange(h)[:, None], torch.arange(w)[None]
+        return out.reshape(-1, 3)
+
+    img_ids = torch.cat([ids(0, 6, 10), ids(1, 4, 6)])
+    kw = dict(hidden_states=torch.randn(1, 84, 4, generator=g), encoder_hidden_states=torch.randn(1, 7, 16, generator=g),
+              pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]), img_ids=img_ids,
+              txt_ids=torch.zeros(7, 3))
+    return model, kw, 7, 60, 24
+
+
+def qwen_layered():
+    """QwenImage-Layered's call: two 6x10 layers and a 4x6 condition image per prompt (layer-3D RoPE), padded prompts."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+                                        use_layer3d_rope=True, use_additional_t_cond=True).eval()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(2, 144, 16, generator=g), encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
+              encoder_hidden_states_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]),
+              timestep=torch.tensor([0.5, 0.5]), img_shapes=[[(1, 6, 10), (1, 6, 10), (1, 4, 6)]] * 2,
+              additional_t_cond=torch.tensor([0, 0]))
+    return model, kw, 7, 60, 84
+
+
+@pytest.mark.parametrize("build", [flux_kontext, qwen_layered])
+def test_extra_image_tokens_are_attended_like_text(build, monkeypatch):
+    """The leading grid gets the plan; the other image tokens are always-attended keys and dense queries. The patched
+    output equals the unpatched model run with that token mask (and its own prompt-padding mask)."""
+    from sparse_dit import kernels
+
+    model, kw, T, V, E = build()
+    S = T + V + E
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        sparse_dit.patch(model, pattern="dense")
+        assert torch.equal(model(**kw, return_dict=False)[0], ref)
+        layouts = []
+        real = kernels.reference_attention
+        monkeypatch.setattr(kernels, "reference_attention", lambda q, k, v, layout, **a: layouts.append(layout) or real(q, k, v, layout, **a))
+        sparse_dit.patch(model, pattern=PatternSpec("tile", window=(1, 1, 1)), block_size=BLOCK, backend="reference")
+        out = model(**kw, return_dict=False)[0]
+    state = sparse_dit.patch_state(model)
+    assert state.stats["sparse_calls"] == len(state.modules) and state.stats["dense_calls"] == 0
+    geometry = state.last_geometry
+    assert geometry.grid == (1, 6, 10) and geometry.text_len == T + E and geometry.text_position == "first"
+    layout = layouts[0]
+    order = torch.cat([torch.arange(T + V, S), torch.arange(T), torch.arange(T, T + V)])  # [extra, text, grid]
+    inverse = order.argsort()
+    token_mask = layout.with_text_valid(None).to_dense_mask()[0][:, inverse][:, :, inverse]  # diffusers' order
+    extra = torch.arange(T + V, S)
+    assert token_mask[:, extra].all() and token_mask[:, :, extra].all()
+    assert not token_mask[:, T : T + V, T : T + V].all(), "the grid part is sparse"
+    sparse_dit.unpatch(model)
+    handles = install_explicit_mask(model, lambda s: token_mask)
+    with torch.no_grad():
+        expected = model(**kw, return_dict=False)[0]
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, expected, rtol=5e-5, atol=5e-5)
+
+
+def test_flux_ids_that_form_no_grid_run_dense_and_are_counted():
+    """diffusers' own Flux tests pass random image ids: the unpatched model accepts them, so the patched one runs
+    them dense (one warning) instead of refusing."""
+    from model_builders import flux
+
+    model, kw, _, _ = flux()
+    kw["img_ids"] = torch.randn(kw["img_ids"].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        sparse_dit.patch(model, pattern=PatternSpec("tile", window=(1, 1, 1)), block_size=BLOCK, backend="reference")
+        with pytest.warns(UserWarning, match="no grid"):
+            out = model(**kw, return_dict=False)[0]
+    assert torch.equal(out, ref)
+    stats = sparse_dit.patch_state(model).stats
+    assert stats["dense_reasons"] == {"no video grid for this call": 2} and stats["sparse_calls"] == 0
+    sparse_dit.unpatch(model)
