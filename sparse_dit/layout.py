@@ -211,6 +211,8 @@ class Layout:
             if flag:
                 raise ValueError(f"Layout.{name} entries must be -1 (padding) or token indices in [0, {S})")
         if flags[4]:
+            if (q_cover > 1).any():
+                raise ValueError("Layout.q_perm lists a token twice; every token may appear at most once")
             missing = (q_cover == 0).nonzero()
             if missing.numel():
                 raise ValueError(
