@@ -304,23 +304,26 @@ def _probe(query: torch.Tensor) -> torch.Tensor:
 
 
 class _BoundedCache(OrderedDict):
-    """A dict that keeps its ``maxsize`` most recently used entries."""
+    """A dict that keeps its ``maxsize`` most recently used entries; safe to share between threads."""
 
     def __init__(self, maxsize: int) -> None:
         super().__init__()
         self.maxsize = maxsize
+        self._lock = threading.Lock()
 
     def get_recent(self, key: Any) -> Any:
-        value = super().get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
+        with self._lock:
+            value = super().get(key)
+            if value is not None:
+                self.move_to_end(key)
+            return value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.maxsize:
-            self.popitem(last=False)
+        with self._lock:
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            while len(self) > self.maxsize:
+                self.popitem(last=False)
 
     def __reduce__(self):
         return (_BoundedCache, (self.maxsize,))
