@@ -17,7 +17,6 @@ from test_adapters import install_explicit_mask
 
 import sparse_dit
 from sparse_dit import Layout, PatternSpec
-from sparse_dit.patching import _AttentionInterceptor, choose_backend
 
 BLOCK = 16
 
@@ -28,6 +27,8 @@ def run(model, x, t, text, grad=False):
 
 
 def interceptors_on_stack() -> list:
+    from sparse_dit.patching import _AttentionInterceptor
+
     return [m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, _AttentionInterceptor)]
 
 
@@ -91,6 +92,7 @@ def test_gradients_equal_the_unpatched_model_with_the_same_mask():
 
 def test_forward_only_triton_kernel_is_never_chosen_when_gradients_are_needed(monkeypatch):
     from sparse_dit import kernels
+    from sparse_dit.patching import choose_backend
 
     q = torch.zeros(1, 4, 2, 16)
     assert choose_backend("triton", q, needs_grad=False) == ("triton", None)
