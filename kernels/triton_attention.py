@@ -646,6 +646,11 @@ def triton_block_sparse_attention(
     """
     check_qkv(q, k, v, layout)
     layout.check_bounds()  # out-of-range segments or permutation entries would make the kernel read out of bounds
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(
+            "the Triton kernel is forward-only (no backward): call it under torch.no_grad(), or use "
+            "sparse_dit.kernels.block_sparse_attention, which runs the differentiable reference when gradients are needed"
+        )
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); use reference_attention on CPU")
     if q.dtype not in SUPPORTED_DTYPES:

@@ -544,7 +544,8 @@ class PatchState:
         self._pin_backend(module)
 
     def exit_layer(self, layer: int, module: torch.nn.Module) -> None:
-        if self._thread("sdpa_calls", dict).get(layer, 1) == 0:
+        ctx = self.context
+        if ctx is not None and not ctx.replay and self._thread("sdpa_calls", dict).get(layer, 1) == 0:
             # the processor never reached scaled_dot_product_attention (a custom processor, or one with its
             # own attention): this call was dense, whatever the plan
             self._count_dense(REASON_BYPASS)
@@ -562,16 +563,16 @@ class PatchState:
         if processor is None:
             return
         own = vars(processor)
-        uses_backend = "_attention_backend" in own or any("_attention_backend" in vars(c) for c in type(processor).__mro__)
-        if not uses_backend:
-            return
         saved = self.saved_backends.get(id(processor))
         current = own.get("_attention_backend", _MISSING)
-        if saved is not None and saved[0] is processor and current is saved[3]:
-            return
+        if saved is not None and saved[0] is processor and (saved[3] is _NO_BACKEND or current is saved[3]):
+            return  # the common case, every call: nothing changed since the last one
         if saved is None or saved[0] is not processor:  # a processor set after `patch` (or at patch time)
-            saved = [processor, "_attention_backend" in own, own.get("_attention_backend"), None]
+            uses_backend = "_attention_backend" in own or any("_attention_backend" in vars(c) for c in type(processor).__mro__)
+            saved = [processor, "_attention_backend" in own, own.get("_attention_backend"), None if uses_backend else _NO_BACKEND]
             self.saved_backends[id(processor)] = saved
+            if not uses_backend:  # calls SDPA itself (CogVideoX, SD3): nothing to pin
+                return
         else:  # the user chose another backend since: theirs to restore, ours to run
             saved[1], saved[2] = True, current
         # The pin is also what makes code compiled before `patch` re-trace (and so see the hooks):
@@ -585,7 +586,7 @@ class PatchState:
 
     def restore_backends(self) -> None:
         for processor, had, value, pin in self.saved_backends.values():
-            if vars(processor).get("_attention_backend", _MISSING) is not pin:
+            if pin is _NO_BACKEND or vars(processor).get("_attention_backend", _MISSING) is not pin:
                 continue  # the user chose a backend since the last call: that is their latest choice
             if had:
                 processor._attention_backend = value
@@ -848,6 +849,7 @@ class PatchState:
 
 
 _MISSING = object()
+_NO_BACKEND = object()  # marks a processor without diffusers' `_attention_backend` setting
 
 
 def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:

@@ -126,3 +126,29 @@ def test_nan_values_of_keys_a_row_does_not_attend_never_reach_it(case, permute):
     clean_k[:, poisoned[-1]] = 0
     expected = reference_attention(q, clean_k, clean_v, layout)
     torch.testing.assert_close(out[0, rows], expected[0, rows], atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def test_gradients_are_never_silently_missing(monkeypatch):
+    """The Triton kernel has no backward: block_sparse_attention on a supported GPU (simulated) runs the differentiable
+    reference when gradients are needed (one warning), and the kernel itself refuses grad-requiring inputs."""
+    from sparse_dit import kernels
+
+    layout = one_segment_per_block([(0, 32), (0, 48), (16, 48)])
+    q, k, v = (t.requires_grad_() for t in qkv(3))
+    monkeypatch.setattr(kernels, "triton_supported", lambda q: True)
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="forward-only"):
+        out = block_sparse_attention(q, k, v, layout)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    expected = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference_attention(q, k, v, layout).sum().backward()
+    for got, t in zip(expected, (q, k, v)):
+        torch.testing.assert_close(got, t.grad)
+    with torch.no_grad():  # no gradients needed: the kernel runs (here under the interpreter)
+        torch.testing.assert_close(block_sparse_attention(q, k, v, layout), out.detach(), atol=2e-5, rtol=2e-5)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        triton_block_sparse_attention(q, k, v, layout)
