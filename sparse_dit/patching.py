@@ -598,8 +598,10 @@ class PatchState:
         """The diffusers attention backend the user chose for this layer's processor (None: native)."""
         processor = getattr(self.modules[layer], "processor", None)
         saved = self.saved_backends.get(id(processor)) if processor is not None else None
-        choice = saved[2] if saved is not None and saved[0] is processor else None
-        if choice is None:
+        if saved is None or saved[0] is not processor or saved[3] is _NO_BACKEND:
+            return None  # a processor that calls SDPA itself, whatever backend is chosen
+        choice = saved[2]
+        if choice is None:  # as diffusers: the globally active backend
             try:
                 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 

@@ -5,6 +5,7 @@ bounded memory, torch.export. Real diffusers classes with small configs; the ref
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import threading
@@ -37,10 +38,12 @@ def param_grads(model) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ 1. gradient checkpointing
-def wan_grads(model, x, t, text, checkpointing: bool) -> tuple[torch.Tensor, dict]:
+def wan_grads(model, x, t, text, checkpointing: bool, reentrant: bool = False) -> tuple[torch.Tensor, dict]:
     model.train()
     model.zero_grad(set_to_none=True)
-    if checkpointing:
+    if checkpointing and reentrant:  # torch's older checkpoint: the forward runs under no_grad, backward re-runs it
+        model.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    elif checkpointing:
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
@@ -49,8 +52,13 @@ def wan_grads(model, x, t, text, checkpointing: bool) -> tuple[torch.Tensor, dic
     return out.detach(), param_grads(model)
 
 
-@pytest.mark.parametrize("pattern", ["dense", PatternSpec("tile", window=(1, 1, 1)), PatternSpec("kmeans", top_p=0.5, q_clusters=4, k_clusters=8)])
-def test_gradient_checkpointing_recomputes_the_forward_exactly(pattern):
+KMEANS = PatternSpec("kmeans", top_p=0.5, q_clusters=4, k_clusters=8)
+
+
+@pytest.mark.parametrize(
+    "pattern,reentrant", [("dense", False), (PatternSpec("tile", window=(1, 1, 1)), False), (KMEANS, False), (KMEANS, True)]
+)
+def test_gradient_checkpointing_recomputes_the_forward_exactly(pattern, reentrant):
     """Backward re-runs each block after the forward finished: the recomputation replays the forward's decisions
     (for k-means, whose state moved on after the forward, the exact layout), so gradients equal those without
     checkpointing."""
@@ -59,7 +67,7 @@ def test_gradient_checkpointing_recomputes_the_forward_exactly(pattern):
     sparse_dit.patch(model, pattern=pattern, block_size=BLOCK, backend="reference")
     out, plain = wan_grads(model, x, t, text, checkpointing=False)
     sparse_dit.patch(model, pattern=pattern, block_size=BLOCK, backend="reference")  # fresh k-means state
-    out_ckpt, ckpt = wan_grads(model, x, t, text, checkpointing=True)
+    out_ckpt, ckpt = wan_grads(model, x, t, text, checkpointing=True, reentrant=reentrant)
     assert torch.equal(out, out_ckpt)
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
     for name in plain:
@@ -292,6 +300,20 @@ def test_set_attn_processor_under_a_global_backend_keeps_sparse():
     sparse_dit.unpatch(model)
     assert all("_attention_backend" not in vars(b.attn1.processor) for b in model.blocks)
     assert torch.equal(run(model, x, t, text), ref)
+
+
+def test_processors_that_call_sdpa_themselves_stay_on_sdpa_for_dense_calls():
+    """CogVideoX's processor calls SDPA whatever diffusers backend is active: its dense calls must too (a dense-patched
+    model equals the unpatched one under a global flex backend)."""
+    from diffusers.models.attention_dispatch import attention_backend
+    from model_builders import cogvideox
+
+    model, kw, _, _ = cogvideox()
+    with attention_backend("flex"), torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        sparse_dit.patch(model, pattern="dense")
+        assert torch.equal(model(**kw, return_dict=False)[0], ref)
+    sparse_dit.unpatch(model)
 
 
 # ---------------------------------------------------------------------------------------- 7. stats
