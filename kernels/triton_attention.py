@@ -26,6 +26,7 @@ Permutations (``q_perm``/``kv_perm``) are applied in one of two ways, both teste
 q, k, v are (B, S, H, D) tensors of any strides (views of a fused qkv or of a (B, H, S, D) tensor are
 read in place); the output is a new contiguous (B, S, H, D) tensor in the original token order.
 A row whose segments hold only padding slots (and no text keys) has no key: its output is 0 and its LSE -inf.
+Keys a row does not attend never contribute: masked lanes have their values zeroed, so a NaN or Inf there stays out.
 Padded prompts (``layout.text_valid``/``text_range``): the padded keys are skipped by the dense rows and the
 text-key loop (range splitting, no masking) and masked inside segments.
 
@@ -100,6 +101,10 @@ def _attend_chunk(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    if HAS_VALID and not LOAD_MASK:
+        # masked lanes loaded some real row (token 0 for a padding slot, a padded prompt key): its score is -inf
+        # and its weight 0, but 0 * NaN/Inf in the value would still reach the row, so zero those values
+        v = tl.where(valid[:, None], v, 0.0)
     return _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, HAS_VALID, DOT_PREC)
 
 
@@ -640,6 +645,12 @@ def triton_block_sparse_attention(
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
     """
     check_qkv(q, k, v, layout)
+    layout.check_bounds()  # out-of-range segments or permutation entries would make the kernel read out of bounds
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(
+            "the Triton kernel is forward-only (no backward): call it under torch.no_grad(), or use "
+            "sparse_dit.kernels.block_sparse_attention, which runs the differentiable reference when gradients are needed"
+        )
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); use reference_attention on CPU")
     if q.dtype not in SUPPORTED_DTYPES:

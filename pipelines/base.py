@@ -10,6 +10,11 @@ import torch
 from sparse_dit.geometry import TextPosition
 
 
+class NoGridError(ValueError):
+    """Raised by an adapter's ``read_call`` for an input it cannot map to a video grid: the call runs dense (counted,
+    with one warning) instead of failing, as the unpatched model would accept it."""
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What the transformer's forward hook reads off one call."""
@@ -17,6 +22,9 @@ class CallInfo:
     batch: int
     grid: tuple[int, int, int]
     timestep: float  # normalised to [0, 1], 1 = pure noise
+    # image tokens after the grid that are not part of it (Flux Kontext reference images, QwenImage's extra images):
+    # attended like text (every query sees them, they see every key)
+    extra_len: int = 0
 
 
 @dataclass(frozen=True)

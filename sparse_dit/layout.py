@@ -16,6 +16,17 @@ start of ``text_range`` (the prompt's place in the sequence), are real for each 
 rest of ``text_range`` is attended by nobody, as a key-padding mask would do.
 
 All index tensors are int32 with a leading dimension of 1 (shared by the batch) or the batch size.
+
+The contract every backend relies on (``check_bounds`` checks it cheaply on construction and at every kernel entry,
+``validate`` checks the rest on request):
+- segments lie inside the key order: ``0 <= start <= end <= K`` for the first ``kv_count`` entries
+  (``validate`` also wants them non-empty and disjoint);
+- permutations hold ``-1`` or token indices in ``[0, S)``; the query order lists every query outside ``dense_q``
+  exactly once (a missing row would never be written), the key order lists a key at most once;
+- every query block has keys by structure: a segment with a real slot, or ``text_kv`` (``validate``).
+  Keys missing only because of prompt padding (``text_valid``) are fine: a row left with no key outputs 0,
+  on every backend;
+- keys a row does not attend never contribute to it, not even a NaN or Inf in their values.
 """
 
 from __future__ import annotations
@@ -63,6 +74,8 @@ class Layout:
     text_range: Range | None = None
     # what backends derive from this (immutable) layout, e.g. the kernel's chunk tables; see `cached`
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # set by the transforms below, whose input was checked: skips a second `check_bounds` (a device sync)
+    _trusted: bool = field(default=False, repr=False, compare=False)
 
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` once per key for this layout object (layouts are immutable, so it stays valid)."""
@@ -81,6 +94,11 @@ class Layout:
                     raise TypeError(f"Layout.{name} must be an integer tensor, got {t.dtype}")
                 object.__setattr__(self, name, _i32(t))
         self._check_shapes()
+        if self._trusted:
+            self._derived["bounds"] = True
+            object.__setattr__(self, "_trusted", False)
+        else:
+            self.check_bounds()
 
     # ----------------------------------------------------------------------------------------- shapes
     @property
@@ -141,6 +159,74 @@ class Layout:
                 raise ValueError("Layout.text_valid must be a (B,) tensor and needs text_range")
 
     # ------------------------------------------------------------------------------------- validation
+    def check_bounds(self) -> "Layout":
+        """Cheap checks that keep every backend inside its tensors, once per layout object (one device sync):
+        segment bounds, permutation entries and coverage of the query order, ``text_valid``. Returns self;
+        raises ValueError naming the first problem and what to do."""
+        if self._derived.get("bounds"):
+            return self
+        S, K, G = self.seq_len, self.kv_order_len, self.kv_start.shape[-1]
+        count = self.kv_count.long()
+        used = torch.arange(G, device=self.device) < count[..., None]
+        start, end = self.kv_start.long(), self.kv_end.long()
+        problems = [
+            ((count < 0) | (count > G)).any(),
+            (used & ((start < 0) | (end > K) | (start > end))).any(),
+        ]
+        q_cover = kv_cover = None
+        for name in ("q_perm", "kv_perm"):
+            perm = getattr(self, name)
+            if perm is None:
+                problems.append(torch.zeros((), dtype=torch.bool, device=self.device))
+                continue
+            problems.append(((perm < -1) | (perm >= S)).any())
+            counts = torch.zeros(perm.shape[0] * perm.shape[1], S + 1, dtype=torch.int32, device=self.device)
+            flat = (perm.long() + 1).clamp(0, S).reshape(counts.shape[0], -1)
+            counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+            counts = counts[:, 1:]
+            if name == "q_perm":
+                if self.dense_q is not None:  # dense rows may be absent from the block path (or present: skipped)
+                    counts[:, self.dense_q[0] : self.dense_q[1]] = 1
+                q_cover = counts
+            else:
+                if self.text_kv is not None:  # text keys come through text_kv; a copy in kv_perm is never read
+                    counts[:, self.text_kv[0] : self.text_kv[1]] = counts[:, self.text_kv[0] : self.text_kv[1]].clamp(max=1)
+                kv_cover = counts
+        problems.append((q_cover != 1).any() if q_cover is not None else torch.zeros((), dtype=torch.bool, device=self.device))
+        problems.append((kv_cover > 1).any() if kv_cover is not None else torch.zeros((), dtype=torch.bool, device=self.device))
+        if self.text_valid is not None:
+            n_text = self.text_range[1] - self.text_range[0]
+            problems.append(((self.text_valid < 0) | (self.text_valid > n_text)).any())
+        flags = torch.stack(problems).tolist()  # the one sync; the messages below are built only on failure
+        if flags[0]:
+            raise ValueError(f"Layout.kv_count must lie in [0, {G}] (the width of kv_start/kv_end)")
+        if flags[1]:
+            bad = used & ((start < 0) | (end > K) | (start > end))
+            l, h, qb, g = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"segment {g} of (batch {l}, head {h}, query block {qb}) is [{int(start[l, h, qb, g])}, "
+                f"{int(end[l, h, qb, g])}): segments must have start <= end and lie inside [0, {K}) (the key order)"
+            )
+        for flag, name in zip(flags[2:4], ("q_perm", "kv_perm")):
+            if flag:
+                raise ValueError(f"Layout.{name} entries must be -1 (padding) or token indices in [0, {S})")
+        if flags[4]:
+            if (q_cover > 1).any():
+                raise ValueError("Layout.q_perm lists a token twice; every token may appear at most once")
+            missing = (q_cover == 0).nonzero()
+            if missing.numel():
+                raise ValueError(
+                    f"Layout.q_perm misses query token {int(missing[0, 1])}: every query must be in the query order "
+                    "(or in dense_q), or its output row would never be written"
+                )
+            raise ValueError("Layout.q_perm lists a token twice; every token may appear at most once")
+        if flags[5]:
+            raise ValueError("Layout.kv_perm lists a token twice; every token may appear at most once")
+        if self.text_valid is not None and flags[6]:
+            raise ValueError(f"Layout.text_valid must lie in [0, {self.text_range[1] - self.text_range[0]}] (the length of text_range)")
+        self._derived["bounds"] = True
+        return self
+
     def validate(self) -> "Layout":
         """Check indices: segments inside the key order and disjoint, permutations covering every
         token once, no query block without keys, no text key inside a segment. Returns self."""
@@ -204,15 +290,15 @@ class Layout:
                 raise ValueError(
                     f"a segment contains text keys {self.text_kv}; text keys are attended through text_kv only"
                 )
-        if self.text_kv is None or (self.text_valid is not None and (self.text_valid == 0).any()):
-            valid_rows = self._valid_rows_per_block()
-            empty = (self._real_keys_per_block() == 0) & (valid_rows > 0)
+        if self.text_kv is None:
+            # keys by structure; keys lost only to prompt padding (text_valid) are allowed: those rows output 0
+            empty = (self._real_keys_per_block() == 0) & (self._valid_rows_per_block() > 0)
             if empty.any():
                 l, h, qb = (int(i) for i in empty.nonzero()[0])
                 raise ValueError(
                     f"query block {qb} of (batch {l}, head {h}) attends no keys; give it at least one segment"
                 )
-        return self
+        return self.check_bounds()
 
     def _real_keys_per_block(self) -> torch.Tensor:
         """(L, H, NQ) number of keys (not counting -1 padding slots of kv_perm) in each block's segments."""
@@ -326,6 +412,7 @@ class Layout:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
+            _trusted=bool(self._derived.get("bounds")),
             kv_count=move(self.kv_count),
             kv_start=move(self.kv_start),
             kv_end=move(self.kv_end),
@@ -361,6 +448,7 @@ class Layout:
         ex = lambda t: None if t is None else t.expand(batch, *t.shape[1:])  # noqa: E731
         return replace(
             self,
+            _trusted=bool(self._derived.get("bounds")),
             kv_count=ex(self.kv_count),
             kv_start=ex(self.kv_start),
             kv_end=ex(self.kv_end),
@@ -389,6 +477,7 @@ class Layout:
         pick = lambda t: None if t is None else t.index_select(1, index)  # noqa: E731
         return replace(
             self,
+            _trusted=bool(self._derived.get("bounds")) and bool(((index >= 0) & (index < self.heads)).all()),
             kv_count=pick(self.kv_count),
             kv_start=pick(self.kv_start),
             kv_end=pick(self.kv_end),
@@ -442,6 +531,7 @@ class Layout:
             first.dense_q,
             first.text_valid,
             first.text_range,
+            _trusted=all(lay._derived.get("bounds") for lay in layouts),
         )
 
     # ----------------------------------------------------------------------------------- dense views
@@ -519,18 +609,53 @@ class Layout:
 
     # ------------------------------------------------------------------------------------------- stats
     def density_per_head(self) -> torch.Tensor:
-        """(L, H) fraction of the S x S (query, key) pairs that are computed."""
+        """(L, H) fraction of the S x S (query, key) pairs that are computed; with padded prompts (``text_valid``),
+        (B, H) per batch element. Exact, from the segment tables: never builds anything of size S x S."""
         S = self.seq_len
-        keys = self._real_keys_per_block()
+        keys = self._real_keys_per_block()  # (L, H, NQ)
         if self.text_kv is not None:
             keys = keys + (self.text_kv[1] - self.text_kv[0])
-        pairs = (keys * self._valid_rows_per_block()).sum(-1).double()
-        if self.dense_q is not None:
-            pairs = pairs + (self.dense_q[1] - self.dense_q[0]) * S
-        density = pairs / (S * S)
-        if self.text_valid is not None:  # padded prompt keys are skipped by every query: exact via the mask
-            return self.to_dense_mask().double().mean((-1, -2)) if S <= 4096 else density
-        return density
+        rows = self._valid_rows_per_block()
+        if self.text_valid is None:
+            pairs = (keys * rows).sum(-1).double()
+            if self.dense_q is not None:
+                pairs = pairs + (self.dense_q[1] - self.dense_q[0]) * S
+            return pairs / (S * S)
+        # padded prompt keys [text_range[0] + text_valid[b], text_range[1]) are attended by nobody: subtract, per
+        # batch element, those each block would attend (inside its segments and inside text_kv)
+        B = max(self.batch, self.text_valid.numel())
+        out = []
+        for b in range(B):
+            l = b if self.batch > 1 else 0
+            pad = self.padded_text(b)
+            if pad is None:
+                lost = torch.zeros_like(keys[l])
+                n_pad = 0
+            else:
+                lost = self._keys_per_block_in(pad)[l]
+                if self.text_kv is not None:
+                    lost = lost + max(0, min(pad[1], self.text_kv[1]) - max(pad[0], self.text_kv[0]))
+                n_pad = pad[1] - pad[0]
+            pairs = ((keys[l] - lost) * rows[l]).sum(-1).double()
+            if self.dense_q is not None:
+                pairs = pairs + (self.dense_q[1] - self.dense_q[0]) * (S - n_pad)
+            out.append(pairs / (S * S))
+        return torch.stack(out)
+
+    def _keys_per_block_in(self, token_range: Range) -> torch.Tensor:
+        """(L, H, NQ) number of keys with original index in ``token_range`` inside each block's segments."""
+        L, H, NQ = self.kv_count.shape
+        K = self.kv_order_len
+        a, e = token_range
+        if self.kv_perm is None:
+            order = torch.arange(K, device=self.device).view(1, 1, K).expand(L, H, K)
+        else:
+            order = self.kv_perm.long()
+        inside = ((order >= a) & (order < e)).long()
+        prefix = torch.nn.functional.pad(inside.cumsum(-1), (1, 0))[:, :, None, :].expand(L, H, NQ, K + 1)
+        used = torch.arange(self.kv_start.shape[-1], device=self.device) < self.kv_count[..., None].long()
+        end, start = self.kv_end.long().clamp(0, K), self.kv_start.long().clamp(0, K)
+        return ((prefix.gather(-1, end) - prefix.gather(-1, start)) * used).sum(-1)
 
     @property
     def density(self) -> float:

@@ -6,18 +6,35 @@ How the interception works, without copying or monkey-patching diffusers:
   post-hook that pops it, so while (and only while) that module runs, the
   ``scaled_dot_product_attention`` call inside diffusers' own processor lands in sparse-dit;
 - the processors of patched modules are pinned to diffusers' "native" backend (the one that calls
-  ``scaled_dot_product_attention``) and their previous backend is restored by ``unpatch``;
+  ``scaled_dot_product_attention``) at every call, so ``set_attention_backend``/``set_attn_processor`` after
+  ``patch`` do not bypass it; the user's latest choice is remembered, used for dense calls and restored by ``unpatch``;
 - under ``torch.compile`` the hooks and the intercepted call run eagerly at one graph break per attention
   call (``torch.compiler.disable``); everything else in the blocks stays compiled.
-Everything lives on the patched model instance; nothing is global.
+
+Everything lives on the patched model instance; nothing is global. The hooks are module-level functions that find
+their state through the module they are called with, so ``copy.deepcopy`` of a patched model carries its own patch and
+a pickled patched model unpickles patched. Per-call state (the call being run, the step clock, dynamic pattern state) is
+per thread, so one patched model can serve several threads.
+
+Robustness rules (issue 13):
+- a call sparse attention cannot serve runs dense and is counted in ``stats["dense_reasons"]``;
+- an exception or ``KeyboardInterrupt`` anywhere in a forward leaves nothing behind: an interceptor whose module
+  is no longer running passes every call through and is removed at the next patched call or by ``unpatch``;
+- gradient checkpointing: a forward run with grad enabled records each attention call's decision (dense or the exact
+  layout) on the autograd graph of its output; a recomputation in backward replays it, so the recomputed forward is
+  the original one, also for dynamic patterns;
+- the Triton kernel is forward-only: a call that needs gradients runs the differentiable reference with one warning.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +43,57 @@ from torch.overrides import TorchFunctionMode
 from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
-from sparse_dit.pipelines import CallInfo, ModelAdapter, resolve_transformers, unwrap_compiled
+from sparse_dit.pipelines import ADAPTERS, CallInfo, ModelAdapter, resolve_transformers, unwrap_compiled
+from sparse_dit.pipelines.base import NoGridError
 
 STATE_ATTR = "_sparse_dit_state"
+LAYER_ATTR = "_sparse_dit_layer"  # on each patched attention module: (state, layer index)
 _SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _BACKENDS = ("auto", "triton", "reference")
+_RECORD_KEY = "sparse_dit_record"  # key in an autograd node's metadata: the decisions of the forward behind it
 
 HeadPlan = tuple[PatternSpec, ...]
+
+# Why a self-attention call ran dense (keys of stats["dense_reasons"]).
+REASON_WARMUP = "dense_steps"
+REASON_PLAN = "dense pattern"
+REASON_CAUSAL = "causal"
+REASON_DROPOUT = "dropout"
+REASON_GQA = "grouped-query attention"
+REASON_CROSS = "query and key lengths differ"
+REASON_MASK = "attention mask other than prompt padding"
+REASON_NO_GRID = "no video grid for this call"
+REASON_BYPASS = "processor did not call scaled_dot_product_attention"
+REASON_EXPORT = "torch.export"
+REASON_NO_RECORD = "recomputed without a recorded forward"
 
 
 def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
     bound = dict(zip(_SDPA_PARAMS, args))
     bound.update(kwargs)
     return bound
+
+
+# ------------------------------------------------------------------------------------------- backends
+def choose_backend(name: str, q: torch.Tensor, needs_grad: bool) -> tuple[str, str | None]:
+    """Which backend runs a sparse call: ("triton" | "reference" | "auto", warning or None).
+
+    name: the patch's ``backend`` setting. The Triton kernel has no backward: a call that needs gradients (training,
+    gradient checkpointing) runs the differentiable PyTorch reference instead, with a warning saying so; gradients are
+    never silently missing. "auto" picks Triton on a supported GPU (see `sparse_dit.kernels.triton_supported`).
+    """
+    from sparse_dit import kernels
+
+    wants_triton = name == "triton" or (name == "auto" and kernels.triton_supported(q))
+    if wants_triton and needs_grad:
+        return "reference", (
+            "sparse-dit: gradients are needed but the Triton kernel is forward-only; these calls run the differentiable "
+            "PyTorch reference (slower). Use torch.no_grad() for inference."
+        )
+    if name == "auto":
+        return ("triton" if wants_triton else "auto"), None
+    return name, None
 
 
 def _run_backend(name: str) -> Callable[..., torch.Tensor]:
@@ -54,14 +108,51 @@ def _run_backend(name: str) -> Callable[..., torch.Tensor]:
     return kernels.block_sparse_attention
 
 
+# ------------------------------------------------------------------------------------- interception
+def _caller_frame() -> Any:
+    """The frame that called the hook running now, skipping torch's compiler wrappers and this module: it stays on
+    the stack exactly while the hooked module runs (eager or compiled), so it tells a live interceptor from a stale one."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name != __file__ and "torch/_dynamo" not in name and "torch/compiler" not in name:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _on_stack(frame: Any) -> bool:
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
 class _AttentionInterceptor(TorchFunctionMode):
-    """Active only while one patched attention module runs; hands its SDPA call to the patch state."""
+    """Active only while one patched attention module runs; hands its SDPA call to the patch state.
+
+    The module's pre-hook pushes it, its post-hook pops it. A ``KeyboardInterrupt`` skips post-hooks (torch runs
+    always-call hooks for ``Exception`` only), so the mode checks that the module is still running (the frame that
+    called its pre-hook is on the stack); a stale one passes everything through until it is removed."""
 
     def __init__(self, state: "PatchState", layer: int) -> None:
         super().__init__()
         self.state = state
         self.layer = layer
+        self.frames = threading.local()  # per thread: the frames of the module calls that pushed this mode
         self.attend_eagerly = _compiler_disabled(_attend_eagerly)  # one object for every layer and model
+
+    def entered(self) -> list:
+        stack = getattr(self.frames, "stack", None)
+        if stack is None:
+            stack = self.frames.stack = []
+        return stack
+
+    def live(self) -> bool:
+        stack = self.entered()
+        return bool(stack) and self.state.installed and _on_stack(stack[-1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -74,6 +165,7 @@ class _AttentionInterceptor(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+
 # torch.compile: dynamo traces this mode's __torch_function__ inline, and traced, `attend` (layouts with
 # data-dependent shapes, caches, counters, the step clock, the kernel launch) graph-breaks a dozen times and
 # guards on the layer index, the step and the call counters, so it recompiled as they changed.
@@ -81,6 +173,8 @@ class _AttentionInterceptor(TorchFunctionMode):
 # FFN around it stay compiled. The mode is passed whole: reading `.layer` in traced code would add a guard
 # on it (a recompile per layer).
 def _attend_eagerly(mode: _AttentionInterceptor, args: tuple, kwargs: dict) -> torch.Tensor:
+    if not mode.live():  # left behind by an interrupted forward, or unpatched since
+        return _SDPA(*args, **kwargs)
     return mode.state.attend(mode.layer, args, kwargs)
 
 
@@ -92,6 +186,36 @@ def _compiler_disabled(fn: Callable) -> Callable:
     return fn.compiler_disabled
 
 
+def _torch_function_stack() -> list:
+    return list(torch.overrides._get_current_function_mode_stack())
+
+
+def _drop_interceptors(drop: Callable[[_AttentionInterceptor], bool]) -> int:
+    """Remove this thread's interceptors for which ``drop(mode)`` holds from the TorchFunctionMode stack, keeping
+    every other mode in its place. Returns how many were removed."""
+    if torch._C._len_torch_function_stack() == 0:
+        return 0
+    stack = _torch_function_stack()
+    keep = [m for m in stack if not (isinstance(m, _AttentionInterceptor) and drop(m))]
+    if len(keep) == len(stack):
+        return 0
+    for m in stack:
+        if isinstance(m, _AttentionInterceptor) and m not in keep:
+            m.entered().clear()
+    for _ in stack:
+        torch._C._pop_torch_function_stack()
+    for m in keep:
+        torch._C._push_on_torch_function_stack(m)
+    return len(stack) - len(keep)
+
+
+def clear_stale_interceptors() -> int:
+    """Remove interceptors left on this thread's TorchFunctionMode stack by an interrupted forward (or whose model
+    was unpatched). Patched calls and `unpatch` do this themselves; returns how many were removed."""
+    return _drop_interceptors(lambda m: not m.live())
+
+
+# ------------------------------------------------------------------------------------------- clocks
 @dataclass
 class StepClock:
     """Denoising step and CFG branch, counted from the timestep sequence so CFG passes (same t) share
@@ -114,9 +238,136 @@ class StepClock:
         self.last_timestep = t
 
 
+class ThreadClocks:
+    """One `StepClock` per thread, shared by the transformers of a pipeline: generations run in two threads
+    count their own steps. Copies and unpickled models start with fresh clocks."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> StepClock:
+        clock = getattr(self._local, "clock", None)
+        if clock is None:
+            clock = self._local.clock = StepClock()
+        return clock
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, _: dict) -> None:
+        self.__init__()
+
+
+# ------------------------------------------------------------------------------------ call records
+class Decision(NamedTuple):
+    """What one intercepted SDPA call did: ran dense (with a reason) or sparse over ``layout``."""
+
+    reason: str | None  # None: sparse
+    layout: Layout | None
+    probe: torch.Tensor | None  # a few query values: tells apart recorded forwards of one layer on replay
+    # sequence positions in the order the layout is built for, when that is not diffusers' order (extra image
+    # tokens moved next to the text, see `PatchState.geometry`)
+    order: torch.Tensor | None = None
+
+
+class CallRecord:
+    """Decisions of one transformer forward run with grad enabled, by (layer, n-th SDPA call of that layer).
+
+    Held by the autograd graph of the forward's output (its node's ``metadata``), so it lives exactly as long as a
+    backward can recompute that forward; the patch state keeps only weak references."""
+
+    __slots__ = ("decisions", "__weakref__")
+
+    def __init__(self) -> None:
+        self.decisions: dict[tuple[int, int], Decision] = {}
+
+
+@dataclass
+class CallContext:
+    """The transformer call running on this thread."""
+
+    info: CallInfo | None  # None: no grid for this call (every attention call runs dense, with `reason`)
+    reason: str | None = None
+    step: int = 0
+    branch: int = 0
+    generation: int = 0
+    replay: bool = False  # a recomputation in backward: decisions come from the records
+    record: CallRecord | None = None
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _probe(query: torch.Tensor) -> torch.Tensor:
+    return query[:1, :1, :4].detach().clone()
+
+
+class _BoundedCache(OrderedDict):
+    """A dict that keeps its ``maxsize`` most recently used entries; safe to share between threads."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def get_recent(self, key: Any) -> Any:
+        with self._lock:
+            value = super().get(key)
+            if value is not None:
+                self.move_to_end(key)
+            return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            while len(self) > self.maxsize:
+                self.popitem(last=False)
+
+    def __reduce__(self):
+        return (_BoundedCache, (self.maxsize,))
+
+    def __deepcopy__(self, memo: dict) -> "_BoundedCache":
+        return _BoundedCache(self.maxsize)
+
+
+class _UniformPlan:
+    """Plan source of ``patch(pattern=...)``: the same spec for every head of every layer (picklable)."""
+
+    def __init__(self, spec: PatternSpec, heads: int) -> None:
+        self.spec, self.heads = spec, heads
+        self.plan = (spec,) * heads
+
+    def __call__(self, layer: int, t: float, step: int) -> HeadPlan:
+        return self.plan
+
+    def __reduce__(self):
+        return (_UniformPlan, (self.spec, self.heads))
+
+
+class _ProfilePlan:
+    """Plan source of ``patch(profile=...)``: the profile's plan of the timestep's bucket (picklable)."""
+
+    def __init__(self, profile: Any) -> None:
+        self.profile = profile
+
+    def __call__(self, layer: int, t: float, step: int) -> HeadPlan | None:
+        bucket = self.profile.bucket_of(t)
+        return None if bucket is None else self.profile.head_plan(bucket, layer)
+
+
+# -------------------------------------------------------------------------------------------- state
 @dataclass
 class PatchState:
-    """Everything one patched transformer carries: settings, hooks, the current call and caches."""
+    """Everything one patched transformer carries: settings, per-thread call state, caches and statistics.
+
+    Caches (documented bounds): ``layout_cache`` keeps the ``layout_cache_size`` most recently used static layouts
+    (whole layers and static head groups of mixed layers, per plan and geometry); ``dynamic_layouts`` (replan_every > 1)
+    keeps, per thread, one layout per (layer, plan/geometry, CFG branch) of the current generation only; per-thread
+    dynamic pattern state (``layer_state``, e.g. k-means centroids) is one entry per (layer, head group, branch);
+    prompt-padding variants of a layout are kept for the ``text_valid_cache_size`` most recent (layout, lengths).
+    """
 
     adapter: ModelAdapter
     plan_source: Callable[[int, float, int], HeadPlan | None]
@@ -127,24 +378,63 @@ class PatchState:
     # dynamic head groups (kmeans, prune) are re-planned on every replan_every-th denoising step and
     # their layout reused in between: planning costs a large share of a sparse step (benchmarks/results)
     replan_every: int = 1
-    handles: list[Any] = field(default_factory=list)
-    saved_backends: list[tuple[Any, bool, Any]] = field(default_factory=list)
-    call: CallInfo | None = None
-    last_geometry: Geometry | None = None
     # called as observer(layer, geometry, timestep, q, k, v, scale) with (B, S, H, D) views before each
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
-    clock: StepClock = field(default_factory=StepClock)
+    clocks: ThreadClocks = field(default_factory=ThreadClocks)
     # a profile's plan holds windows sized for its calibration grid; another grid is refused up front
     profile_grid: tuple[int, int, int] | None = None
-    layout_cache: dict[tuple, Layout] = field(default_factory=dict)
-    layer_state: dict[tuple, dict] = field(default_factory=dict)
-    # (layer, plan/geometry key, branch) -> (generation, step built, layout) of layers with dynamic heads
-    dynamic_layouts: dict[tuple, tuple[int, int, Layout]] = field(default_factory=dict)
+    layout_cache_size: int = 256
+    text_valid_cache_size: int = 64
+    # processor id -> [processor, had an instance attribute, the user's value, the value sparse-dit pinned]
+    saved_backends: dict[int, list] = field(default_factory=dict)
     sparse_calls: int = 0
     dense_calls: int = 0
+    recomputed_calls: int = 0
+    dense_reasons: dict[str, int] = field(default_factory=dict)
     # summed on the device without a host sync per call; read through `stats`
     density_total: torch.Tensor | float = 0.0
+    last_geometry: Geometry | None = None
+    installed: bool = False
+
+    def __post_init__(self) -> None:
+        self._runtime()
+
+    def _runtime(self) -> None:
+        """Per-process runtime parts, rebuilt for copies and unpickled states."""
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._records: list[weakref.ref] = []
+        self._orders = _BoundedCache(16)
+        self._warned: set[str] = set()
+        self.layout_cache = _BoundedCache(self.layout_cache_size)
+        self._text_valid_layouts = _BoundedCache(self.text_valid_cache_size)
+        self.modes = [_AttentionInterceptor(self, layer) for layer in range(len(self.modules))]
+
+    # ------------------------------------------------------------------------------ copy and pickle
+    _RUNTIME = ("_local", "_lock", "_records", "_orders", "_warned", "layout_cache", "_text_valid_layouts", "modes")
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        state["adapter"] = self.adapter.family if self.adapter is not None else None
+        state["observer"] = None  # the profiler's hook belongs to one calibration run
+        total = self.density_total
+        state["density_total"] = float(total) if isinstance(total, torch.Tensor) else total
+        state["dense_reasons"] = dict(self.dense_reasons)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        family = state["adapter"]
+        state["adapter"] = next((a for a in ADAPTERS if a.family == family), None)
+        # processors are keyed by id: a copy's are other objects
+        state["saved_backends"] = {id(entry[0]): entry for entry in state["saved_backends"].values()}
+        self.__dict__.update(state)
+        self._runtime()
+
+    # ------------------------------------------------------------------------- per-thread state
+    @property
+    def clock(self) -> StepClock:
+        return self.clocks.get()
 
     @property
     def step(self) -> int:
@@ -155,43 +445,226 @@ class PatchState:
         """Which call of the current step (CFG branches called separately keep their own pattern state)."""
         return self.clock.branch
 
+    def _thread(self, name: str, factory: Callable[[], Any]) -> Any:
+        value = getattr(self._local, name, None)
+        if value is None:
+            value = factory()
+            setattr(self._local, name, value)
+        return value
+
     @property
-    def stats(self) -> dict[str, float]:
-        """Calls so far: sparse and dense self-attention calls and the summed density of the sparse ones."""
-        total = self.density_total
-        return {
-            "sparse_calls": self.sparse_calls,
-            "dense_calls": self.dense_calls,
-            "density_sum": float(total),
-            "mean_density": float(total) / self.sparse_calls if self.sparse_calls else 1.0,
-        }
+    def context(self) -> CallContext | None:
+        """The transformer call running on this thread, or None."""
+        return getattr(self._local, "context", None)
 
-    # ------------------------------------------------------------------------------------- hooks
+    @property
+    def call(self) -> CallInfo | None:
+        ctx = self.context
+        return None if ctx is None else ctx.info
+
+    @property
+    def layer_state(self) -> dict[tuple, dict]:
+        """This thread's dynamic pattern state per (layer, spec, heads, branch)."""
+        return self._thread("layer_state", dict)
+
+    @property
+    def dynamic_layouts(self) -> dict[tuple, tuple[int, int, Layout]]:
+        """This thread's reusable dynamic layouts: (layer, plan/geometry key, branch) -> (generation, step, layout)."""
+        return self._thread("dynamic_layouts", dict)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Self-attention calls so far: sparse and dense (with the reason of each dense one), the summed density of
+        the sparse ones, and the calls recomputed in backward (gradient checkpointing; not counted again)."""
+        with self._lock:
+            total = float(self.density_total)
+            return {
+                "sparse_calls": self.sparse_calls,
+                "dense_calls": self.dense_calls,
+                "density_sum": total,
+                "mean_density": total / self.sparse_calls if self.sparse_calls else 1.0,
+                "dense_reasons": dict(self.dense_reasons),
+                "recomputed_calls": self.recomputed_calls,
+            }
+
+    def warn_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+    @property
+    def uniform_dense(self) -> bool:
+        """Every call runs dense whatever the timestep (``pattern="dense"``): nothing needs reading off the call."""
+        return isinstance(self.plan_source, _UniformPlan) and self.plan_source.spec.name == "dense" and self.observer is None
+
+    # ------------------------------------------------------------------------------------ hooks
     def on_transformer_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        call = self.adapter.read_call(transformer, args, kwargs)
-        self.clock.tick(call.timestep)
-        self.call = call
+        clear_stale_interceptors()
+        self._local.entered = 0
+        if _in_backward():  # a checkpointed forward recomputed: replay, and leave the clock alone
+            self._local.context = CallContext(info=None, replay=True)
+            return
+        if torch.compiler.is_exporting():
+            if not self.uniform_dense:
+                raise RuntimeError(
+                    "sparse-dit: torch.export of a model patched with sparse patterns is not supported (layouts depend "
+                    "on the timestep and on data); export the unpatched model, or patch with pattern='dense' to export"
+                )
+            self._local.context = CallContext(info=None, reason=REASON_EXPORT)
+            return
+        try:
+            info = self.adapter.read_call(transformer, args, kwargs)
+        except NoGridError as e:  # an input the adapter cannot map to a grid: dense, counted, said once
+            self.warn_once(f"nogrid:{e}", f"sparse-dit: {e}; these calls run dense")
+            self._local.context = CallContext(info=None, reason=REASON_NO_GRID)
+            return
+        clock = self.clock
+        clock.tick(info.timestep)
+        record = CallRecord() if torch.is_grad_enabled() else None
+        self._local.context = CallContext(info, None, clock.step, clock.branch, clock.generation, record=record)
 
-    def on_transformer_done(self, *_: Any) -> None:
-        self.call = None
+    def on_transformer_done(self, output: Any) -> None:
+        ctx = self.context
+        self._local.context = None
+        if ctx is None or ctx.record is None or not ctx.record.decisions:
+            return
+        node = _grad_node(output)
+        if node is not None:  # kept by the graph as long as a backward may recompute this forward
+            node.metadata.setdefault(_RECORD_KEY, []).append(ctx.record)
+            with self._lock:
+                self._records = [r for r in self._records if r() is not None]
+                self._records.append(weakref.ref(ctx.record))
+
+    def enter_layer(self, layer: int, module: torch.nn.Module) -> None:
+        self._local.entered = getattr(self._local, "entered", 0) + 1
+        counts = self._thread("sdpa_calls", dict)
+        counts[layer] = 0
+        self._pin_backend(module)
+
+    def exit_layer(self, layer: int, module: torch.nn.Module) -> None:
+        ctx = self.context
+        if ctx is not None and not ctx.replay and self._thread("sdpa_calls", dict).get(layer, 1) == 0:
+            # the processor never reached scaled_dot_product_attention (a custom processor, or one with its
+            # own attention): this call was dense, whatever the plan
+            self._count_dense(REASON_BYPASS)
+            self.warn_once(
+                f"bypass:{type(module.processor).__name__}",
+                f"sparse-dit: the attention processor {type(module.processor).__name__} does not call "
+                "torch.nn.functional.scaled_dot_product_attention, so its layers ran dense; use diffusers' default "
+                "processor (model.set_default_attn_processor() or set_attn_processor with the stock class) for sparse attention",
+            )
+
+    # ------------------------------------------------------------------------------- backends
+    def _pin_backend(self, module: torch.nn.Module) -> None:
+        """Make the module's processor call SDPA (diffusers' native backend), remembering the user's latest choice."""
+        processor = getattr(module, "processor", None)
+        if processor is None:
+            return
+        own = vars(processor)
+        saved = self.saved_backends.get(id(processor))
+        current = own.get("_attention_backend", _MISSING)
+        if saved is not None and saved[0] is processor and (saved[3] is _NO_BACKEND or current is saved[3]):
+            return  # the common case, every call: nothing changed since the last one
+        if saved is None or saved[0] is not processor:  # a processor set after `patch` (or at patch time)
+            uses_backend = "_attention_backend" in own or any("_attention_backend" in vars(c) for c in type(processor).__mro__)
+            saved = [processor, "_attention_backend" in own, own.get("_attention_backend"), None if uses_backend else _NO_BACKEND]
+            self.saved_backends[id(processor)] = saved
+            if not uses_backend:  # calls SDPA itself (CogVideoX, SD3): nothing to pin
+                return
+        else:  # the user chose another backend since: theirs to restore, ours to run
+            saved[1], saved[2] = True, current
+        # The pin is also what makes code compiled before `patch` re-trace (and so see the hooks):
+        # dynamo does not guard on hook dicts that were empty at compile time
+        # (torch._dynamo.config.skip_nnmodule_hook_guards) but guards this attribute by identity
+        # (enum, None) or type and value (str), so store a value of another type than the current one.
+        value = getattr(processor, "_attention_backend", None)
+        pin = "native" if type(value) is not str else _native_backend_enum()
+        processor._attention_backend = pin
+        saved[3] = pin
+
+    def restore_backends(self) -> None:
+        for processor, had, value, pin in self.saved_backends.values():
+            if pin is _NO_BACKEND or vars(processor).get("_attention_backend", _MISSING) is not pin:
+                continue  # the user chose a backend since the last call: that is their latest choice
+            if had:
+                processor._attention_backend = value
+            else:
+                vars(processor).pop("_attention_backend", None)
+        self.saved_backends.clear()
+
+    def _user_backend(self, layer: int) -> Any:
+        """The diffusers attention backend the user chose for this layer's processor (None: native)."""
+        processor = getattr(self.modules[layer], "processor", None)
+        saved = self.saved_backends.get(id(processor)) if processor is not None else None
+        if saved is None or saved[0] is not processor or saved[3] is _NO_BACKEND:
+            return None  # a processor that calls SDPA itself, whatever backend is chosen
+        choice = saved[2]
+        if choice is None:  # as diffusers: the globally active backend
+            try:
+                from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+                choice = _AttentionBackendRegistry.get_active_backend()[0]
+            except (ImportError, AttributeError):
+                return None
+        name = getattr(choice, "value", choice)
+        return None if name in (None, "native") else choice
+
+    def _dense(self, layer: int, args: tuple, kwargs: dict, a: dict) -> torch.Tensor:
+        """Dense attention on the user's diffusers backend when they chose one, else torch's SDPA."""
+        backend = self._user_backend(layer)
+        if backend is None:
+            return _SDPA(*args, **kwargs)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
+        out = dispatch_attention_fn(
+            q, k, v, attn_mask=a.get("attn_mask"), dropout_p=a.get("dropout_p", 0.0), is_causal=a.get("is_causal", False),
+            scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False), backend=backend,
+        )
+        return out.transpose(1, 2)
 
     # ------------------------------------------------------------------------------------ planning
-    def geometry(self, B: int, S: int, H: int, D: int) -> Geometry:
-        if self.call is None:
-            raise RuntimeError(
-                "sparse-dit: a patched attention layer ran outside the transformer's forward, so the video grid "
-                "is unknown; call the transformer (or pipeline) itself"
+    def geometry(self, B: int, S: int, H: int, D: int) -> Geometry | None:
+        """The call's geometry, or None when the sequence does not fit the grid the transformer's hook read."""
+        found = self.geometry_and_order(B, S, H, D)
+        return None if found is None else found[0]
+
+    def geometry_and_order(self, B: int, S: int, H: int, D: int) -> tuple[Geometry, torch.Tensor | None] | None:
+        """The call's geometry and, when the layout needs another token order than diffusers', that order.
+
+        Image tokens that are not part of the grid (``CallInfo.extra_len``, after the grid) are attended like text.
+        Where text comes last they already sit between grid and text; where text comes first the sequence is taken
+        as [extra, text, grid], so text and extra tokens form one range whose real keys are a prefix (padded prompts).
+        """
+        ctx = self.context
+        if ctx is None or ctx.info is None:
+            return None
+        F_, H_, W_ = ctx.info.grid
+        video, extra = F_ * H_ * W_, ctx.info.extra_len
+        position = self.adapter.text_position
+        text_len = S - video - extra if position != "none" else 0
+        if text_len < 0 or (position == "none" and S != video + extra):
+            self.warn_once(
+                f"seq:{S}:{video}:{extra}",
+                f"sparse-dit: self-attention over {S} tokens but the grid {ctx.info.grid} has {video} video tokens "
+                f"(and {extra} other image tokens); the {self.adapter.family} adapter does not describe this call's "
+                "sequence, so it runs dense",
             )
-        F_, H_, W_ = self.call.grid
-        video = F_ * H_ * W_
-        text_len = S - video if self.adapter.text_position != "none" else 0
-        if text_len < 0 or (self.adapter.text_position == "none" and S != video):
-            raise RuntimeError(
-                f"sparse-dit: self-attention over {S} tokens but the grid {self.call.grid} has {video} video tokens; "
-                f"the {self.adapter.family} adapter does not describe this model's sequence"
-            )
-        position = self.adapter.text_position if text_len else "none"
-        return Geometry(B, H, D, F_, H_, W_, text_len=text_len, text_position=position)
+            return None
+        order = None
+        if extra and position == "first" and text_len:
+            key = (S, text_len, video)
+            order = self._orders.get(key)
+            if order is None:
+                order = torch.cat([torch.arange(text_len + video, S), torch.arange(0, text_len), torch.arange(text_len, text_len + video)])
+                self._orders[key] = order
+        if extra and position != "first":
+            position = "last"
+        side = text_len + extra
+        geometry = Geometry(B, H, D, F_, H_, W_, text_len=side, text_position=position if side else "none")
+        return geometry, order
 
     def build_layout(self, layer: int, plan: HeadPlan, geometry: Geometry, q: torch.Tensor, k: torch.Tensor) -> Layout:
         """Layout for all heads of one call; static head groups come from the cache."""
@@ -200,13 +673,16 @@ class PatchState:
             groups.setdefault(spec, []).append(h)
         all_static = all(spec.static for spec in groups)
         key = (tuple(s.key() for s in plan), geometry, self.block_size, q.device)
-        if all_static and key in self.layout_cache:
-            return self.layout_cache[key]
-        branch = min(self.branch, 3)  # pipelines make at most a few calls per step (CFG branches)
+        if all_static:
+            cached = self.layout_cache.get_recent(key)
+            if cached is not None:
+                return cached
+        clock = self.clock
+        branch = min(clock.branch, 3)  # pipelines make at most a few calls per step (CFG branches)
         reuse_key = (layer, key, branch)
         if not all_static and reuse_key in self.dynamic_layouts:
             generation, built, layout = self.dynamic_layouts[reuse_key]
-            if generation == self.clock.generation and 0 <= self.step - built < self.replan_every:
+            if generation == clock.generation and 0 <= clock.step - built < self.replan_every:
                 return layout
         parts, order = [], []
         for spec, heads in groups.items():
@@ -214,7 +690,7 @@ class PatchState:
                 # layers mixing static and dynamic heads restack every call: their static parts come cached
                 # (all-static layers cache their whole layout below instead)
                 part_key = ("part", spec.key(), len(heads), geometry, self.block_size, q.device)
-                part = None if all_static else self.layout_cache.get(part_key)
+                part = None if all_static else self.layout_cache.get_recent(part_key)
                 if part is None:
                     part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
                     if not all_static:
@@ -240,54 +716,161 @@ class PatchState:
         if all_static:
             self.layout_cache[key] = layout
         elif self.replan_every > 1:  # kept only for reuse: per layer and branch they can add up to GBs at 720p
-            self.dynamic_layouts[reuse_key] = (self.clock.generation, self.step, layout)
+            reuse = self.dynamic_layouts
+            for stale in [k for k, v in reuse.items() if v[0] != clock.generation]:
+                del reuse[stale]  # a finished generation's layouts are never reused
+            reuse[reuse_key] = (clock.generation, clock.step, layout)
         return layout
 
-    def attend(self, layer: int, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The intercepted SDPA call: q, k, v (B, H, S, D) as diffusers' native backend passes them."""
-        a = _bind_sdpa(args, kwargs)
-        query, key, value = a["query"], a["key"], a["value"]
-        plain = (
-            not a.get("is_causal", False)
-            and not a.get("dropout_p", 0.0)
-            and not a.get("enable_gqa", False)
-            and query.shape[-2] == key.shape[-2]
-        )
-        if not plain:  # causal, dropout or cross attention: not ours to sparsify
-            return _SDPA(*args, **kwargs)
+    def _with_text_valid(self, layout: Layout, text_valid: torch.Tensor, geometry: Geometry) -> Layout:
+        # one object per (layout, prompt lengths): the same prompts recur every step, and backends
+        # cache what they derive from a layout object; bounded, as prompts vary without end in a server
+        key = (layout, tuple(text_valid.tolist()))
+        padded = self._text_valid_layouts.get_recent(key)
+        if padded is None:
+            padded = layout.with_text_valid(text_valid, geometry.text_range)
+            self._text_valid_layouts[key] = padded
+        return padded
+
+    # ----------------------------------------------------------------------------------- attend
+    def _count_dense(self, reason: str) -> None:
+        with self._lock:
+            self.dense_calls += 1
+            self.dense_reasons[reason] = self.dense_reasons.get(reason, 0) + 1
+
+    def _decide(self, layer: int, a: dict) -> Decision:
+        """Dense (with a reason) or the layout of this call; runs the observer. Raises for a profile on another grid."""
+        query, key = a["query"], a["key"]
+        if a.get("is_causal", False):
+            return Decision(REASON_CAUSAL, None, None)
+        if a.get("dropout_p", 0.0):
+            return Decision(REASON_DROPOUT, None, None)
+        if a.get("enable_gqa", False) or query.shape[1] != key.shape[1]:
+            return Decision(REASON_GQA, None, None)
+        if query.shape[-2] != key.shape[-2]:
+            return Decision(REASON_CROSS, None, None)
+        ctx = self.context
+        if ctx is None or ctx.info is None:
+            return Decision(ctx.reason if ctx is not None and ctx.reason else REASON_NO_GRID, None, None)
         B, H, S, D = query.shape
-        geometry = self.geometry(B, S, H, D)
+        found = self.geometry_and_order(B, S, H, D)
+        if found is None:
+            return Decision(REASON_NO_GRID, None, None)
+        geometry, order = found
         text_valid = None
         if a.get("attn_mask") is not None:
-            text_valid = text_valid_from_key_mask(a["attn_mask"], geometry)
-            if text_valid is None:  # a mask other than prompt padding: leave the call to SDPA
-                return _SDPA(*args, **kwargs)
+            mask = a["attn_mask"]
+            if order is not None and mask.shape[-1] == S:
+                mask = mask.index_select(-1, order.to(mask.device))
+            text_valid = text_valid_from_key_mask(mask, geometry)
+            if text_valid is None:  # a mask other than prompt padding: leave the call to dense attention
+                return Decision(REASON_MASK, None, None)
         self.last_geometry = geometry
+        q, k = _in_order(query.transpose(1, 2), order), _in_order(key.transpose(1, 2), order)
         if self.observer is not None:
-            self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
+            v = _in_order(a["value"].transpose(1, 2), order)
+            self.observer(layer, geometry, ctx.info.timestep, q, k, v, a.get("scale"))
         if self.profile_grid is not None and geometry.grid != self.profile_grid:
             raise ValueError(
                 f"sparse-dit: the profile was calibrated for the video grid {self.profile_grid} (frames, height, width "
                 f"after patchify) but this call has {geometry.grid}; profile the model at this resolution "
                 "(`sparse-dit profile`) or use pattern= instead"
             )
-        plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
+        if ctx.step < self.dense_steps:
+            return Decision(REASON_WARMUP, None, None)
+        plan = self.plan_source(layer, ctx.info.timestep, ctx.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
-            self.dense_calls += 1
-            return _SDPA(*args, **kwargs)
+            return Decision(REASON_PLAN, None, None)
         if len(plan) != H:
             raise ValueError(f"sparse-dit: layer {layer} has a plan for {len(plan)} heads but the model has {H}")
-        # diffusers' native backend hands (B, H, S, D) views of (B, S, H, D) tensors: undo the view, no copy.
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         layout = self.build_layout(layer, plan, geometry, q, k)
         if text_valid is not None:
-            # one object per (layout, prompt lengths): the same prompts recur every step, and backends
-            # cache what they derive from a layout object
-            layout = layout.cached(("text_valid", tuple(text_valid.tolist())), lambda: layout.with_text_valid(text_valid, geometry.text_range))
-        out = _run_backend(self.backend)(q, k, v, layout, scale=a.get("scale"))
-        self.sparse_calls += 1
-        self.density_total = self.density_total + layout.cached("mean_density", lambda: layout.density_per_head().mean())
+            layout = self._with_text_valid(layout, text_valid, geometry)
+        return Decision(None, layout, None, order)
+
+    def _replayed(self, layer: int, occurrence: int, query: torch.Tensor) -> Decision | None:
+        """The decision the forward being recomputed made at this call (the latest recorded one whose query matches)."""
+        with self._lock:
+            records = [r() for r in self._records]
+        found = [r.decisions[(layer, occurrence)] for r in records if r is not None and (layer, occurrence) in r.decisions]
+        if len(found) > 1:
+            probe = _probe(query)
+            matching = [d for d in found if d.probe is not None and d.probe.shape == probe.shape and torch.equal(d.probe, probe)]
+            found = matching or found
+        return found[-1] if found else None
+
+    def attend(self, layer: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The intercepted SDPA call: q, k, v (B, H, S, D) as diffusers' native backend passes them."""
+        a = _bind_sdpa(args, kwargs)
+        counts = self._thread("sdpa_calls", dict)
+        occurrence = counts.get(layer, 0)
+        counts[layer] = occurrence + 1
+        ctx = self.context
+        if ctx is None or ctx.replay:  # outside a forward: a recomputation in backward (gradient checkpointing)
+            decision = self._replayed(layer, occurrence, a["query"])
+            if decision is None:
+                self.warn_once(
+                    "norecord",
+                    "sparse-dit: a patched attention layer ran outside the transformer's forward with no recorded "
+                    "forward to replay (the grid is unknown); it runs dense",
+                )
+                decision = Decision(REASON_NO_RECORD, None, None)
+            with self._lock:
+                self.recomputed_calls += 1
+            return self._execute(layer, decision, args, kwargs, a)
+        with torch.no_grad():  # planning is not differentiated (and must save nothing a recomputation would not)
+            decision = self._decide(layer, a)
+        if ctx.record is not None:
+            ctx.record.decisions[(layer, occurrence)] = decision._replace(probe=_probe(a["query"]))
+        if decision.reason is not None:
+            self._count_dense(decision.reason)
+        else:
+            layout = decision.layout
+            density = layout.cached("mean_density", lambda: layout.density_per_head().mean())
+            with self._lock:
+                self.sparse_calls += 1
+                self.density_total = self.density_total + density
+        return self._execute(layer, decision, args, kwargs, a)
+
+    def _execute(self, layer: int, decision: Decision, args: tuple, kwargs: dict, a: dict) -> torch.Tensor:
+        if decision.reason is not None:
+            return self._dense(layer, args, kwargs, a)
+        # diffusers' native backend hands (B, H, S, D) views of (B, S, H, D) tensors: undo the view, no copy.
+        q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend, warning = choose_backend(self.backend, q, needs_grad)
+        if warning is not None:
+            self.warn_once("grad-backend", warning)
+        order = decision.order
+        if order is not None:  # copies in the layout's order, and the output back to diffusers' order
+            q, k, v = (_in_order(t, order) for t in (q, k, v))
+        out = _run_backend(backend)(q, k, v, decision.layout, scale=a.get("scale"))
+        if order is not None:
+            out = out.index_select(1, order.to(out.device).argsort())
         return out.transpose(1, 2)
+
+
+_MISSING = object()
+_NO_BACKEND = object()  # marks a processor without diffusers' `_attention_backend` setting
+
+
+def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """(B, S, H, D) tokens in ``order`` (a copy), or ``t`` itself when there is no order."""
+    return t if order is None else t.index_select(1, order.to(t.device))
+
+
+def _grad_node(output: Any) -> Any:
+    """The autograd node of the first tensor in a transformer's output that has one, else None."""
+    if isinstance(output, torch.Tensor):
+        return output.grad_fn
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    if hasattr(output, "to_tuple") and not isinstance(output, dict):
+        values = output.to_tuple()
+    for value in values:
+        node = _grad_node(value)
+        if node is not None:
+            return node
+    return None
 
 
 def text_valid_from_key_mask(mask: torch.Tensor, geometry: Geometry) -> torch.Tensor | None:
@@ -340,11 +923,6 @@ def _profiles_per_transformer(pipe: Any, targets: list, profile: Any) -> dict[in
     return out
 
 
-def _uniform_plan(spec: PatternSpec, heads: int) -> Callable[[int, float, int], HeadPlan]:
-    plan = (spec,) * heads
-    return lambda layer, t, step: plan
-
-
 def _heads_of(module: torch.nn.Module) -> int:
     heads = getattr(module, "heads", None)
     if heads is None:
@@ -391,18 +969,19 @@ def patch(
     if isinstance(replan_every, bool) or int(replan_every) != replan_every or replan_every < 1:
         raise ValueError(f"replan_every must be an int >= 1 (1 = re-plan dynamic patterns every step); got {replan_every!r}")
     installs = []
-    clock = StepClock()  # shared by the pipeline's transformers
+    clocks = ThreadClocks()  # shared by the pipeline's transformers
     for transformer, adapter in targets:  # everything is checked before anything is changed
         modules = adapter.self_attention(transformer)
         size = int(block_size or 128)
         if spec is not None:
-            plan_source = _uniform_plan(spec, _heads_of(modules[0]))
+            plan_source: Callable = _UniformPlan(spec, _heads_of(modules[0]))
         else:
             prof = profiles[id(transformer)]
-            plan_source = prof.plan_source_for(transformer, modules)
+            prof.check_fits(transformer, modules)
+            plan_source = _ProfilePlan(prof)
             size = int(block_size or prof.header.get("block_size", 128))
         grid = (prof.header.get("calibration") or {}).get("grid") if spec is None else None
-        state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, int(replan_every), clock=clock)
+        state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, int(replan_every), clocks=clocks)
         state.profile_grid = tuple(grid) if grid else None
         installs.append((transformer, state))
     for transformer, state in installs:
@@ -411,48 +990,79 @@ def patch(
     return pipe_or_transformer
 
 
-# Every hook runs eagerly under torch.compile (it is Python bookkeeping: reading the call, ticking the clock,
-# pushing the mode): traced, each layer's hook would guard on its own mode object and recompile per layer.
-def _enter_hook(mode: TorchFunctionMode, entered: list[int]) -> Callable[..., None]:
-    @torch.compiler.disable
-    def hook(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the inputs
-        entered[0] += 1
-        mode.__enter__()
-
-    return hook
+# The hooks are module-level functions (so copies and pickles of a model keep working hooks) that find their state
+# through the module they are called with. Each runs eagerly under torch.compile (it is Python bookkeeping: reading the
+# call, ticking the clock, pushing the mode): traced, each layer's hook would guard on its own mode object and
+# recompile per layer.
+def _transformer_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    _compiler_disabled(_transformer_pre)(module, args, kwargs)
 
 
-def _exit_hook(mode: TorchFunctionMode) -> Callable[..., None]:
-    @torch.compiler.disable
-    def hook(*_: Any) -> None:
-        mode.__exit__(None, None, None)
-
-    return hook
-
-
-def _transformer_hooks(state: PatchState, entered: list[int]) -> tuple[Callable[..., None], Callable[..., None]]:
-    warned = []
-
-    @torch.compiler.disable
-    def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        entered[0] = 0
+def _transformer_pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    state = module.__dict__.get(STATE_ATTR)
+    if state is not None:
         state.on_transformer_call(module, args, kwargs)
 
-    @torch.compiler.disable
-    def after(module: torch.nn.Module, *_: Any) -> None:
-        state.on_transformer_done()
-        if not entered[0] and not warned and sys.exc_info()[0] is None:  # (not when forward raised)
-            # Never silently dense: code compiled and run before `patch` does not call hooks added later
-            # when the processors read no `_attention_backend` for the pin below to change (CogVideoX, SD3).
-            warned.append(True)
-            warnings.warn(
-                f"sparse-dit: no patched attention layer ran in this {type(module).__name__} call, so its attention "
-                "was dense. If the model was compiled and run before sparse_dit.patch, torch.compile is reusing code "
-                "that skips sparse-dit's hooks: call torch.compiler.reset() after patching, or patch before compiling.",
-                stacklevel=2,
-            )
 
-    return before, after
+def _transformer_post_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    _compiler_disabled(_transformer_post)(module, output)
+
+
+def _transformer_post(module: torch.nn.Module, output: Any) -> None:
+    state = module.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    replay = state.context is not None and state.context.replay
+    state.on_transformer_done(output)
+    entered = getattr(state._local, "entered", 0)
+    if not entered and not replay and sys.exc_info()[0] is None:  # (not when forward raised)
+        # Never silently dense: code compiled and run before `patch` does not call hooks added later
+        # when the processors read no `_attention_backend` for the pin to change (CogVideoX, SD3).
+        state.warn_once(
+            "not-entered",
+            f"sparse-dit: no patched attention layer ran in this {type(module).__name__} call, so its attention "
+            "was dense. If the model was compiled and run before sparse_dit.patch, torch.compile is reusing code "
+            "that skips sparse-dit's hooks: call torch.compiler.reset() after patching, or patch before compiling.",
+        )
+
+
+def _attention_pre_hook(module: torch.nn.Module, args: tuple) -> None:
+    _compiler_disabled(_attention_pre)(module)
+
+
+def _attention_pre(module: torch.nn.Module) -> None:  # returns None: a pre-hook's return value would replace the inputs
+    entry = module.__dict__.get(LAYER_ATTR)
+    if entry is None:
+        return
+    state, layer = entry
+    state.enter_layer(layer, module)
+    mode = state.modes[layer]
+    mode.entered().append(_caller_frame())
+    mode.__enter__()
+
+
+def _attention_post_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    _compiler_disabled(_attention_post)(module)
+
+
+def _attention_post(module: torch.nn.Module) -> None:
+    entry = module.__dict__.get(LAYER_ATTR)
+    if entry is None:
+        return
+    state, layer = entry
+    mode = state.modes[layer]
+    frames = mode.entered()
+    if frames:
+        frames.pop()
+        stack = _torch_function_stack()
+        if stack and stack[-1] is mode:
+            mode.__exit__(None, None, None)
+        else:  # something above it on the stack: take ours out without disturbing the rest
+            _drop_interceptors(lambda m: m is mode)
+    state.exit_layer(layer, module)
+
+
+_HOOKS = (_transformer_pre_hook, _transformer_post_hook, _attention_pre_hook, _attention_post_hook)
 
 
 def _native_backend_enum() -> Any:
@@ -462,47 +1072,47 @@ def _native_backend_enum() -> Any:
 
 
 def _install(transformer: torch.nn.Module, state: PatchState) -> None:
-    entered = [0]  # patched attention layers entered during the current transformer call
-    before, after = _transformer_hooks(state, entered)
-    state.handles.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
-    state.handles.append(transformer.register_forward_hook(after, always_call=True))
-    seen: set[int] = set()
+    transformer.register_forward_pre_hook(_transformer_pre_hook, with_kwargs=True)
+    transformer.register_forward_hook(_transformer_post_hook, always_call=True)
     for layer, module in enumerate(state.modules):
-        processor = getattr(module, "processor", None)
-        if processor is not None and id(processor) not in seen:
-            seen.add(id(processor))
-            had = "_attention_backend" in vars(processor)
-            state.saved_backends.append((processor, had, vars(processor).get("_attention_backend")))
-            if "_attention_backend" in {n for c in type(processor).__mro__ for n in vars(c)} or had:
-                # The pin is also what makes code compiled before `patch` re-trace (and so see the hooks):
-                # dynamo does not guard on hook dicts that were empty at compile time
-                # (torch._dynamo.config.skip_nnmodule_hook_guards) but guards this attribute by identity
-                # (enum, None) or type and value (str), so store a value of another type than the current one.
-                current = processor._attention_backend
-                processor._attention_backend = "native" if type(current) is not str else _native_backend_enum()
-        mode = _AttentionInterceptor(state, layer)
-        state.handles.append(module.register_forward_pre_hook(_enter_hook(mode, entered)))
-        state.handles.append(module.register_forward_hook(_exit_hook(mode), always_call=True))
+        module.__dict__[LAYER_ATTR] = (state, layer)
+        state._pin_backend(module)
+        module.register_forward_pre_hook(_attention_pre_hook)
+        module.register_forward_hook(_attention_post_hook, always_call=True)
+    state.installed = True
     transformer.__dict__[STATE_ATTR] = state
 
 
+def _remove_hooks(module: torch.nn.Module) -> None:
+    """Remove sparse-dit's hooks from ``module`` (found by identity, so this also works on copies)."""
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(module, name)
+        for hook_id in [i for i, h in hooks.items() if h in _HOOKS]:
+            del hooks[hook_id]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(module, extra, {}).pop(hook_id, None)
+
+
 def unpatch(pipe_or_transformer: Any) -> Any:
-    """Remove sparse-dit from a pipeline or transformer; a no-op where it was not patched. Returns its input."""
+    """Remove sparse-dit from a pipeline or transformer; a no-op where it was not patched. Returns its input.
+
+    Restores each patched processor's attention backend to the user's latest choice, and clears interceptors an
+    interrupted forward may have left on this thread."""
     for transformer, _ in resolve_transformers(pipe_or_transformer):
         state: PatchState | None = transformer.__dict__.pop(STATE_ATTR, None)
         if state is None:
             continue
-        for handle in state.handles:
-            handle.remove()
-        for processor, had, value in state.saved_backends:
-            if had:
-                processor._attention_backend = value
-            else:
-                vars(processor).pop("_attention_backend", None)
+        state.installed = False
+        _remove_hooks(transformer)
+        for module in state.modules:
+            _remove_hooks(module)
+            module.__dict__.pop(LAYER_ATTR, None)
+        state.restore_backends()
+        _drop_interceptors(lambda m: m.state is state)
+    clear_stale_interceptors()
     return pipe_or_transformer
 
 
 def patch_state(model: torch.nn.Module) -> PatchState | None:
     """The state of a patched transformer (for inspection), or None."""
     return unwrap_compiled(model).__dict__.get(STATE_ATTR)
-
