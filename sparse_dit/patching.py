@@ -135,8 +135,9 @@ class PatchState:
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
     clock: StepClock = field(default_factory=StepClock)
-    # a profile's plan holds windows sized for its calibration grid; another grid is refused up front
-    profile_grid: tuple[int, int, int] | None = None
+    # with a profile: grid -> plan source for that grid (the profile's plan restated for it, see
+    # `Profile.grid_plan_source`); used instead of plan_source when set
+    plan_source_at: Callable[[tuple[int, int, int]], Callable[[int, float, int], HeadPlan | None]] | None = None
     layout_cache: dict[tuple, Layout] = field(default_factory=dict)
     layer_state: dict[tuple, dict] = field(default_factory=dict)
     # (layer, plan/geometry key, branch) -> (generation, step built, layout) of layers with dynamic heads
@@ -265,13 +266,8 @@ class PatchState:
         self.last_geometry = geometry
         if self.observer is not None:
             self.observer(layer, geometry, self.call.timestep, *(t.transpose(1, 2) for t in (query, key, value)), a.get("scale"))
-        if self.profile_grid is not None and geometry.grid != self.profile_grid:
-            raise ValueError(
-                f"sparse-dit: the profile was calibrated for the video grid {self.profile_grid} (frames, height, width "
-                f"after patchify) but this call has {geometry.grid}; profile the model at this resolution "
-                "(`sparse-dit profile`) or use pattern= instead"
-            )
-        plan = None if self.step < self.dense_steps else self.plan_source(layer, self.call.timestep, self.step)
+        source = self.plan_source if self.plan_source_at is None else self.plan_source_at(geometry.grid)
+        plan = None if self.step < self.dense_steps else source(layer, self.call.timestep, self.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
             self.dense_calls += 1
             return _SDPA(*args, **kwargs)
@@ -395,15 +391,16 @@ def patch(
     for transformer, adapter in targets:  # everything is checked before anything is changed
         modules = adapter.self_attention(transformer)
         size = int(block_size or 128)
+        plan_source_at = None
         if spec is not None:
             plan_source = _uniform_plan(spec, _heads_of(modules[0]))
         else:
             prof = profiles[id(transformer)]
-            plan_source = prof.plan_source_for(transformer, modules)
             size = int(block_size or prof.header.get("block_size", 128))
-        grid = (prof.header.get("calibration") or {}).get("grid") if spec is None else None
+            plan_source = prof.plan_source_for(transformer, modules)  # raises before any change if it does not fit
+            plan_source_at = prof.grid_plan_source(transformer, modules, size)  # the plan restated per call grid
         state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, int(replan_every), clock=clock)
-        state.profile_grid = tuple(grid) if grid else None
+        state.plan_source_at = plan_source_at
         installs.append((transformer, state))
     for transformer, state in installs:
         unpatch(transformer)
