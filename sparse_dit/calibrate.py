@@ -442,3 +442,89 @@ def _device_of(pipe: Any) -> torch.device:
 
 def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v) for k, v in settings.items()}
+
+
+# ------------------------------------------------------------------------ does calibration predict quality?
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of two equally long sequences (ties get their average rank); NaN when either
+    sequence is constant or shorter than 2."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} values against {len(y)}")
+
+    def ranks(values: Sequence[float]) -> torch.Tensor:
+        v = torch.tensor([float(a) for a in values], dtype=torch.float64)
+        order = torch.argsort(v, stable=True)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in torch.unique(v):  # average the ranks of ties
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+def candidate_rank_study(
+    candidates: Sequence[PatternSpec],
+    *,
+    model: Any = None,
+    calibration: CalibrationSet,
+    heldout_prompts: Sequence[str] | None = None,
+    heldout_seeds: Sequence[int] = (0, 1),
+    steps: int = 10,
+    guidance_scale: float = 4.0,
+    frames: int = 16,
+    height: int = 64,
+    width: int = 64,
+    block_size: int = 64,
+    backend: str = "auto",
+    device: "str | torch.device | None" = None,
+    psnr_cap: float = 100.0,
+) -> dict[str, Any]:
+    """How well calibration error ranks candidate patterns as held-out PSNR does, on the reference model.
+
+    Every candidate is measured by the calibration of ``calibration`` (all its ``metrics`` in one pass, at the
+    given size), then applied uniformly (every layer and head) to generate the held-out clips
+    (`sparse_dit.fidelity.evaluate`; default prompts: the held-out reference clips of ``heldout_seeds``). For
+    each metric the result holds the Spearman correlation between ``-error`` and mean PSNR over the candidates:
+    1 means calibration ranks the candidates exactly as final quality does. PSNR is capped at ``psnr_cap``
+    (an exact candidate has infinite PSNR). model: a `sparse_dit.reference.ReferenceModel` (default: loaded on
+    ``device``). Returns ``{"candidates": [...], "spearman": {metric: rho}, "settings": {...}}``.
+    """
+    from sparse_dit.fidelity import evaluate
+    from sparse_dit.pipelines import find_adapter
+
+    if model is None:
+        from sparse_dit.reference import load_reference_model
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_reference_model(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    sparse = [c for c in candidates if c.name != "dense"]
+    if len(sparse) < 3:
+        raise ValueError("a rank correlation needs at least 3 non-dense candidates")
+    cands = [PatternSpec("dense"), *sparse]
+    settings = dict(steps=steps, guidance_scale=guidance_scale, frames=frames, height=height, width=width)
+    stats = run_calibration(
+        [("transformer", model.transformer, find_adapter(model.transformer))], calibration,
+        lambda run: model.generate(run.prompt, seed=run.seed, **settings), candidates=cands, block_size=block_size,
+    )["transformer"]
+    rows = []
+    for c, spec in enumerate(cands):
+        if spec.name == "dense":
+            continue
+        errors = {m: float(stats.mean(stats.timesteps, m)[0][..., c].mean()) for m in stats.metrics}
+        density = float(stats.mean(stats.timesteps)[1][..., c].mean())
+        report = evaluate(spec, model=model, prompts=heldout_prompts, seeds=list(heldout_seeds), block_size=block_size,
+                          backend=backend, **settings)
+        psnrs = [min(psnr_cap, clip["psnr"]) for clip in report["clips"]]
+        rows.append({"pattern": repr(spec), "density": round(density, 4), "errors": errors,
+                     "psnr": sum(psnrs) / len(psnrs)})
+    rho = {m: spearman([-r["errors"][m] for r in rows], [r["psnr"] for r in rows]) for m in stats.metrics}
+    return {"candidates": rows, "spearman": rho,
+            "settings": {**settings, "block_size": block_size, "calibration": calibration.fingerprint(),
+                         "heldout_prompts": list(heldout_prompts) if heldout_prompts else None, "heldout_seeds": list(heldout_seeds)}}

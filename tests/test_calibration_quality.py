@@ -1,0 +1,97 @@
+"""Calibration that predicts quality: choosable metrics and calibration sets, per-bucket budgets, and the
+rank correlation between candidates' calibration error and held-out PSNR (on the reference model, tiny size)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_wan_transformer, wan_inputs
+
+from sparse_dit.calibrate import CalibrationSet, candidate_rank_study, spearman
+from sparse_dit.patterns import PatternSpec
+from sparse_dit.profiler import METRICS, build_profile, calibrate
+
+
+def test_spearman_matches_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # ties take their average rank
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="3 values against 2"):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_calibration_set_is_validated_and_enumerated():
+    runs = CalibrationSet(("a", "b"), seeds=(3, 4), images=("x.png",)).runs()
+    assert [(r.index, r.prompt, r.seed, r.image) for r in runs] == [(0, "a", 3, "x.png"), (1, "a", 4, "x.png"),
+                                                                    (2, "b", 3, "x.png"), (3, "b", 4, "x.png")]
+    with pytest.raises(ValueError, match="unknown calibration metric"):
+        CalibrationSet(("a",), metrics=("psnr",))
+    with pytest.raises(ValueError, match="at least one non-empty prompt"):
+        CalibrationSet(("",))
+
+
+@pytest.fixture(scope="module")
+def wan_stats():
+    """Every metric in one pass, the middle one of three steps left unmeasured."""
+    model = make_wan_transformer(heads=2, head_dim=16, layers=2, seed=3)
+    x, _, text = wan_inputs(batch=1, frames=4, height=8, width=8, seed=4)
+    steps = iter(range(10))
+
+    def run():
+        with torch.no_grad():
+            for t in (900, 600, 300):
+                next(steps)
+                model(x, torch.full((1,), t), text)
+
+    candidates = [PatternSpec("dense"), PatternSpec("tile", window=(1, 1, 1)), PatternSpec("tile", window=(4, 2, 2)),
+                  PatternSpec("radial", decay=0.5), PatternSpec("prune", keep_ratio=0.3)]
+    return calibrate(model, run, candidates=candidates, block_size=16, query_rows=32, metrics=tuple(METRICS),
+                     measure_step=lambda step: step != 1)
+
+
+def test_metrics_are_recorded_in_one_pass_and_unmeasured_steps_still_cut_buckets(wan_stats):
+    stats = wan_stats
+    assert stats.metrics == list(METRICS) and stats.metric == "rel_l2"
+    assert stats.timesteps == [0.9, 0.3] and stats.all_timesteps == [0.9, 0.6, 0.3]
+    for metric in METRICS:
+        err, _ = stats.mean(stats.timesteps, metric)
+        assert torch.all(err[..., 0] == 0) and torch.all(err[..., 1:] >= 0) and torch.all(err[..., 1:] < 10)
+    mass, _ = stats.mean(stats.timesteps, "mass")
+    assert torch.all(mass[..., 1:] <= 1)
+    # the tile window 4x2x2 (tiles of 1x4x4) keeps everything on this grid: no error under any metric
+    for metric in METRICS:
+        assert float(stats.mean(stats.timesteps, metric)[0][..., 2].max()) < 1e-6
+    profile = build_profile(stats, target_density=0.6, num_buckets=2, dense_fraction=0.3, block_size=16)
+    assert profile.dense_above == pytest.approx(0.75)  # cut between 0.9 and 0.6, the unmeasured step counts
+    assert profile.header["calibration"]["measured_timesteps"] == [0.9, 0.3]
+
+
+def test_per_bucket_budgets(wan_stats):
+    profile = build_profile(wan_stats, target_density=[0.9, 0.3], num_buckets=2, dense_fraction=0.0, block_size=16)
+    per_bucket = profile.summary["per_bucket_density"]
+    assert per_bucket[0] <= 0.9 + 1e-9 and per_bucket[1] <= 0.3 + 1e-9 and per_bucket[0] > per_bucket[1]
+    assert profile.header["budget"] == {"target_density": [0.9, 0.3]}
+    with pytest.raises(ValueError, match="3 per-bucket target densities for 2 buckets"):
+        build_profile(wan_stats, target_density=[0.5, 0.5, 0.5], num_buckets=2, dense_fraction=0.0)
+
+
+def test_rank_study_on_the_reference_model_at_tiny_size():
+    """Candidates ranked by calibration error and by held-out PSNR; every metric reports its correlation."""
+    from sparse_dit.reference import load_reference_model, sample_scene
+
+    ref = load_reference_model("cpu", torch.float32)
+    candidates = [PatternSpec("tile", window=(1, 1, 1)), PatternSpec("tile", window=(2, 1, 1)), PatternSpec("radial", decay=0.25),
+                  PatternSpec("prune", keep_ratio=0.25), PatternSpec("prune", keep_ratio=0.6)]
+    calibration = CalibrationSet((sample_scene(10_000).prompt,), seeds=(0,), query_rows=32, metrics=tuple(METRICS))
+    study = candidate_rank_study(candidates, model=ref, calibration=calibration, heldout_seeds=(0,), steps=3,
+                                 frames=4, height=16, width=16, block_size=16, backend="reference")
+    assert len(study["candidates"]) == len(candidates)
+    assert set(study["spearman"]) == set(METRICS)
+    for metric, rho in study["spearman"].items():
+        assert -1.0 <= rho <= 1.0, (metric, study)
+    # calibration error must carry information about final quality: a positive rank correlation
+    assert study["spearman"]["rel_l2"] > 0, study
