@@ -95,3 +95,42 @@ def test_rank_study_on_the_reference_model_at_tiny_size():
         assert -1.0 <= rho <= 1.0, (metric, study)
     # calibration error must carry information about final quality: a positive rank correlation
     assert study["spearman"]["rel_l2"] > 0, study
+
+
+# ---------------------------------------------------------------------------------- a profile states its cost
+def test_flop_cost_model_and_expected_speedup():
+    from sparse_dit.costmodel import candidate_cost, expected_speedup, flop_cost_model, measure_cost_model
+    from sparse_dit.geometry import Geometry
+    from sparse_dit.profile import HeadChoice, Profile
+
+    geometry = Geometry(1, 2, 64, 16, 30, 52)
+    model = flop_cost_model(geometry, 128)
+    assert model["measured"] is False and model["source"].startswith("FLOP estimate, not measured")
+    assert model["overhead"]["tile"] == 0 and 0 < model["overhead"]["prune"] < model["overhead"]["kmeans"] < 0.1
+    tile = PatternSpec("tile", window=(3, 3, 3))
+    assert candidate_cost(tile, 0.25, model) == pytest.approx(0.25)
+    assert candidate_cost(PatternSpec("dense"), 0.1, model) == 1.0
+    # two buckets of equal weight, one at density 0.25, one at 0.5, plus one dense warm-up step out of five
+    plan = [[[HeadChoice(tile, 0.1, 0.25)] * 2], [[HeadChoice(tile, 0.1, 0.5)] * 2]]
+    header = {"layers": 1, "heads": 2, "dense_above": 0.85, "cost_model": model,
+              "calibration": {"grid": [16, 30, 52], "timesteps": [1.0, 0.8, 0.6, 0.4, 0.2]}}
+    profile = Profile(header, [(0.5, 0.85), (0.0, 0.5)], plan)
+    cost = expected_speedup(profile)
+    assert cost["per_bucket"] == [pytest.approx(4.0), pytest.approx(2.0)]
+    assert cost["sparse_steps"] == pytest.approx(1 / 0.375, abs=1e-3)
+    assert cost["with_dense_warmup"] == pytest.approx(1 / (0.2 + 0.8 * 0.375), abs=1e-3)
+    assert cost["measured"] is False
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            measure_cost_model(geometry, [tile])
+
+
+def test_inspect_prints_the_expected_speedup_next_to_density(capsys):
+    from sparse_dit import cli
+
+    assert cli.main(["inspect", "reference"]) == 0
+    out = capsys.readouterr().out
+    overall = next(line for line in out.splitlines() if line.startswith("overall"))
+    assert "density 0.246" in overall and "expected attention speed-up 4.06x on sparse steps" in overall
+    assert "NOT measured: FLOP estimate" in out and "calibrated at 16x12x12" in out
+    assert "expected speed-up" in next(line for line in out.splitlines() if line.startswith("bucket 0"))
