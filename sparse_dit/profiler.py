@@ -8,8 +8,14 @@ key mask for those rows, applied to the same scores). The error is the relative 
 of size S x S or "all q/k/v of all layers" is stored: per call only ``rows x S`` scores of one batch
 element, then running sums.
 
-Allocation picks, per (timestep bucket, layer, head), one candidate: with ``target_density`` it
-minimises the summed error subject to the mean density (a Lagrangian sweep over the multiple-choice
+The error metric is choosable (`METRICS`): ``rel_l2`` (the above), ``out_proj_sq`` (the head's error after
+the layer's output projection, squared and relative to the layer's whole projected output, so heads the
+residual stream barely sees count less and errors add over heads) and ``mass`` (attention mass dropped);
+several can be recorded in one pass, the first drives the allocation. ``measure_step`` restricts which
+denoising steps are measured; `sparse_dit.calibrate` chooses prompts, seeds and images.
+
+Allocation picks, per (timestep bucket, layer, head), one candidate: with ``target_density`` (one value,
+or one per bucket) it minimises the summed error subject to the mean density (a Lagrangian sweep over the multiple-choice
 knapsack: exact dynamic programme when small, Lagrangian sweep plus greedy fill when large); with ``max_error`` it picks the cheapest
 candidate (cost model below) whose error stays under the ceiling.
 """
