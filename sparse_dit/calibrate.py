@@ -202,7 +202,7 @@ def _save_partial(path: Path, partial: _Partial) -> None:
 def _load_partial(path: Path, fingerprint: dict[str, Any]) -> _Partial | None:
     if not path.is_file():
         return None
-    data = torch.load(path, weights_only=False)
+    data = torch.load(path, weights_only=True)  # plain containers and tensors: no pickled code runs
     if data.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{path} holds a partial calibration made with other settings (model, calibration set or candidates); "
