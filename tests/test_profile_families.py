@@ -155,3 +155,27 @@ def test_profile_pipeline_resumes_after_an_interruption(tmp_path):
     torch.save({"fingerprint": {"something": "else"}, "done": 1, "stats": {}}, other)
     with pytest.raises(ValueError, match="partial calibration made with other settings"):
         profile_pipeline(pipe, prompts, partial_path=other, resume=True, **settings)
+
+
+def test_cli_extend_adds_a_calibration_grid_and_refuses_an_unfit_profile(tmp_path, capsys):
+    """--extend: the new file holds the old grid and the new one; a profile of another model is refused before
+    calibrating (no partial statistics written)."""
+    fam = FAMILIES["wan"]
+    model = save_tiny_pipeline("wan", tmp_path / "model")
+    first, both = tmp_path / "first.json", tmp_path / "both.json"
+    assert cli.main(_profile_args("wan", model, first, tmp_path)) == 0
+    args = _profile_args("wan", model, both, tmp_path)
+    args[args.index("--height") + 1] = str(fam.height * 2)
+    assert cli.main(args + ["--extend", str(first)]) == 0
+    merged = Profile.load(both)
+    grid = Profile.load(first).grid
+    assert merged.calibration_grids() == [grid, (grid[0], grid[1] * 2, grid[2])]
+    assert "grids [" in capsys.readouterr().out
+
+    unfit = Profile.load(first)
+    unfit.header["heads"] = 3
+    unfit.plan = [[[layer[0]] * 3 for layer in bucket] for bucket in unfit.plan]
+    unfit_path = unfit.save(tmp_path / "unfit.json")
+    with pytest.raises(ValueError, match=r"heads: profile 3, model 2"):
+        cli.main(_profile_args("wan", model, tmp_path / "never.json", tmp_path) + ["--extend", str(unfit_path)])
+    assert not (tmp_path / "never.json.partial.pt").exists() and not (tmp_path / "never.json").exists()

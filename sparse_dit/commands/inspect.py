@@ -35,6 +35,11 @@ def summary_lines(profile) -> list[str]:
     ]
     if cost:
         lines.append(f"cost       {'measured' if cost.get('measured') else 'NOT measured'}: {cost.get('source')}")
+    for other in profile.more_grids:  # the further calibration grids, each with its own plan (not printed per layer)
+        other_cost = expected_cost(other)
+        lines.append(f"grid       {'x'.join(map(str, other.grid))}: density {other.density():.3f}"
+                     + (f", expected attention speed-up {other_cost['sparse_steps']:.2f}x on sparse steps" if other_cost else "")
+                     + f", patterns {other.pattern_counts()}")
     per_bucket = (cost or {}).get("per_bucket") or []
     for b, (lo, hi) in enumerate(profile.buckets):
         density = sum(c.density for layer in profile.plan[b] for c in layer) / max(1, profile.layers * profile.heads)
