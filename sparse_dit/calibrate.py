@@ -417,10 +417,8 @@ def profile_pipeline(
         fingerprint={"model": model_id, "pipeline": pipeline_class.__name__, "settings": settings}, on_step=on_step,
     )
     if measure_cost:
-        from sparse_dit.costmodel import measure_cost_model
-
-        any_stats = next(s for s in stats.values() if s.geometry is not None)
-        cost_model = measure_cost_model(any_stats.geometry, any_stats.candidates, block_size, device=_device_of(pipe))
+        cost_model = measured_cost_model_or_estimate(next(s for s in stats.values() if s.geometry is not None), block_size,
+                                                     _device_of(pipe))
     profiles = build_profiles(
         stats, {name: t for name, t, _ in targets}, target_density=target_density, max_error=max_error,
         num_buckets=num_buckets, dense_fraction=dense_fraction, dense_layers=dense_layers, block_size=block_size,
@@ -433,6 +431,22 @@ def profile_pipeline(
     if partial_path is not None:
         Path(partial_path).unlink(missing_ok=True)
     return profiles
+
+
+def measured_cost_model_or_estimate(stats: Any, block_size: int, device: torch.device) -> dict[str, Any] | None:
+    """The cost table timed on ``device`` at the calibration geometry; if timing fails, one warning and None
+    (`build_profile` then uses the FLOP estimate): a finished calibration is never lost to the cost measurement."""
+    import warnings
+
+    from sparse_dit.costmodel import measure_cost_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return measure_cost_model(stats.geometry, stats.candidates, block_size, device=device, dtype=dtype)
+    except Exception as err:  # a kernel or device problem: keep the calibration, price it by FLOPs
+        warnings.warn(f"sparse-dit: measuring the cost table on {device} failed ({type(err).__name__}: {err}); "
+                      "the profile states a FLOP estimate instead", stacklevel=2)
+        return None
 
 
 def _device_of(pipe: Any) -> torch.device:

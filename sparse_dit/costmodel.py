@@ -56,17 +56,30 @@ def candidate_cost(spec: PatternSpec, density: float, cost_model: dict[str, Any]
     return density * float(cost_model["pair_cost"]) + float(cost_model["overhead"].get(spec.name, 0.0))
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (CUDA-synchronised)."""
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (synchronised on CUDA)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{device.type.upper()} ({platform.processor() or platform.machine()})"
 
 
 @torch.no_grad()
@@ -78,24 +91,25 @@ def measure_cost_model(
     dtype: torch.dtype = torch.bfloat16,
     repeats: int = 5,
 ) -> dict[str, Any]:
-    """Time every candidate on this GPU at ``geometry`` (random q/k/v) and fit the cost table.
+    """Time every candidate on ``device`` (the GPU the profile is made on) at ``geometry`` (random q/k/v) and fit
+    the cost table.
 
     pair_cost: the median over static candidates of (kernel time / dense time) / density; overhead[pattern]:
     the median over that pattern's candidates of the layout-planning time (dynamic patterns plan from q and k
-    every call) plus the kernel time beyond ``density * pair_cost``, relative to dense. Raises RuntimeError
-    without a CUDA device (use `flop_cost_model` there).
+    every call) plus the kernel time beyond ``density * pair_cost``, relative to dense. Works on any device (the
+    table then prices that device: a CPU's table says little about a GPU).
     """
     import torch.nn.functional as F
 
     from sparse_dit.kernels import block_sparse_attention
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("measuring the cost table needs a CUDA GPU; use flop_cost_model() elsewhere")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     B, H, D, S = geometry.batch, geometry.heads, geometry.head_dim, geometry.seq_len
     gen = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(B, S, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
-    dense_s = _timed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), repeats)
+    dense_s = _timed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), repeats, device)
     pair_ratios, per_pattern = [], {}
     for spec in candidates:
         if spec.name == "dense":
@@ -107,9 +121,9 @@ def measure_cost_model(
             state: dict = {}
             build = lambda: spec.module.build(geometry, H, block_size, device, q=q, k=k, state=state, **spec.params)  # noqa: E731
             layout = build()
-            plan_s = _timed(build, repeats)
+            plan_s = _timed(build, repeats, device)
         density = float(layout.density_per_head().float().mean())
-        kernel_s = _timed(lambda: block_sparse_attention(q, k, v, layout), repeats)
+        kernel_s = _timed(lambda: block_sparse_attention(q, k, v, layout), repeats, device)
         per_pattern.setdefault(spec.name, []).append((density, kernel_s / dense_s, plan_s / dense_s))
         if spec.static and density > 0.02:
             pair_ratios.append(kernel_s / dense_s / density)
@@ -118,7 +132,7 @@ def measure_cost_model(
     for name, rows in per_pattern.items():
         extra = sorted(max(0.0, kernel - density * pair_cost) + plan for density, kernel, plan in rows)
         overhead[name] = round(extra[len(extra) // 2], 5)
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     return {
         "pair_cost": round(pair_cost, 5),
         "overhead": overhead,

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="denoising step indices (from 0) whose attention is measured (default: all)")
     p.add_argument("--patterns", help="comma-separated pattern families to consider (default: all: tile,radial,kmeans,prune)")
     p.add_argument("--measure-cost", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the per-pattern cost table on this GPU (default: on with CUDA; else a FLOP estimate)")
+                   help="time the per-pattern cost table on --device (default: on with CUDA; otherwise a FLOP estimate)")
     p.add_argument("--extend", metavar="PROFILE", help="an existing profile of this model: the new one holds its grids plus this one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,15 +132,11 @@ def _profile_reference(args, prompts, extend, progress):
 
 
 def _measured_cost(args, stats, device):
-    """The measured cost table on CUDA (unless --no-measure-cost), else None (build_profile's FLOP estimate)."""
-    measure = args.measure_cost if args.measure_cost is not None else device.type == "cuda"
-    if not measure:
-        return None
-    if device.type != "cuda":
-        raise SystemExit("--measure-cost needs a CUDA device (--device cuda)")
-    from sparse_dit.costmodel import measure_cost_model
+    """The cost table timed on the device (default on CUDA only), else None (build_profile's FLOP estimate)."""
+    from sparse_dit.calibrate import measured_cost_model_or_estimate
 
-    return measure_cost_model(stats.geometry, stats.candidates, args.block_size, device=device)
+    measure = args.measure_cost if args.measure_cost is not None else device.type == "cuda"
+    return measured_cost_model_or_estimate(stats, args.block_size, device) if measure else None
 
 
 def _profile_pipeline(args, prompts, extend, progress):
