@@ -15,4 +15,13 @@ from sparse_dit.patterns import PatternSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["Geometry", "Layout", "PatternSpec", "is_patched", "patch", "patch_state", "unpatch", "__version__"]
+__all__ = ["Geometry", "Layout", "PatternSpec", "is_patched", "patch", "patch_state", "profile_pipeline", "unpatch", "__version__"]
+
+
+def __getattr__(name: str):
+    # profile_pipeline imports the calibration machinery (and diffusers) only when it is used
+    if name == "profile_pipeline":
+        from sparse_dit.calibrate import profile_pipeline
+
+        return profile_pipeline
+    raise AttributeError(f"module 'sparse_dit' has no attribute {name!r}")

@@ -357,6 +357,38 @@ class _ProfilePlan:
         return None if bucket is None else self.profile.head_plan(bucket, layer)
 
 
+class _RestatedPlan:
+    """Plan source for one call grid: the profile's plan restated for it (`plan_for_grid`; picklable)."""
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+
+    def __call__(self, layer: int, t: float, step: int) -> HeadPlan | None:
+        bucket = self.plan.source.bucket_of(t)
+        return None if bucket is None else self.plan.plan[bucket][layer]
+
+
+class _ProfileGridPlan:
+    """``at(grid)`` -> the plan source of ``patch(profile=...)`` for that grid, cached per grid on the patched
+    model; a grid far from every calibration grid warns once (picklable, unlike a closure)."""
+
+    def __init__(self, profile: Any, block_size: int) -> None:
+        self.profile = profile
+        self.block_size = int(block_size)
+        self.sources: dict[tuple[int, int, int], _RestatedPlan] = {}
+
+    def __call__(self, grid: tuple[int, int, int]) -> _RestatedPlan:
+        source = self.sources.get(grid)
+        if source is None:
+            from sparse_dit.profile import plan_for_grid
+
+            plan = plan_for_grid(self.profile, grid, self.block_size)
+            if plan.far:
+                warnings.warn(plan.far_warning(), stacklevel=2)
+            source = self.sources[grid] = _RestatedPlan(plan)
+        return source
+
+
 # -------------------------------------------------------------------------------------------- state
 @dataclass
 class PatchState:
@@ -382,8 +414,9 @@ class PatchState:
     # self-attention; the profiler uses it to compare candidate patterns against dense attention
     observer: Callable[..., None] | None = None
     clocks: ThreadClocks = field(default_factory=ThreadClocks)
-    # a profile's plan holds windows sized for its calibration grid; another grid is refused up front
-    profile_grid: tuple[int, int, int] | None = None
+    # with a profile: grid -> plan source for that grid (the profile's plan restated for it, see
+    # `Profile.grid_plan_source`); used instead of plan_source when set
+    plan_source_at: Callable[[tuple[int, int, int]], Callable[[int, float, int], HeadPlan | None]] | None = None
     layout_cache_size: int = 256
     text_valid_cache_size: int = 64
     # processor id -> [processor, had an instance attribute, the user's value, the value sparse-dit pinned]
@@ -770,15 +803,10 @@ class PatchState:
         if self.observer is not None:
             v = _in_order(a["value"].transpose(1, 2), order)
             self.observer(layer, geometry, ctx.info.timestep, q, k, v, a.get("scale"))
-        if self.profile_grid is not None and geometry.grid != self.profile_grid:
-            raise ValueError(
-                f"sparse-dit: the profile was calibrated for the video grid {self.profile_grid} (frames, height, width "
-                f"after patchify) but this call has {geometry.grid}; profile the model at this resolution "
-                "(`sparse-dit profile`) or use pattern= instead"
-            )
         if ctx.step < self.dense_steps:
             return Decision(REASON_WARMUP, None, None)
-        plan = self.plan_source(layer, ctx.info.timestep, ctx.step)
+        source = self.plan_source if self.plan_source_at is None else self.plan_source_at(geometry.grid)
+        plan = source(layer, ctx.info.timestep, ctx.step)
         if plan is None or all(spec.name == "dense" for spec in plan):
             return Decision(REASON_PLAN, None, None)
         if len(plan) != H:
@@ -973,6 +1001,7 @@ def patch(
     for transformer, adapter in targets:  # everything is checked before anything is changed
         modules = adapter.self_attention(transformer)
         size = int(block_size or 128)
+        plan_source_at = None
         if spec is not None:
             plan_source: Callable = _UniformPlan(spec, _heads_of(modules[0]))
         else:
@@ -980,9 +1009,9 @@ def patch(
             prof.check_fits(transformer, modules)
             plan_source = _ProfilePlan(prof)
             size = int(block_size or prof.header.get("block_size", 128))
-        grid = (prof.header.get("calibration") or {}).get("grid") if spec is None else None
+            plan_source_at = _ProfileGridPlan(prof, size)  # the plan restated per call grid
         state = PatchState(adapter, plan_source, int(dense_steps), size, backend, modules, int(replan_every), clocks=clocks)
-        state.profile_grid = tuple(grid) if grid else None
+        state.plan_source_at = plan_source_at
         installs.append((transformer, state))
     for transformer, state in installs:
         unpatch(transformer)

@@ -8,8 +8,14 @@ key mask for those rows, applied to the same scores). The error is the relative 
 of size S x S or "all q/k/v of all layers" is stored: per call only ``rows x S`` scores of one batch
 element, then running sums.
 
-Allocation picks, per (timestep bucket, layer, head), one candidate: with ``target_density`` it
-minimises the summed error subject to the mean density (a Lagrangian sweep over the multiple-choice
+The error metric is choosable (`METRICS`): ``rel_l2`` (the above), ``out_proj_sq`` (the head's error after
+the layer's output projection, squared and relative to the layer's whole projected output, so heads the
+residual stream barely sees count less and errors add over heads) and ``mass`` (attention mass dropped);
+several can be recorded in one pass, the first drives the allocation. ``measure_step`` restricts which
+denoising steps are measured; `sparse_dit.calibrate` chooses prompts, seeds and images.
+
+Allocation picks, per (timestep bucket, layer, head), one candidate: with ``target_density`` (one value,
+or one per bucket) it minimises the summed error subject to the mean density (a Lagrangian sweep over the multiple-choice
 knapsack: exact dynamic programme when small, Lagrangian sweep plus greedy fill when large); with ``max_error`` it picks the cheapest
 candidate (cost model below) whose error stays under the ceiling.
 """
@@ -27,27 +33,21 @@ import sparse_dit
 from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
+from sparse_dit.costmodel import candidate_cost
 from sparse_dit.profile import HeadChoice, Profile
 
-# Relative cost of a candidate, in units of one dense attention call through cuDNN:
-#   cost = density * PAIR_COST + OVERHEAD[pattern]
-# PAIR_COST is cuDNN's dense rate over our kernel's rate per computed pair; OVERHEAD is the pattern's
-# own work (permutation, k-means, scoring) relative to a dense call. Defaults until a measured cost
-# model is passed in; see benchmarks/results/kernel.md and patterns.md.
+# Cost of a candidate relative to one dense attention call: see sparse_dit.costmodel. These coefficients
+# are the fallback for statistics without a geometry; build_profile prices with a FLOP estimate for the
+# calibration geometry unless a measured table (costmodel.measure_cost_model) is passed in.
 DEFAULT_COST_MODEL: dict[str, Any] = {
     "pair_cost": 1.2,
     "overhead": {"dense": 0.0, "tile": 0.01, "radial": 0.01, "kmeans": 0.05, "prune": 0.02, "mask": 0.0},
-    "source": "defaults (not yet measured on a GPU)",
+    "source": "defaults (not measured on a GPU)",
+    "measured": False,
 }
 
 
-def candidate_cost(spec: PatternSpec, density: float, cost_model: dict[str, Any]) -> float:
-    if spec.name == "dense":
-        return 1.0
-    return density * float(cost_model["pair_cost"]) + float(cost_model["overhead"].get(spec.name, 0.0))
-
-
-def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]:
+def default_candidates(geometry: Geometry, block_size: int, patterns: Sequence[str] | None = None) -> list[PatternSpec]:
     """Candidates sized for ``geometry``: tile windows, radial decays, k-means top-p, prune keep ratios.
 
     The ladder is dense enough (about 40 candidates, densities from a few percent to about 0.6) that
@@ -56,9 +56,9 @@ def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]
     it) with temporal extents of 1 to 7, 9, 11 and 13 tile-frames, so heads that look along time and
     heads that look across the frame both find a window that fits them.
     """
-    from sparse_dit import patterns
+    from sparse_dit import patterns as registry
 
-    names = set(patterns.names())
+    names = set(registry.names()) if patterns is None else set(patterns) & set(registry.names())
     out = [PatternSpec("dense")]
     if "tile" in names:
         from sparse_dit.patterns._tiling import default_tile
@@ -84,21 +84,41 @@ def default_candidates(geometry: Geometry, block_size: int) -> list[PatternSpec]
     return out
 
 
+METRICS: dict[str, str] = {
+    "rel_l2": "relative L2 error of each head's attention output vs dense on sampled query rows, mean over calls",
+    "out_proj_sq": "squared L2 error of each head's attention output after the layer's output projection, relative "
+    "to the squared norm of the layer's projected dense output (all heads), on sampled query rows, mean over calls "
+    "(additive over heads when their errors are uncorrelated)",
+    "mass": "attention probability mass each head's pattern drops on sampled query rows (1 - kept mass), mean over calls",
+}
+
+
 @dataclass
 class CalibrationStats:
-    """Running sums per (timestep, layer, head, candidate)."""
+    """Running sums per (timestep, layer, head, candidate).
+
+    err_sum/dens_sum/calls: the primary ``metric``'s error, density and call counts at each measured timestep;
+    extra_err_sum[name][t]: the same sums for every further metric measured in the same pass;
+    seen_timesteps: every timestep the model ran at, measured or not (the dense warm-up and the buckets are cut
+    on these, so measuring a subset of steps does not move them).
+    """
 
     candidates: list[PatternSpec]
     layers: int
     heads: int
-    head_dim: int = 0
     geometry: Geometry | None = None
-    err_sum: dict[float, torch.Tensor] = field(default_factory=dict)  # t -> (layers, heads, C) float64
+    head_dim: int = 0
+    err_sum: dict[float, torch.Tensor] = field(default_factory=dict)  # t -> (layers, heads, C)
     dens_sum: dict[float, torch.Tensor] = field(default_factory=dict)
     calls: dict[float, torch.Tensor] = field(default_factory=dict)  # t -> (layers,) number of observed calls
+    metric: str = "rel_l2"
+    extra_err_sum: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict)
+    seen_timesteps: set[float] = field(default_factory=set)
 
-    def add(self, t: float, layer: int, err: torch.Tensor, dens: torch.Tensor) -> None:
+    def add(self, t: float, layer: int, err: torch.Tensor, dens: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Add one call's (heads, C) errors and densities (and ``extra`` metrics' errors) at timestep ``t``."""
         t = round(float(t), 6)
+        self.seen_timesteps.add(t)
         if t not in self.err_sum:
             shape = (self.layers, self.heads, len(self.candidates))
             self.err_sum[t] = torch.zeros(shape, dtype=torch.float64)
@@ -107,32 +127,115 @@ class CalibrationStats:
         self.err_sum[t][layer] += err.double().cpu()
         self.dens_sum[t][layer] += dens.double().cpu()
         self.calls[t][layer] += 1
+        for name, value in (extra or {}).items():
+            sums = self.extra_err_sum.setdefault(name, {})
+            if t not in sums:
+                sums[t] = torch.zeros(self.layers, self.heads, len(self.candidates), dtype=torch.float64)
+            sums[t][layer] += value.double().cpu()
 
     @property
     def timesteps(self) -> list[float]:
-        """Observed normalised timesteps, from noise (high) to clean (low)."""
+        """Measured normalised timesteps, from noise (high) to clean (low)."""
         return sorted(self.err_sum, reverse=True)
 
-    def mean(self, ts: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layers, heads, C) mean error and density over the calls at timesteps ``ts``."""
-        err = sum(self.err_sum[t] for t in ts)
+    @property
+    def all_timesteps(self) -> list[float]:
+        """Every timestep the model ran at (measured or not), from noise to clean."""
+        return sorted(self.seen_timesteps | set(self.err_sum), reverse=True)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *self.extra_err_sum]
+
+    def mean(self, ts: Sequence[float], metric: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, heads, C) mean error (of ``metric``, default the primary one) and density over the calls at ``ts``."""
+        sums = self.err_sum if metric in (None, self.metric) else self.extra_err_sum[metric]
+        err = sum(sums[t] for t in ts)
         dens = sum(self.dens_sum[t] for t in ts)
         n = sum(self.calls[t] for t in ts).clamp(min=1)[:, None, None]
         return err / n, dens / n
 
+    # ------------------------------------------------------------------ saving partial calibrations
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this calibration later (`from_state_dict`); tensors on the CPU."""
+        from dataclasses import asdict
+
+        return {
+            "candidates": [{"name": c.name, "params": HeadChoice(c, 0, 0).to_json()["params"]} for c in self.candidates],
+            "layers": self.layers,
+            "heads": self.heads,
+            "geometry": asdict(self.geometry) if self.geometry is not None else None,
+            "head_dim": self.head_dim,
+            "err_sum": self.err_sum,
+            "dens_sum": self.dens_sum,
+            "calls": self.calls,
+            "metric": self.metric,
+            "extra_err_sum": self.extra_err_sum,
+            "seen_timesteps": sorted(self.seen_timesteps),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "CalibrationStats":
+        return cls(
+            [PatternSpec(c["name"], **c["params"]) for c in state["candidates"]],
+            int(state["layers"]),
+            int(state["heads"]),
+            Geometry(**state["geometry"]) if state["geometry"] is not None else None,
+            int(state["head_dim"]),
+            dict(state["err_sum"]),
+            dict(state["dens_sum"]),
+            dict(state["calls"]),
+            state["metric"],
+            {k: dict(v) for k, v in state["extra_err_sum"].items()},
+            set(state["seen_timesteps"]),
+        )
+
+
+def output_projection(module: torch.nn.Module) -> torch.Tensor | None:
+    """(dim, heads * head_dim) weight of an attention module's output projection (diffusers' ``to_out[0]``), or
+    None when the module has none (e.g. Flux's single-stream blocks project outside the attention module)."""
+    to_out = getattr(module, "to_out", None)
+    first = to_out[0] if isinstance(to_out, (torch.nn.ModuleList, torch.nn.Sequential)) and len(to_out) else to_out
+    weight = getattr(first, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
 
 class _Observer:
-    """Compares candidates with dense attention on sampled query rows at every observed call."""
+    """Compares candidates with dense attention on sampled query rows at every observed call.
 
-    def __init__(self, stats: CalibrationStats, block_size: int, rows: int, seed: int, candidate_fn):
+    metrics: the first is the primary (allocation) metric, the others are recorded alongside (`METRICS`);
+    out_weights[layer]: the layer's output projection weight for ``out_proj_sq`` (None: identity).
+    """
+
+    def __init__(
+        self,
+        stats: CalibrationStats,
+        block_size: int,
+        rows: int,
+        seed: int,
+        candidate_fn,
+        metrics: Sequence[str] = ("rel_l2",),
+        out_weights: Sequence[torch.Tensor | None] | None = None,
+    ):
+        for m in metrics:
+            if m not in METRICS:
+                raise ValueError(f"unknown calibration metric {m!r}; known: {', '.join(METRICS)}")
         self.stats = stats
         self.block_size = block_size
         self.rows = rows
         self.gen = torch.Generator().manual_seed(seed)
         self.candidate_fn = candidate_fn
+        self.metrics = tuple(metrics)
+        self.out_weights = list(out_weights) if out_weights is not None else None
         self.layer_state: dict[tuple, dict] = {}
         self.static_layouts: dict[tuple, Layout] = {}
         self.on_call: Callable[[], None] | None = None
+
+    def restart(self, seed: int) -> None:
+        """Start a new calibration run (a prompt) from a known state: row sampling reseeded, k-means warm starts
+        dropped; so a calibration resumed after run i gives what an uninterrupted one gives."""
+        self.gen.manual_seed(seed)
+        self.layer_state.clear()
 
     def layout(self, spec: PatternSpec, layer: int, geometry: Geometry, q: torch.Tensor, k: torch.Tensor) -> Layout:
         if spec.static:
@@ -157,26 +260,122 @@ class _Observer:
         rows = torch.randperm(S, generator=self.gen)[:n].sort().values.to(q.device)
         layouts = [self.layout(spec, layer, geometry, q, k) for spec in stats.candidates]
         C = len(layouts)
-        err = torch.zeros(H, C, dtype=torch.float64)
+        errs = {m: torch.zeros(H, C, dtype=torch.float64) for m in self.metrics}
         dens = torch.stack([lay.density_per_head().mean(0).cpu() for lay in layouts], -1)  # (H, C)
+        weight = None
+        if "out_proj_sq" in self.metrics and self.out_weights is not None and self.out_weights[layer] is not None:
+            w = self.out_weights[layer]
+            if w.shape[1] == H * D:
+                weight = w.detach().to(q.device, torch.float32).view(w.shape[0], H, D).permute(1, 2, 0)  # (H, D, dim)
         for b in range(B):
             qs = q[b, rows].float().transpose(0, 1)  # (H, n, D)
             kb, vb = k[b].float().transpose(0, 1), v[b].float().transpose(0, 1)  # (H, S, D)
             scores = torch.einsum("hnd,hsd->hns", qs, kb) * scale
             probs = torch.exp(scores - scores.amax(-1, keepdim=True))
-            dense = torch.einsum("hns,hsd->hnd", probs, vb) / probs.sum(-1, keepdim=True)
+            total = probs.sum(-1, keepdim=True)
+            dense = torch.einsum("hns,hsd->hnd", probs, vb) / total
             dense_norm = dense.norm(dim=(1, 2)).clamp(min=1e-12)
+            if weight is not None:  # the layer's projected dense output: every head's contribution summed
+                projected_sq = torch.einsum("hnd,hdo->no", dense, weight).pow(2).sum().clamp(min=1e-24)
+            else:
+                projected_sq = dense.pow(2).sum().clamp(min=1e-24)
             for c, lay in enumerate(layouts):
                 if stats.candidates[c].name == "dense":
                     continue
                 l = b if lay.batch > 1 else 0
                 mask = torch.stack([lay.row_key_mask(l, h, rows) for h in range(H)])  # (H, n, S)
                 p = probs * mask
-                out = torch.einsum("hns,hsd->hnd", p, vb) / p.sum(-1, keepdim=True).clamp(min=1e-30)
-                err[:, c] += ((out - dense).norm(dim=(1, 2)) / dense_norm).double().cpu()
-        stats.add(t, layer, err / B, dens)
+                kept = p.sum(-1, keepdim=True)
+                out = torch.einsum("hns,hsd->hnd", p, vb) / kept.clamp(min=1e-30)
+                diff = out - dense
+                if "rel_l2" in errs:
+                    errs["rel_l2"][:, c] += (diff.norm(dim=(1, 2)) / dense_norm).double().cpu()
+                if "out_proj_sq" in errs:
+                    moved = torch.einsum("hnd,hdo->hno", diff, weight) if weight is not None else diff
+                    errs["out_proj_sq"][:, c] += (moved.pow(2).sum(dim=(1, 2)) / projected_sq).double().cpu()
+                if "mass" in errs:
+                    errs["mass"][:, c] += (1 - (kept / total).squeeze(-1)).mean(-1).double().cpu()
+        primary, *extra = self.metrics
+        stats.add(t, layer, errs[primary] / B, dens, {m: errs[m] / B for m in extra})
         if self.on_call is not None:
             self.on_call()
+
+
+def observe(
+    targets: Sequence[tuple[torch.nn.Module, Any]],
+    run: Callable[[list["_Observer"]], Any],
+    *,
+    candidates: Sequence[PatternSpec] | None = None,
+    block_size: int = 128,
+    query_rows: int = 256,
+    seed: int = 0,
+    metrics: Sequence[str] = ("rel_l2",),
+    measure_step: Callable[[int], bool] | None = None,
+    stats: Sequence[CalibrationStats] | None = None,
+    on_call: Callable[[], None] | None = None,
+    patterns: Sequence[str] | None = None,
+) -> list[CalibrationStats]:
+    """Patch every (transformer, adapter) of ``targets`` dense, attach one observer each, call ``run(observers)``.
+
+    Transformers of one pipeline share one step clock (as `sparse_dit.patch` gives them); ``measure_step(step)``
+    selects the denoising steps whose calls are measured (None: all; unmeasured steps are still recorded in
+    ``seen_timesteps``). ``stats``: partial statistics to continue (one per target). ``patterns``: the pattern
+    families `default_candidates` offers when ``candidates`` is None (None: all). Returns one
+    `CalibrationStats` per target; the models are unpatched afterwards, also when ``run`` raises.
+    """
+    if not targets:
+        raise ValueError("nothing to calibrate: no transformer given")
+    if patterns is not None:
+        from sparse_dit import patterns as registry
+
+        unknown = sorted(set(patterns) - set(registry.names()))
+        if unknown:
+            raise ValueError(f"unknown pattern(s) {unknown}; known: {', '.join(registry.names())}")
+
+    def candidate_fn(geometry: Geometry, block: int) -> list[PatternSpec]:
+        return default_candidates(geometry, block, patterns)
+
+    observers = []
+    for i, (transformer, adapter) in enumerate(targets):
+        modules = adapter.self_attention(transformer)
+        st = stats[i] if stats is not None else CalibrationStats(
+            list(candidates or []), layers=len(modules), heads=int(modules[0].heads), metric=metrics[0]
+        )
+        if st.metric != metrics[0]:
+            raise ValueError(f"the partial calibration measured metric {st.metric!r}, not {metrics[0]!r}")
+        obs = _Observer(st, block_size, query_rows, seed, candidate_fn, metrics, [output_projection(m) for m in modules])
+        obs.on_call = on_call
+        observers.append(obs)
+    pipeline_like = [t for t, _ in targets]
+    for transformer in pipeline_like:
+        sparse_dit.unpatch(transformer)
+    clock = None
+    try:
+        for (transformer, _), obs in zip(targets, observers):
+            sparse_dit.patch(transformer, pattern="dense")
+            state = sparse_dit.patch_state(transformer)
+            if clock is None:
+                clock = state.clock
+            state.clock = clock  # one clock for the pipeline's transformers (Wan 2.2 hands over mid-generation)
+            state.observer = _measured_only(obs, state, measure_step)
+        run(observers)
+    finally:
+        for transformer in pipeline_like:
+            sparse_dit.unpatch(transformer)
+    return [obs.stats for obs in observers]
+
+
+def _measured_only(obs: _Observer, state: Any, measure_step: Callable[[int], bool] | None) -> Callable[..., None]:
+    if measure_step is None:
+        return obs
+
+    def observer(layer: int, geometry: Geometry, t: float, *rest: Any) -> None:
+        if measure_step(state.clock.step):
+            obs(layer, geometry, t, *rest)
+        else:
+            obs.stats.seen_timesteps.add(round(float(t), 6))
+
+    return observer
 
 
 def calibrate(
@@ -188,26 +387,21 @@ def calibrate(
     query_rows: int = 256,
     seed: int = 0,
     on_call: Callable[[], None] | None = None,
+    metrics: Sequence[str] = ("rel_l2",),
+    measure_step: Callable[[int], bool] | None = None,
 ) -> CalibrationStats:
     """Run ``run()`` (which drives the dense model) and measure every candidate on every attention call.
 
     candidates: fixed candidate list, or None for `default_candidates` sized to the first call's geometry.
-    Returns the per-(timestep, layer, head, candidate) error and density sums.
+    metrics: error metrics (`METRICS`), the first one drives allocation. measure_step: which denoising steps
+    are measured (None: all). Returns the per-(timestep, layer, head, candidate) error and density sums.
+    For a pipeline with several transformers (Wan 2.2) use `sparse_dit.calibrate.profile_pipeline`.
     """
     targets = sparse_dit.pipelines.resolve_transformers(pipe_or_transformer)
     if len(targets) != 1:
         raise ValueError("calibrate one transformer at a time (pass the transformer, not a two-transformer pipeline)")
-    transformer, adapter = targets[0]
-    modules = adapter.self_attention(transformer)
-    stats = CalibrationStats(list(candidates or []), layers=len(modules), heads=int(modules[0].heads))
-    observer = _Observer(stats, block_size, query_rows, seed, default_candidates)
-    observer.on_call = on_call
-    sparse_dit.patch(transformer, pattern="dense")
-    try:
-        sparse_dit.patch_state(transformer).observer = observer
-        run()
-    finally:
-        sparse_dit.unpatch(transformer)
+    (stats,) = observe(targets, lambda observers: run(), candidates=candidates, block_size=block_size, query_rows=query_rows,
+                       seed=seed, metrics=metrics, measure_step=measure_step, on_call=on_call)
     if not stats.err_sum:
         raise RuntimeError("calibration saw no self-attention call: does run() call the model?")
     return stats
@@ -303,10 +497,11 @@ def allocate_error(errors: torch.Tensor, costs: torch.Tensor, max_error: float) 
 def build_profile(
     stats: CalibrationStats,
     *,
-    target_density: float | None = None,
+    target_density: float | Sequence[float] | None = None,
     max_error: float | None = None,
     num_buckets: int = 2,
     dense_fraction: float = 0.2,
+    dense_above: float | None = None,
     dense_layers: int = 0,
     block_size: int = 128,
     cost_model: dict[str, Any] | None = None,
@@ -316,29 +511,51 @@ def build_profile(
 ) -> Profile:
     """Turn calibration statistics into a `Profile` under one budget knob (give exactly one).
 
-    The first ``dense_fraction`` of the observed timesteps run dense (``dense_above``); the rest are cut
-    into ``num_buckets`` contiguous buckets; the first ``dense_layers`` layers stay dense everywhere.
+    The first ``dense_fraction`` of the timesteps the model ran at stay dense (or every timestep above
+    ``dense_above`` when given: a pipeline with several transformers cuts its warm-up once for all of them);
+    the rest are cut into ``num_buckets`` contiguous buckets, each planned from the measured timesteps inside
+    it (or the nearest measured one); the first ``dense_layers`` layers stay dense everywhere.
+    target_density: one mean density for all buckets together, or one per bucket (per-bucket budgets).
+    cost_model: per-pattern cost table (`sparse_dit.costmodel`; default: a FLOP estimate for this geometry).
     """
+    from sparse_dit import costmodel
+
     if (target_density is None) == (max_error is None):
         raise ValueError("give exactly one budget: target_density=... or max_error=...")
-    if target_density is not None and not 0 < target_density <= 1:
+    per_bucket = target_density is not None and not isinstance(target_density, (int, float))
+    targets = [float(x) for x in target_density] if per_bucket else ([float(target_density)] if target_density is not None else [])
+    if any(not 0 < x <= 1 for x in targets):
         raise ValueError(f"target_density must be in (0, 1]; got {target_density}")
-    cost_model = cost_model or DEFAULT_COST_MODEL
-    ts = stats.timesteps
-    n_dense = min(len(ts) - 1, math.ceil(dense_fraction * len(ts))) if dense_fraction > 0 else 0
-    dense_above = 1.0 if n_dense == 0 else (ts[n_dense - 1] + ts[n_dense]) / 2
-    rest = ts[n_dense:]
+    if not stats.err_sum:
+        raise ValueError("the calibration measured no attention call")
+    if cost_model is None:
+        cost_model = costmodel.flop_cost_model(stats.geometry, block_size) if stats.geometry else DEFAULT_COST_MODEL
+    ts = stats.all_timesteps
+    if dense_above is None:
+        n_dense = min(len(ts) - 1, math.ceil(dense_fraction * len(ts))) if dense_fraction > 0 else 0
+        dense_above = 1.0 if n_dense == 0 else (ts[n_dense - 1] + ts[n_dense]) / 2
+    rest = [t for t in ts if t <= dense_above] or ts[-1:]
     num_buckets = max(1, min(num_buckets, len(rest)))
+    if per_bucket and len(targets) != num_buckets:
+        raise ValueError(f"{len(targets)} per-bucket target densities for {num_buckets} buckets (fewer timesteps than buckets?)")
     groups = [rest[i * len(rest) // num_buckets : (i + 1) * len(rest) // num_buckets] for i in range(num_buckets)]
-    edges = [dense_above] + [(g[-1] + nxt[0]) / 2 for g, nxt in zip(groups, groups[1:])] + [0.0]
+    edges = [max(dense_above, groups[0][0])] + [(g[-1] + nxt[0]) / 2 for g, nxt in zip(groups, groups[1:])] + [0.0]
     buckets = [(edges[i + 1], edges[i]) for i in range(num_buckets)]
+    measured = stats.timesteps
+
+    def measured_in(group: list[float]) -> list[float]:
+        inside = [t for t in measured if group[-1] - 1e-9 <= t <= group[0] + 1e-9]
+        if inside:
+            return inside
+        middle = (group[0] + group[-1]) / 2
+        return [min(measured, key=lambda t: abs(t - middle))]
 
     cands = stats.candidates
     C, L, H = len(cands), stats.layers, stats.heads
     err = torch.zeros(num_buckets, L, H, C, dtype=torch.float64)
     dens = torch.zeros_like(err)
     for i, g in enumerate(groups):
-        err[i], dens[i] = stats.mean(g)
+        err[i], dens[i] = stats.mean(measured_in(g))
     dense_idx = next(i for i, c in enumerate(cands) if c.name == "dense")
     dens[..., dense_idx] = 1.0
     err[..., dense_idx] = 0.0
@@ -348,15 +565,19 @@ def build_profile(
     big = 1e9
     err_a = torch.where(allowed, err, torch.full_like(err, big))
     dens_a = torch.where(allowed, dens, torch.full_like(dens, big))
-    costs = torch.tensor([[candidate_cost(c, float(d), cost_model) for c, d in zip(cands, row)] for row in dens.reshape(-1, C).tolist()])
-    costs = torch.where(allowed.reshape(-1, C), costs.double(), torch.full_like(costs.double(), big))
-    if target_density is not None:
-        choice = allocate_density(err_a.reshape(-1, C), dens_a.reshape(-1, C), target_density)
-        budget = {"target_density": target_density}
+    costs = torch.tensor([[candidate_cost(c, float(d), cost_model) for c, d in zip(cands, row)] for row in dens.reshape(-1, C).tolist()],
+                         dtype=torch.float64).view(num_buckets, L, H, C)
+    costs = torch.where(allowed, costs, torch.full_like(costs, big))
+    if per_bucket:
+        choice = torch.stack([allocate_density(err_a[b].reshape(-1, C), dens_a[b].reshape(-1, C), targets[b]) for b in range(num_buckets)])
+        budget: dict[str, Any] = {"target_density": targets}
+    elif targets:
+        choice = allocate_density(err_a.reshape(-1, C), dens_a.reshape(-1, C), targets[0])
+        budget = {"target_density": targets[0]}
     else:
-        choice = allocate_error(err_a.reshape(-1, C), costs, max_error)
+        choice = allocate_error(err_a.reshape(-1, C), costs.reshape(-1, C), max_error)
         budget = {"max_error": max_error}
-    choice = choice.view(num_buckets, L, H)
+    choice = choice.reshape(num_buckets, L, H)
     plan = [
         [[HeadChoice(cands[int(choice[b, l, h])], float(err[b, l, h, choice[b, l, h]]), float(dens[b, l, h, choice[b, l, h]])) for h in range(H)] for l in range(L)]
         for b in range(num_buckets)
@@ -373,10 +594,13 @@ def build_profile(
             "grid": list(geometry.grid) if geometry else None,
             "text_len": geometry.text_len if geometry else 0,
             "timesteps": [round(t, 4) for t in ts],
+            "measured_timesteps": [round(t, 4) for t in measured],
+            "metrics_recorded": stats.metrics,
             "candidates": [{k: v for k, v in HeadChoice(c, 0, 0).to_json().items() if k in ("pattern", "params")} for c in cands],
         },
         "budget": budget,
-        "metric": "relative L2 error of each head's attention output vs dense on sampled query rows, mean over calls",
+        "metric": METRICS.get(stats.metric, stats.metric),
+        "metric_name": stats.metric,
         "dense_above": round(dense_above, 6),
         "dense_layers": dense_layers,
         "block_size": block_size,
@@ -385,11 +609,13 @@ def build_profile(
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     profile = Profile(header, buckets, plan)
-    chosen_cost = costs.gather(1, choice.reshape(-1, 1)).mean().item()
+    chosen = costs.gather(-1, choice[..., None]).squeeze(-1)  # (buckets, L, H)
+    profile.header["cost"] = costmodel.expected_speedup(profile, cost_model)
     profile.summary = {
         **profile.default_summary(),
         "mean_error": round(float(err.gather(-1, choice[..., None]).mean()), 5),
-        "relative_attention_cost": round(chosen_cost, 4),
+        "relative_attention_cost": round(float(chosen.mean()), 4),
+        "expected_attention_speedup": profile.header["cost"]["sparse_steps"],
         "per_bucket_density": [round(float(dens[b].gather(-1, choice[b][..., None]).mean()), 4) for b in range(num_buckets)],
     }
     return profile

@@ -96,7 +96,7 @@ def test_profile_round_trip_is_readable(calibrated, tmp_path):
     profile = build_profile(stats, target_density=0.4, block_size=16, model_class="WanTransformer3DModel", model_id="tiny")
     path = profile.save(tmp_path / "p.json")
     doc = json.loads(path.read_text())
-    assert doc["format"] == "sparse-dit-profile" and doc["version"] == 1
+    assert doc["format"] == "sparse-dit-profile" and doc["version"] == 2
     for key in ("model_class", "model_id", "layers", "heads", "head_dim", "calibration", "budget", "metric", "library_version"):
         assert key in doc["header"]
     # one head per line: readable and diffable
@@ -203,12 +203,16 @@ def test_shipped_reference_profile_loads_and_generates(reference_model):
     assert stats["sparse_calls"] > 0 and stats["mean_density"] < 0.6
 
 
-def test_profile_refuses_another_grid(calibrated):
+def test_profile_runs_at_another_grid(calibrated):
+    """A profile is a property of the model: calibrated on 5 x 7 x 9, it runs on 3 x 6 x 10 (tests/test_profile_transfer.py
+    covers the rule)."""
     model, stats = calibrated
-    profile = build_profile(stats, target_density=0.4, block_size=16)  # calibrated on the 5 x 7 x 9 grid
+    profile = build_profile(stats, target_density=0.4, block_size=16)
     x, _, text = wan_inputs(batch=1, frames=3, height=6, width=10)
     sparse_dit.patch(model, profile=profile)
-    with pytest.raises(ValueError, match=r"calibrated for the video grid \(5, 7, 9\) .* this call has \(3, 6, 10\)"):
+    try:
         with torch.no_grad():
-            model(x, torch.full((1,), 100), text)
-    sparse_dit.unpatch(model)
+            out = model(x, torch.full((1,), 100), text).sample
+        assert torch.isfinite(out).all() and sparse_dit.patch_state(model).stats["sparse_calls"] == 2
+    finally:
+        sparse_dit.unpatch(model)

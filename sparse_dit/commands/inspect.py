@@ -11,16 +11,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", help="write a pattern map: one panel per bucket, layers x heads")
 
 
+def expected_cost(profile) -> dict | None:
+    """The profile's stated cost (``header.cost``), or, for older files, its cost model applied now; None without either."""
+    from sparse_dit.costmodel import expected_speedup
+
+    if profile.header.get("cost"):
+        return profile.header["cost"]
+    return expected_speedup(profile) if profile.header.get("cost_model") else None
+
+
 def summary_lines(profile) -> list[str]:
     h = profile.header
+    cost = expected_cost(profile)
+    grids = ", ".join("x".join(map(str, g)) for g in profile.calibration_grids() if g) or "none recorded"
     lines = [
         f"model      {h.get('model_id') or '?'} ({h.get('model_class')}), {profile.layers} layers x {profile.heads} heads, head dim {h.get('head_dim')}",
         f"budget     {h.get('budget')}, metric: {h.get('metric')}",
+        f"grids      calibrated at {grids} (frames x height x width after patchify); other grids use the transfer rule",
         f"dense      timesteps t > {profile.dense_above:.3f} (warm-up), first {h.get('dense_layers', 0)} layers",
-        f"overall    density {profile.density():.3f}, patterns {profile.pattern_counts()}",
+        f"overall    density {profile.density():.3f}"
+        + (f", expected attention speed-up {cost['sparse_steps']:.2f}x on sparse steps ({cost['with_dense_warmup']:.2f}x with the "
+           f"dense warm-up), patterns {profile.pattern_counts()}" if cost else f", patterns {profile.pattern_counts()}"),
     ]
+    if cost:
+        lines.append(f"cost       {'measured' if cost.get('measured') else 'NOT measured'}: {cost.get('source')}")
+    for other in profile.more_grids:  # the further calibration grids, each with its own plan (not printed per layer)
+        other_cost = expected_cost(other)
+        lines.append(f"grid       {'x'.join(map(str, other.grid))}: density {other.density():.3f}"
+                     + (f", expected attention speed-up {other_cost['sparse_steps']:.2f}x on sparse steps" if other_cost else "")
+                     + f", patterns {other.pattern_counts()}")
+    per_bucket = (cost or {}).get("per_bucket") or []
     for b, (lo, hi) in enumerate(profile.buckets):
-        lines.append(f"bucket {b}   t in [{lo:.3f}, {hi:.3f}]")
+        density = sum(c.density for layer in profile.plan[b] for c in layer) / max(1, profile.layers * profile.heads)
+        speed = f", expected speed-up {per_bucket[b]:.2f}x" if b < len(per_bucket) else ""
+        lines.append(f"bucket {b}   t in [{lo:.3f}, {hi:.3f}], density {density:.3f}{speed}")
         lines.append("  layer  density  error   patterns")
         for layer, heads in enumerate(profile.plan[b]):
             dens = sum(c.density for c in heads) / len(heads)
