@@ -349,14 +349,14 @@ def observe(
     pipeline_like = [t for t, _ in targets]
     for transformer in pipeline_like:
         sparse_dit.unpatch(transformer)
-    clock = None
+    clocks = None
     try:
         for (transformer, _), obs in zip(targets, observers):
             sparse_dit.patch(transformer, pattern="dense")
             state = sparse_dit.patch_state(transformer)
-            if clock is None:
-                clock = state.clock
-            state.clock = clock  # one clock for the pipeline's transformers (Wan 2.2 hands over mid-generation)
+            if clocks is None:
+                clocks = state.clocks
+            state.clocks = clocks  # one clock for the pipeline's transformers (Wan 2.2 hands over mid-generation)
             state.observer = _measured_only(obs, state, measure_step)
         run(observers)
     finally:
