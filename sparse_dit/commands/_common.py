@@ -205,13 +205,14 @@ def check_profile_fits(profile: Any, *, model_class: str, layers: int, heads: in
 
 # ---------------------------------------------------------------------------------------------- progress
 @contextlib.contextmanager
-def step_progress(module: torch.nn.Module, total: int, desc: str, unit: str = "step",
+def step_progress(module: torch.nn.Module, total: int, desc: str, unit: str = "step", initial: int = 0,
                   disable: bool | None = None) -> Iterator[Any]:
     """A tqdm bar (with rate and ETA) that moves by one at every forward call of ``module``: one
-    denoising step of a model that batches its CFG passes. Yields the bar; the hook is removed on exit."""
+    denoising step of a model that batches its CFG passes. ``initial``: steps already done (a resumed run;
+    the rate counts only new steps). Yields the bar; the hook is removed on exit."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=disable, leave=True)
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=disable, leave=True)
     handle = module.register_forward_hook(lambda *_: bar.update(1))
     try:
         yield bar

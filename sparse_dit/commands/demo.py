@@ -37,16 +37,16 @@ DEFAULT_PROMPT = "two shapes: a yellow square spinning, a blue ring sliding; cam
 # (dense + sparse generation, 10 steps with guidance) stays under 2 minutes on a 2-core CPU; see README.
 DEMO_CLIP = (16, 48, 48)
 DEMO_STEPS = 10
-# The first steps run dense (as profiles keep ~20% of the steps dense): the layout of the video is decided
+# By default the first 20% of the steps run dense (as profiles do): the layout of the video is decided
 # early, and sparse attention in those steps costs more quality than it saves time.
-DEMO_DENSE_STEPS = 2
+DEMO_DENSE_FRACTION = 0.2
 # Panels are upscaled (nearest neighbour) to about this many pixels on their longer side.
 PANEL_PIXELS = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_pattern_arguments(p)
-    p.set_defaults(dense_steps=DEMO_DENSE_STEPS)
+    p.set_defaults(dense_steps=None)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt, in the reference model's words (see --list-words)")
     p.add_argument("--list-words", action="store_true", help="print the words the reference model knows and exit")
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=None,
                    help=f"nearest-neighbour upscaling of the frames (default: panels of about {PANEL_PIXELS} px)")
     p.description = (p.description or "") + (
-        f"\nDense warm-up: the first {DEMO_DENSE_STEPS} steps run dense by default (--dense-steps 0 for none)."
+        f"\nDense warm-up: by default the first {DEMO_DENSE_FRACTION:.0%} of the steps (rounded) run dense "
+        "(--dense-steps N to choose, 0 for none)."
     )
 
 
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_dit.io import check_output_path
 
     frames, height, width = resolve_clip_size(args)
+    if args.dense_steps is None:
+        args.dense_steps = int(DEMO_DENSE_FRACTION * args.steps + 0.5) if args.steps > 1 else 0
     check_generation_args(args)
     check_positive(args, "--fps", "--scale")
     require(args.seed >= 0, f"--seed must be 0 or more; got {args.seed}")
