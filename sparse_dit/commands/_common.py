@@ -206,7 +206,7 @@ def check_profile_fits(profile: Any, *, model_class: str, layers: int, heads: in
 # ---------------------------------------------------------------------------------------------- progress
 @contextlib.contextmanager
 def step_progress(module: torch.nn.Module, total: int, desc: str, unit: str = "step", initial: int = 0,
-                  disable: bool | None = None) -> Iterator[Any]:
+                  disable: bool = False) -> Iterator[Any]:
     """A tqdm bar (with rate and ETA) that moves by one at every forward call of ``module``: one
     denoising step of a model that batches its CFG passes. ``initial``: steps already done (a resumed run;
     the rate counts only new steps). Yields the bar; the hook is removed on exit."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
 
-from ._common import check_block_size, check_non_negative, check_positive
+from ._common import UsageError, check_block_size, check_non_negative, check_positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"pattern {args.pattern!r} is dynamic (its layout depends on q and k); give a static one")
         layout = spec.module.build(geometry, 1, args.block_size, "cpu", **spec.params)
     except (ValueError, TypeError) as err:
-        print(f"sparse-dit density: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     d = layout.density
     S = geometry.seq_len
     print(f"pattern   {spec!r}")
