@@ -213,7 +213,10 @@ def step_progress(module: torch.nn.Module, total: int, desc: str, unit: str = "s
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=disable, leave=True)
-    handle = module.register_forward_hook(lambda *_: bar.update(1))
+    def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the module's output
+        bar.update(1)
+
+    handle = module.register_forward_hook(tick)
     try:
         yield bar
     finally:
