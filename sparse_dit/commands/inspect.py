@@ -81,8 +81,19 @@ def plot_map(profile, path: str) -> None:
     plt.close(fig)
 
 
+def write_plot(profile, path: "str | Path") -> bool:
+    """`plot_map` into ``path`` through a temporary file in the same folder (a failed write keeps a previous
+    file whole). Returns True when it replaced an existing file."""
+    from sparse_dit.io import atomic_path
+
+    existed = Path(path).exists()
+    with atomic_path(path) as tmp:
+        plot_map(profile, str(tmp))
+    return existed
+
+
 def run(args: argparse.Namespace) -> int:
-    from sparse_dit.io import atomic_path, check_output_path
+    from sparse_dit.io import check_output_path
 
     from ._common import UsageError, load_profile_arg, require
 
@@ -96,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile_arg(args.profile)
     print("\n".join(summary_lines(profile)))
     if args.plot:
-        existed = Path(args.plot).exists()
-        with atomic_path(args.plot) as tmp:
-            plot_map(profile, str(tmp))
+        existed = write_plot(profile, args.plot)
         print(f"wrote {args.plot}" + (" (replaced the previous file)" if existed else ""))
     return 0

@@ -246,8 +246,18 @@ def calibrate_prompts(transformer: torch.nn.Module, run_prompt: Callable[[int], 
     return stats
 
 
-def run(args: argparse.Namespace) -> int:
+def write_profile(profile: Any, out: Path) -> bool:
+    """Write ``profile`` to ``out`` through a temporary file in the same folder (a failed or interrupted write
+    keeps a previous file whole). Returns True when it replaced an existing file."""
     from sparse_dit.io import atomic_path
+
+    existed = Path(out).exists()
+    with atomic_path(out) as tmp:
+        profile.save(tmp)
+    return existed
+
+
+def run(args: argparse.Namespace) -> int:
     from sparse_dit.profiler import build_profile
 
     out, checkpoint = check_arguments(args)
@@ -283,9 +293,7 @@ def run(args: argparse.Namespace) -> int:
         calibration={"prompts": prompts, "settings": settings, "seed": args.seed, "query_rows": args.query_rows,
                      "seconds": round(elapsed, 1), "device": str(device)},
     )
-    existed = out.exists()
-    with atomic_path(out) as tmp:
-        profile.save(tmp)
+    existed = write_profile(profile, out)
     checkpoint.unlink(missing_ok=True)
     s = profile.summary
     replaced = " (replaced the previous file)" if existed else ""
