@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"nearest-neighbour upscaling of the frames (default: panels of about {PANEL_PIXELS} px)")
     p.description = (p.description or "") + (
         f"\nDense warm-up: by default the first {DEMO_DENSE_FRACTION:.0%} of the steps (rounded) run dense "
-        "(--dense-steps N to choose, 0 for none)."
+        "(--dense-steps N to choose, 0 for none); with --profile, the profile's own warm-up."
     )
 
 
@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     from sparse_dit.io import check_output_path
 
     frames, height, width = resolve_clip_size(args)
-    if args.dense_steps is None:
-        args.dense_steps = int(DEMO_DENSE_FRACTION * args.steps + 0.5) if args.steps > 1 else 0
+    if args.dense_steps is None:  # a profile brings its own dense warm-up (its first timesteps)
+        fraction = 0.0 if args.profile else DEMO_DENSE_FRACTION
+        args.dense_steps = int(fraction * args.steps + 0.5) if args.steps > 1 else 0
     check_generation_args(args)
     check_positive(args, "--fps", "--scale")
     require(args.seed >= 0, f"--seed must be 0 or more; got {args.seed}")
