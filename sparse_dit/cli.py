@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, UsageError):  # raised by the library, possibly deep in a run: say where to look
+            message += " (--debug shows where)"
         print(f"sparse-dit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
