@@ -413,3 +413,18 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
     assert extracted.strip() == block.removeprefix("bash\n").strip()
     assert "mktemp -d" in ci and "python3 -m venv" in ci and "pip install" not in ci.split("commands=")[0]
     assert "triton" not in (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
+
+
+def test_demo_accepts_the_480p_grid_and_the_shipped_profile_at_default_sizes(no_model):
+    """`demo --frames 21 --height 120 --width 208` (the Wan 480p latent grid, 32,760 tokens) passes every check,
+    and the shipped profile fits the default sizes of demo and eval (checked, not run: no model is built)."""
+    from sparse_dit.commands.eval import latent_grid, resolve_clip_size, resolve_sparse_method
+
+    args = build_parser().parse_args(["demo", "--frames", "21", "--height", "120", "--width", "208"])
+    grid = latent_grid(*resolve_clip_size(args))
+    assert grid == (21, 30, 52)
+    assert resolve_sparse_method(args, grid, 2)["pattern"].name == "tile"
+    for command in ("demo", "eval"):
+        args = build_parser().parse_args([command, "--profile", "reference"])
+        method = resolve_sparse_method(args, latent_grid(*resolve_clip_size(args)), 2)
+        assert method["profile"] is not None and method["block_size"] == 32
