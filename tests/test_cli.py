@@ -428,3 +428,9 @@ def test_demo_accepts_the_480p_grid_and_the_shipped_profile_at_default_sizes(no_
         args = build_parser().parse_args([command, "--profile", "reference"])
         method = resolve_sparse_method(args, latent_grid(*resolve_clip_size(args)), 2)
         assert method["profile"] is not None and method["block_size"] == 32
+
+
+@pytest.mark.parametrize("command", ["check", "density", "eval", "demo", "profile", "inspect"])
+def test_help_of_every_subcommand(command, capsys):
+    assert run_cli([command, "--help"]) == 0
+    assert "--debug" in capsys.readouterr().out

@@ -45,7 +45,7 @@ PANEL_PIXELS = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_pattern_arguments(p)
+    add_pattern_arguments(p, dense_steps_default=f"{DEMO_DENSE_FRACTION * 100:.0f} percent of --steps, rounded; with --profile 0")
     p.set_defaults(dense_steps=None)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt, in the reference model's words (see --list-words)")
     p.add_argument("--list-words", action="store_true", help="print the words the reference model knows and exit")

@@ -38,8 +38,9 @@ from ._common import (
 PATTERN_BLOCK_SIZE = 32
 
 
-def add_pattern_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``eval`` and ``demo``: a pattern (with window/tile) or a profile, block size, warm-up."""
+def add_pattern_arguments(p: argparse.ArgumentParser, dense_steps_default: str = "0") -> None:
+    """Options shared by ``eval`` and ``demo``: a pattern (with window/tile) or a profile, block size, warm-up.
+    ``dense_steps_default``: how the help text states the command's --dense-steps default."""
     p.add_argument(
         "--pattern",
         default=None,
@@ -52,7 +53,7 @@ def add_pattern_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, nargs=3, metavar=("T", "H", "W"), help="tile: tile shape in tokens (default 2 4 4)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"query block in tokens (default: {PATTERN_BLOCK_SIZE} for --pattern, the profile's own for --profile)")
-    p.add_argument("--dense-steps", type=int, default=0, help="first denoising steps kept dense (default 0)")
+    p.add_argument("--dense-steps", type=int, default=0, help=f"first denoising steps kept dense (default {dense_steps_default})")
     p.add_argument("--replan-every", type=int, default=1,
                    help="dynamic patterns (kmeans, prune) plan a new layout every N sparse steps (default 1)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
