@@ -9,14 +9,15 @@ parameters and raises a clear ``ValueError`` for bad ones, and
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any, Mapping
 
 import torch
 
-from . import dense, kmeans, mask, prune, radial, tile
+from . import dense, kmeans, local, mask, prune, radial, tile
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (dense, mask, tile, radial, kmeans, prune)}
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (dense, mask, local, tile, radial, kmeans, prune)}
 
 
 def register(module: ModuleType) -> None:
@@ -34,6 +35,25 @@ def get(name: str) -> ModuleType:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown pattern {name!r}; known patterns: {', '.join(names())}") from None
+
+
+def parameter_names(name: str) -> list[str]:
+    """The parameters pattern ``name`` accepts (from its ``check_params`` signature)."""
+    signature = inspect.signature(get(name).check_params)
+    return [p.name for p in list(signature.parameters.values())[1:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def check_params(name: str, geometry: Any = None, **params: Any) -> dict:
+    """Normalised parameters of pattern ``name``; an unknown parameter (a typo) is a ValueError that lists the
+    parameters the pattern takes."""
+    module = get(name)
+    known = parameter_names(name)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.check_params).parameters.values())
+    unknown = sorted(set(params) - set(known))
+    if unknown and not accepts_any:
+        takes = ", ".join(known) if known else "no parameters"
+        raise ValueError(f"pattern {name!r} has no parameter {', '.join(map(repr, unknown))}; it takes: {takes}")
+    return dict(module.check_params(geometry, **params))
 
 
 def _freeze(value: Any) -> Any:
@@ -54,9 +74,8 @@ class PatternSpec:
     __slots__ = ("name", "params", "_key")
 
     def __init__(self, name: str, **params: Any) -> None:
-        module = get(name)
         self.name = name
-        self.params = dict(module.check_params(None, **params))
+        self.params = check_params(name, None, **params)
         self._key = (name, _freeze(self.params))
 
     @property
@@ -97,4 +116,4 @@ class PatternSpec:
         raise TypeError(f"pattern must be a name, a PatternSpec or a mapping; got {type(value).__name__}")
 
 
-__all__ = ["PatternSpec", "get", "names", "register"]
+__all__ = ["PatternSpec", "check_params", "get", "names", "parameter_names", "register"]

@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sparse_dit.metrics import psnr, ssim
 
@@ -172,8 +171,13 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    s, m = report["settings"], report["summary"]
+    """The report as a Markdown page: the settings that ran, one row per clip, and a mean row (times are
+    per-clip means, not sums; the totals are stated under the table)."""
+    s, m, clips = report["settings"], report["summary"], report["clips"]
     what = s["pattern"] if s.get("profile") is None else f"profile {s['profile']}"
+    n = max(1, len(clips))
+    dense_mean = sum(c["dense_s"] for c in clips) / n
+    sparse_mean = sum(c["sparse_s"] for c in clips) / n
     lines = [
         f"# Fidelity: {what} vs dense",
         "",
@@ -182,60 +186,50 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"dense steps {s['dense_steps']}, sparse-dit {s['sparse_dit_version']}.",
         "",
         "PSNR over the whole clip (data range 1); SSIM per frame and channel (11x11 Gaussian window, sigma 1.5), "
-        "averaged; density = computed share of the attention matrix over sparse calls.",
+        "averaged; density = computed share of the attention matrix over sparse calls; times are wall seconds "
+        "of one whole generation.",
         "",
         "| seed | prompt | PSNR (dB) | SSIM | density | dense s | sparse s |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for c in report["clips"]:
+    for c in clips:
         lines.append(
             f"| {c['seed']} | {c['prompt']} | {_fmt(c['psnr'])} | {c['ssim']:.4f} | {c['density']:.3f} | "
             f"{c['dense_s']:.1f} | {c['sparse_s']:.1f} |"
         )
     lines += [
         f"| **mean** | {m['clips']} clips | {_fmt(m['psnr'])} | {m['ssim']:.4f} | {m['density']:.3f} | "
-        f"{m['dense_s']:.1f} | {m['sparse_s']:.1f} |",
+        f"{dense_mean:.1f} | {sparse_mean:.1f} |",
+        "",
+        f"Total wall time: dense {m['dense_s']:.1f} s, sparse {m['sparse_s']:.1f} s over {m['clips']} clips.",
         "",
     ]
     return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out_dir: "str | Path") -> tuple[Path, Path]:
-    """Write ``fidelity.json`` and ``fidelity.md`` into ``out_dir``; returns their paths."""
+    """Write ``fidelity.json`` and ``fidelity.md`` into ``out_dir`` (created if missing); returns their paths.
+    Each file is written to a temporary file beside it and moved into place, so a failed write keeps the
+    previous report whole."""
+    from sparse_dit.io import write_text_atomic
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in report.items() if k != "videos"}
-    jpath, mpath = out / "fidelity.json", out / "fidelity.md"
     # JSON has no infinity: identical clips are written as the string "inf"
     text = json.dumps(clean, indent=1, default=str, allow_nan=True).replace("Infinity", '"inf"')
-    jpath.write_text(text + "\n")
-    mpath.write_text(to_markdown(report))
+    jpath = write_text_atomic(out / "fidelity.json", text + "\n")
+    mpath = write_text_atomic(out / "fidelity.md", to_markdown(report))
     return jpath, mpath
-
-
-
 
 
 # ------------------------------------------------------------------------------ patterns for the CLIs
 def local_block_mask(grid: tuple[int, int, int], block_size: int, radius: Sequence[int] = (1, 2, 2)) -> torch.Tensor:
-    """(1, 1, NB, NB) block mask of a local 3-D neighbourhood on a video grid in raster (f, h, w) order.
+    """(1, 1, NB, NB) block mask of a local 3-D neighbourhood on a video grid in raster (f, h, w) order; the
+    mask of the ``local`` pattern (`sparse_dit.patterns.local`)."""
+    from sparse_dit.patterns import local
 
-    Query block i keeps key block j when some token of j lies within ``radius`` = (frames, rows, columns)
-    of some token of i (a box, Chebyshev distance per axis). Exact at token level; for tests and for
-    the ``mask`` fallback of the demo.
-    """
-    Fg, Hg, Wg = (int(v) for v in grid)
-    S = Fg * Hg * Wg
-    nb = -(-S // block_size)
-    owner = torch.zeros(nb, S)
-    owner[torch.arange(S) // block_size, torch.arange(S)] = 1.0
-    rf, rh, rw = (int(r) for r in radius)
-    reach = F.max_pool3d(
-        owner.view(nb, 1, Fg, Hg, Wg), kernel_size=(2 * rf + 1, 2 * rh + 1, 2 * rw + 1), stride=1, padding=(rf, rh, rw)
-    ).view(nb, S)
-    pad = nb * block_size - S
-    reach = F.pad(reach, (0, pad)).view(nb, nb, block_size)
-    return (reach.amax(-1) > 0)[None, None]
+    return local.block_mask(grid, block_size, radius)
 
 
 def cli_pattern(
@@ -247,17 +241,16 @@ def cli_pattern(
 ) -> Any:
     """The pattern a CLI option names: a registered name (``tile``, ``radial``, ``dense``, ...) with the
     ``window``/``tile`` options where the pattern takes them, a JSON mapping (``{"name": "radial", "decay": 1}``),
-    or ``local``: a `local_block_mask` of radius ``window`` (default (1, 2, 2)) as a ``mask`` pattern."""
+    or ``local`` (the registered pattern, ``PatternSpec("local", radius=...)``) with ``window`` as its radius."""
     from sparse_dit.patterns import PatternSpec
 
     name = name.strip()
     if name.startswith("{"):
         return PatternSpec.coerce(json.loads(name))
     if name == "local":
-        radius = tuple(window) if window else (1, 2, 2)
-        if len(radius) == 1:
-            radius = radius * 3
-        return PatternSpec("mask", block_mask=local_block_mask(grid, block_size, radius), block_size=block_size)
+        if tile:
+            raise ValueError("--tile applies to the tile pattern; the local pattern takes --window (its radius f h w)")
+        return PatternSpec("local", radius=tuple(window)) if window else PatternSpec("local")
     params: dict[str, Any] = {}
     if name == "tile":
         if window:

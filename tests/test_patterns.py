@@ -534,12 +534,12 @@ def test_density_cli(capsys):
     from sparse_dit.cli import main
 
     assert main(["density", "--pattern", "tile", "--window", "3", "1", "2", "--frames", "5", "--height", "7",
-                 "--width", "9", "--block", "16", "--text-len", "3", "--text-position", "first"]) == 0
+                 "--width", "9", "--block-size", "16", "--text-len", "3", "--text-position", "first"]) == 0
     out = capsys.readouterr().out
     expected = tile.build(geom((3, "first")), 1, 16, "cpu", window=(3, 1, 2)).density
     assert f"density   {expected:.4f}" in out
     assert main(["density", "--pattern", "radial", "--decay", "0.5", "--param", "variant='band'", "--frames", "5",
-                 "--height", "7", "--width", "9", "--block", "16"]) == 0
+                 "--height", "7", "--width", "9", "--block-size", "16"]) == 0
     assert "frame distance" in capsys.readouterr().out
     assert main(["density", "--pattern", "tile", "--window", "9", "--frames", "5", "--height", "7", "--width", "9"]) == 2
     assert "larger than the tile grid" in capsys.readouterr().err

@@ -9,15 +9,17 @@ import time
 
 import torch
 
+from ._common import check_block_size, check_backend, check_non_negative, check_positive, resolve_device
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=5, help="post-patchify frames (default 5)")
     p.add_argument("--height", type=int, default=12, help="post-patchify height (default 12)")
     p.add_argument("--width", type=int, default=20, help="post-patchify width (default 20)")
-    p.add_argument("--block", type=int, default=64, help="block size of the mask in tokens (default 64)")
+    p.add_argument("--block-size", type=int, default=64, help="block size of the mask in tokens, at least 16 (default 64)")
     p.add_argument("--window", type=int, default=2, help="key blocks kept on each side of a query block (default 2)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def window_block_mask(seq_len: int, block: int, window: int) -> torch.Tensor:
@@ -30,11 +32,16 @@ def window_block_mask(seq_len: int, block: int, window: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_positive(args, "--frames", "--height", "--width", "--layers")
+    check_non_negative(args, "--window")
+    check_block_size(args.block_size)
+    device = resolve_device(args.device)
+    backend_label = check_backend("auto", device)
+
     from diffusers import WanTransformer3DModel
 
     import sparse_dit
 
-    device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = WanTransformer3DModel(
@@ -59,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return out.float(), time.perf_counter() - start
 
     dense, t_dense = timed()
-    mask = window_block_mask(S, args.block, args.window)
-    sparse_dit.patch(model, pattern=sparse_dit.PatternSpec("mask", block_mask=mask, block_size=args.block))
+    mask = window_block_mask(S, args.block_size, args.window)
+    sparse_dit.patch(model, pattern=sparse_dit.PatternSpec("mask", block_mask=mask, block_size=args.block_size))
     sparse, t_sparse = timed()
     stats = sparse_dit.patch_state(model).stats
     density = stats["density_sum"] / max(1, stats["sparse_calls"])
@@ -68,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     restored, _ = timed()
     rel = ((sparse - dense).norm() / dense.norm()).item()
     print(f"model        WanTransformer3DModel, {args.layers} layers, 4 heads x 64, {S} tokens, {dtype}, {device}")
-    print(f"pattern      window of {args.window} blocks of {args.block} tokens each side + sink block")
+    print(f"backend      {backend_label}")
+    print(f"pattern      window of {args.window} blocks of {args.block_size} tokens each side + sink block")
     print(f"density      {density:.3f}")
     print(f"rel. error   {rel:.4f} (sparse vs dense output)")
     print(f"time         dense {t_dense * 1e3:.1f} ms, sparse {t_sparse * 1e3:.1f} ms")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from typing import Any
 
 import torch
@@ -21,6 +20,8 @@ import torch
 from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
+
+from ._common import UsageError, check_block_size, check_non_negative, check_positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, required=True, help="latent columns after patchify")
     parser.add_argument("--text-len", type=int, default=0, help="text tokens in the self-attention sequence")
     parser.add_argument("--text-position", choices=("first", "last"), default=None, help="where text tokens sit")
-    parser.add_argument("--block", type=int, default=128, help="query block size (default 128)")
+    parser.add_argument("--block-size", type=int, default=128, help="query block in tokens, at least 16 (default 128)")
     parser.add_argument("--distances", type=int, default=8, help="rows of the per-frame-distance table (0: none)")
 
 
@@ -87,6 +88,9 @@ def frame_pair_density(layout: Layout, geometry: Geometry, chunk: int = 64) -> t
 
 
 def run(args: argparse.Namespace) -> int:
+    check_positive(args, "--frames", "--height", "--width")
+    check_non_negative(args, "--text-len", "--distances")
+    check_block_size(args.block_size)
     text_position = args.text_position or ("first" if args.text_len else "none")
     if args.text_len == 0:
         text_position = "none"
@@ -95,14 +99,13 @@ def run(args: argparse.Namespace) -> int:
         spec = PatternSpec(args.pattern, **pattern_params(args))
         if not spec.static:
             raise ValueError(f"pattern {args.pattern!r} is dynamic (its layout depends on q and k); give a static one")
-        layout = spec.module.build(geometry, 1, args.block, "cpu", **spec.params)
+        layout = spec.module.build(geometry, 1, args.block_size, "cpu", **spec.params)
     except (ValueError, TypeError) as err:
-        print(f"sparse-dit density: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     d = layout.density
     S = geometry.seq_len
     print(f"pattern   {spec!r}")
-    print(f"grid      {args.frames}x{args.height}x{args.width} (+{args.text_len} text, {text_position}) S={S} block={args.block}")
+    print(f"grid      {args.frames}x{args.height}x{args.width} (+{args.text_len} text, {text_position}) S={S} block={args.block_size}")
     print(f"blocks    {layout.num_q_blocks} query blocks (query order {layout.q_order_len} slots, {layout.q_order_len - S} padded), "
           f"max {layout.kv_start.shape[-1]} segments per block")
     print(f"density   {d:.4f}  ({d * S * S / 1e6:.1f}M of {S * S / 1e6:.1f}M pairs; ideal speed-up x{1 / d:.2f})")

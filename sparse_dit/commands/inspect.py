@@ -4,11 +4,12 @@ heatmap of the pattern of every (layer, head) per bucket (--plot map.png)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile file (.json) or the name of a shipped profile")
-    p.add_argument("--plot", metavar="PNG", help="write a pattern map: one panel per bucket, layers x heads")
+    p.add_argument("--plot", metavar="PNG", help="write a pattern map: one panel per bucket, layers x heads (.png)")
 
 
 def expected_cost(profile) -> dict | None:
@@ -55,10 +56,13 @@ def summary_lines(profile) -> list[str]:
 
 
 def short_label(spec) -> str:
-    """Compact name of a PatternSpec for tables: tile3x3x5, radial0.5, kmeans0.9, prune0.3, dense."""
+    """Compact name of a PatternSpec for tables: tile3x3x5 (window in tiles, t x h x w), radial0.5 (decay),
+    kmeans0.9 (top_p), prune0.3 (keep_ratio), local1x2x2 (radius in tokens), dense. The README explains them."""
     p = spec.params
     if spec.name == "tile":
-        return "tile" + "x".join(map(str, p["window"]))
+        return "tile" + ("x".join(map(str, p["window"])) if p.get("window") else "")
+    if spec.name == "local":
+        return "local" + "x".join(map(str, p["radius"]))
     if spec.name == "radial":
         return f"radial{p['decay']:g}"
     if spec.name == "kmeans":
@@ -101,12 +105,32 @@ def plot_map(profile, path: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    from sparse_dit.profile import Profile
+def write_plot(profile, path: "str | Path") -> bool:
+    """`plot_map` into ``path`` through a temporary file in the same folder (a failed write keeps a previous
+    file whole). Returns True when it replaced an existing file."""
+    from sparse_dit.io import atomic_path
 
-    profile = Profile.coerce(args.profile)
+    existed = Path(path).exists()
+    with atomic_path(path) as tmp:
+        plot_map(profile, str(tmp))
+    return existed
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_dit.io import check_output_path
+
+    from ._common import UsageError, load_profile_arg, require
+
+    if args.plot:
+        require(args.plot.lower().endswith(".png"), f"--plot must name a .png file; got {args.plot!r}")
+        check_output_path(args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError('--plot needs matplotlib: pip install "sparse-dit[plot]"') from None
+    profile = load_profile_arg(args.profile)
     print("\n".join(summary_lines(profile)))
     if args.plot:
-        plot_map(profile, args.plot)
-        print(f"wrote {args.plot}")
+        existed = write_plot(profile, args.plot)
+        print(f"wrote {args.plot}" + (" (replaced the previous file)" if existed else ""))
     return 0

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="profile file to write (.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibration from OUT.partial.pt (finished prompts are kept)")
 
 
 def calibration_prompts(args: argparse.Namespace) -> list[str]:
@@ -175,11 +178,40 @@ def _profile_pipeline(args, prompts, extend, progress):
     )
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every argument checked before any model is built (one-line errors through the CLI)."""
+    from sparse_dit.io import check_output_path
+
+    if args.target_density is not None and not all(0 < d <= 1 for d in args.target_density):
+        raise ValueError(f"--target-density must be in (0, 1]; got {args.target_density}")
+    if args.max_error is not None and args.max_error <= 0:
+        raise ValueError(f"--max-error must be > 0; got {args.max_error}")
+    for name in ("steps", "buckets", "block_size", "query_rows", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.block_size < 16:
+        raise ValueError(f"--block-size must be >= 16; got {args.block_size}")
+    if not 0 <= args.dense_fraction < 1:
+        raise ValueError(f"--dense-fraction must be in [0, 1); got {args.dense_fraction}")
+    if args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0; got {args.dense_layers}")
+    for name in ("height", "width", "frames"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise FileNotFoundError(f"--prompts {args.prompts!r} does not exist")
+    if not str(args.out).endswith(".json"):
+        raise ValueError(f"--out must be a .json file; got {args.out!r}")
+    check_output_path(args.out, force=True if (args.force or args.resume) else False)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from sparse_dit.profile import Profile
+    from sparse_dit.io import write_text_atomic
+    from sparse_dit.profile import Profile, dumps_readable
 
+    validate(args)
     prompts = calibration_prompts(args)
     extend = Profile.coerce(args.extend) if args.extend else None
     start = time.perf_counter()
@@ -195,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         s, cost = profile.summary, profile.header["cost"]
         if extend is not None:
             profile = extend.merge(profile)
-        path = profile.save(paths[name])
+        path = write_text_atomic(paths[name], dumps_readable(profile.to_json()) + "\n")
         print(f"wrote {path}: density {s['density']:.3f}, mean error {s['mean_error']:.4f}, patterns {s['patterns']}, "
               f"expected attention speed-up {cost['sparse_steps']:.2f}x on sparse steps "
               f"({'measured' if cost['measured'] else 'FLOP estimate'}), grids {profile.calibration_grids()}, "
