@@ -17,6 +17,8 @@ rule is in sparse_dit/profile.py); --extend adds this calibration grid to an exi
 from __future__ import annotations
 
 import argparse
+from typing import Any
+import math
 import time
 from pathlib import Path
 
@@ -178,6 +180,17 @@ def _profile_pipeline(args, prompts, extend, progress):
     )
 
 
+def write_profile(profile: Any, out: Path) -> bool:
+    """Write ``profile`` to ``out`` through a temporary file in the same folder (a failed or interrupted write
+    keeps a previous file whole). Returns True when it replaced an existing file."""
+    from sparse_dit.io import atomic_path
+
+    existed = Path(out).exists()
+    with atomic_path(out) as tmp:
+        profile.save(tmp)
+    return existed
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every argument checked before any model is built (one-line errors through the CLI)."""
     from sparse_dit.io import check_output_path
@@ -195,21 +208,34 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--dense-fraction must be in [0, 1); got {args.dense_fraction}")
     if args.dense_layers < 0:
         raise ValueError(f"--dense-layers must be >= 0; got {args.dense_layers}")
+    if args.model == "reference":
+        from sparse_dit.reference import TRANSFORMER_CONFIG
+
+        if args.dense_layers >= TRANSFORMER_CONFIG["num_layers"]:
+            raise ValueError(f"--dense-layers {args.dense_layers} leaves no sparse layer (the reference model has "
+                             f"{TRANSFORMER_CONFIG['num_layers']}); lower it")
+    elif args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
+        raise FileNotFoundError(f"--model {args.model!r} does not exist: give a pipeline folder or a hub id")
     for name in ("height", "width", "frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    sparse_steps = args.steps - math.ceil(args.dense_fraction * args.steps)
+    if args.buckets > max(1, sparse_steps):
+        raise ValueError(f"--buckets {args.buckets} needs at least that many sparse steps; --steps {args.steps} with "
+                         f"--dense-fraction {args.dense_fraction} leaves {sparse_steps}: lower --buckets or raise --steps")
     if args.prompts and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"--prompts {args.prompts!r} does not exist")
     if not str(args.out).endswith(".json"):
         raise ValueError(f"--out must be a .json file; got {args.out!r}")
+    if args.resume and not Path(f"{args.out}.partial.pt").exists():
+        raise FileNotFoundError(f"--resume: no interrupted calibration {args.out}.partial.pt; run without --resume")
     check_output_path(args.out, force=True if (args.force or args.resume) else False)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from sparse_dit.io import write_text_atomic
-    from sparse_dit.profile import Profile, dumps_readable
+    from sparse_dit.profile import Profile
 
     validate(args)
     prompts = calibration_prompts(args)
@@ -227,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         s, cost = profile.summary, profile.header["cost"]
         if extend is not None:
             profile = extend.merge(profile)
-        path = write_text_atomic(paths[name], dumps_readable(profile.to_json()) + "\n")
+        path = paths[name]
+        write_profile(profile, path)
         print(f"wrote {path}: density {s['density']:.3f}, mean error {s['mean_error']:.4f}, patterns {s['patterns']}, "
               f"expected attention speed-up {cost['sparse_steps']:.2f}x on sparse steps "
               f"({'measured' if cost['measured'] else 'FLOP estimate'}), grids {profile.calibration_grids()}, "
