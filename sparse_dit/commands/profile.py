@@ -68,7 +68,7 @@ def calibration_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
-            raise SystemExit(f"{args.prompts} has no prompts")
+            raise ValueError(f"{args.prompts} has no prompts")
         return prompts
     if args.model != "reference":
         from sparse_dit.calibrate import DEFAULT_PROMPTS
@@ -154,14 +154,14 @@ def _profile_pipeline(args, prompts, extend, progress):
     config = read_pipeline_config(args.model)  # unsupported or missing models fail here, before loading weights
     pipeline_class = getattr(diffusers, str(config.get("_class_name")), None)
     if pipeline_class is not None and pipeline_needs_image(pipeline_class) and not args.images:
-        raise SystemExit(f"{config['_class_name']} is image-to-video: give calibration images with --images")
+        raise ValueError(f"{config['_class_name']} is image-to-video: give calibration images with --images")
     images = load_images(args.images) if args.images else []
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device)
     if extend is not None:  # an unfit --extend profile is refused before calibrating
         targets = sparse_dit.pipelines.resolve_transformers(pipe)
         if len(targets) > 1:
-            raise SystemExit("--extend takes one profile, and this pipeline has two transformers: profile without --extend "
+            raise ValueError("--extend takes one profile, and this pipeline has two transformers: profile without --extend "
                              "and combine each transformer's profiles with sparse_dit.profile.Profile.merge")
         for transformer, adapter in targets:
             extend.check_fits(transformer, adapter.self_attention(transformer))
@@ -215,7 +215,7 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--dense-layers {args.dense_layers} leaves no sparse layer (the reference model has "
                              f"{TRANSFORMER_CONFIG['num_layers']}); lower it")
     elif args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {args.model!r} does not exist: give a pipeline folder or a hub id")
+        raise FileNotFoundError(f"--model {args.model!r}: no pipeline folder there; give a pipeline folder or a hub id")
     for name in ("height", "width", "frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
