@@ -415,7 +415,7 @@ class PatchState:
     observer: Callable[..., None] | None = None
     clocks: ThreadClocks = field(default_factory=ThreadClocks)
     # with a profile: grid -> plan source for that grid (the profile's plan restated for it, see
-    # `Profile.grid_plan_source`); used instead of plan_source when set
+    # `_ProfileGridPlan`); used instead of plan_source when set
     plan_source_at: Callable[[tuple[int, int, int]], Callable[[int, float, int], HeadPlan | None]] | None = None
     layout_cache_size: int = 256
     text_valid_cache_size: int = 64

@@ -335,48 +335,6 @@ class Profile:
                 + "); profile this model with `sparse-dit profile`"
             )
 
-    def plan_source_for(
-        self, transformer: torch.nn.Module, modules: Sequence[torch.nn.Module]
-    ) -> Callable[[int, float, int], tuple[PatternSpec, ...] | None]:
-        """``source(layer, t, step)`` -> the per-head specs as calibrated (primary grid), or None in the warm-up."""
-        self.check_fits(transformer, modules)
-
-        def source(layer: int, t: float, step: int) -> tuple[PatternSpec, ...] | None:
-            bucket = self.bucket_of(t)
-            return None if bucket is None else self.head_plan(bucket, layer)
-
-        return source
-
-    def grid_plan_source(
-        self, transformer: torch.nn.Module, modules: Sequence[torch.nn.Module], block_size: int | None = None
-    ) -> Callable[[Grid], Callable[[int, float, int], tuple[PatternSpec, ...] | None]]:
-        """What `patch` installs: ``at(grid)`` -> ``source(layer, t, step)`` giving the per-head specs restated for
-        ``grid`` (`plan_for_grid`), or None in the dense warm-up. Raises ValueError before any work when the
-        profile does not fit the model.
-
-        The restated plans are cached in the returned closure (so on the patched model, not on this profile),
-        and a grid far from every calibration grid warns once per patch and grid.
-        """
-        self.check_fits(transformer, modules)
-        block = int(block_size or self.block_size)
-        sources: dict[Grid, Callable[[int, float, int], tuple[PatternSpec, ...] | None]] = {}
-
-        def at(grid: Grid) -> Callable[[int, float, int], tuple[PatternSpec, ...] | None]:
-            source = sources.get(grid)
-            if source is None:
-                plan = plan_for_grid(self, grid, block)
-                if plan.far:
-                    warnings.warn(plan.far_warning(), stacklevel=2)
-
-                def source(layer: int, t: float, step: int) -> tuple[PatternSpec, ...] | None:
-                    bucket = plan.source.bucket_of(t)
-                    return None if bucket is None else plan.plan[bucket][layer]
-
-                sources[grid] = source
-            return source
-
-        return at
-
     # ------------------------------------------------------------------------------------------ I/O
     def to_json(self) -> dict:
         doc = {"format": FORMAT, "version": VERSION, **self._body_json()}
