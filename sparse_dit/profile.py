@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -374,8 +375,8 @@ class Profile:
 
     @classmethod
     def from_json(cls, doc: dict, source: str = "profile") -> "Profile":
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a sparse-dit profile (format {doc.get('format')!r})")
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a sparse-dit profile (no \"format\": {FORMAT!r} field)")
         if doc.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{source} has profile version {doc.get('version')}; this sparse-dit reads versions "
@@ -404,18 +405,47 @@ class Profile:
 
     @classmethod
     def coerce(cls, value: "str | os.PathLike | Profile") -> "Profile":
-        """A Profile, a path to a profile file, or the name of a profile shipped in ``profiles/``."""
+        """A Profile, a path to a profile file, or the name of a profile shipped in ``profiles/`` (see
+        `resolve_profile_path`)."""
         if isinstance(value, Profile):
             return value
-        path = Path(value)
-        if path.is_file():
-            return cls.load(path)
-        shipped_dir = _shipped_dir()
-        shipped = shipped_dir / f"{value}.json"
-        if shipped.is_file():
-            return cls.load(shipped)
-        names = sorted(p.stem for p in shipped_dir.glob("*.json"))
-        raise FileNotFoundError(f"no profile file {value!r} and no shipped profile of that name (shipped: {names or 'none'})")
+        return cls.load(resolve_profile_path(value))
+
+
+_SHIPPED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def shipped_profile_names() -> list[str]:
+    """Names (file stems) of the profiles installed with sparse-dit."""
+    return sorted(p.stem for p in _shipped_dir().glob("*.json"))
+
+
+def resolve_profile_path(value: "str | os.PathLike") -> Path:
+    """The file a profile argument names.
+
+    A value with a folder separator, a leading dot or a ``.json`` suffix is a file path. A bare name is a shipped
+    profile: it never leaves the shipped folder, and a local file of the same name makes the name ambiguous (an
+    error saying how to pick one) rather than silently shadowing the shipped profile. A bare name that is not
+    shipped may still be a local file. Raises FileNotFoundError or ValueError with a one-line message.
+    """
+    text = os.fspath(value)
+    if not text.strip():
+        raise ValueError("the profile argument is empty; give a profile file or a shipped name")
+    looks_like_path = not isinstance(value, str) or os.sep in text or "/" in text or text.endswith(".json") \
+        or text.startswith(".")
+    if not looks_like_path and _SHIPPED_NAME.match(text) and text in shipped_profile_names():
+        if Path(text).exists():
+            raise ValueError(f"{text!r} is both a shipped profile and a file here; write ./{text} for the file "
+                             f"or rename it to use the shipped one")
+        return (_shipped_dir() / f"{text}.json").resolve()
+    path = Path(text)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ValueError(f"profile {text!r} is a folder; give a profile file (.json)")
+    names = shipped_profile_names()
+    raise FileNotFoundError(f"no profile file {text!r} and no shipped profile of that name "
+                            f"(shipped: {', '.join(names) or 'none'}); write one with `sparse-dit profile`")
 
 
 def plan_for_grid(profile: Profile, grid: Sequence[int], block_size: int | None = None) -> GridPlan:

@@ -443,6 +443,10 @@ def _allocate_exact(errors: torch.Tensor, densities: torch.Tensor, target: float
             if u <= budget:
                 options[c, u:] = best[: budget + 1 - u] + errors[i, c]
         best, picks[i] = options.min(0)
+    if not bool(torch.isfinite(best).any()):
+        # densities within float noise of the target pass the feasibility check but quantise one unit over the
+        # budget; the sweep compares unquantised sums
+        return _allocate_lagrangian(errors, densities, target)
     b = int(best.argmin())
     choice = torch.zeros(N, dtype=torch.long)
     for i in range(N - 1, -1, -1):

@@ -267,7 +267,9 @@ def test_shipped_name_never_resolves_outside_the_shipped_folder(tmp_path, monkey
     shipped.mkdir(parents=True)
     (shipped / "reference.json").write_text((ROOT / "profiles" / "reference.json").read_text())
     (tmp_path / "pkg" / "x.json").write_text((ROOT / "profiles" / "reference.json").read_text())  # shipped/../../x.json
-    monkeypatch.setattr(_common, "shipped_profile_dir", lambda: shipped)
+    import sparse_dit.profile as profile_module
+
+    monkeypatch.setattr(profile_module, "_shipped_dir", lambda: shipped)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -282,6 +284,22 @@ def test_local_file_does_not_shadow_a_shipped_profile(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="both a shipped profile and a file here; write ./reference"):
         _common.resolve_profile_path("reference")
     assert _common.resolve_profile_path("./reference") == Path("./reference")
+
+
+def test_python_api_resolves_profile_names_as_the_cli_does(tmp_path, monkeypatch):
+    from sparse_dit.profile import Profile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.json").write_text((ROOT / "profiles" / "reference.json").read_text())
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    with pytest.raises(FileNotFoundError, match="no profile file '../../x'"):
+        Profile.coerce("../../x")  # a path without .json is a path, not a shipped name
+    assert Profile.coerce("../../x.json").layers == Profile.coerce("reference").layers
+    (sub / "reference").write_text("{}")
+    with pytest.raises(ValueError, match="both a shipped profile and a file here"):
+        Profile.coerce("reference")
 
 
 @pytest.mark.parametrize("content", ['{"format": "TOPSECRET-1234"}', "TOPSECRET-1234 {", '["TOPSECRET-1234"]',

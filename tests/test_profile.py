@@ -218,3 +218,16 @@ def test_profile_runs_at_another_grid(calibrated):
         assert torch.isfinite(out).all() and sparse_dit.patch_state(model).stats["sparse_calls"] == 2
     finally:
         sparse_dit.unpatch(model)
+
+
+def test_allocation_with_candidates_exactly_on_the_target():
+    """Densities a float ulp over the target pass the feasibility check but quantise over the budget."""
+    from sparse_dit.profiler import allocate_density
+
+    errors = torch.tensor([[0.0, 0.1]] * 4, dtype=torch.float64)
+    for half in (0.5, 0.5 + 1e-7, 0.5 - 1e-12):
+        choice = allocate_density(errors, torch.tensor([[1.0, half]] * 4, dtype=torch.float64), 0.5)
+        assert choice.tolist() == [1, 1, 1, 1]
+    # room for exactly one dense head
+    choice = allocate_density(errors, torch.tensor([[1.0, 0.0]] * 4, dtype=torch.float64), 0.25)
+    assert sorted(choice.tolist()) == [0, 1, 1, 1]

@@ -8,11 +8,13 @@ import contextlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+
+from sparse_dit.profile import resolve_profile_path as resolve_shipped_or_file
+from sparse_dit.profile import shipped_profile_names
 
 
 class UsageError(Exception):
@@ -104,45 +106,12 @@ def check_backend(backend: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
-_SHIPPED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def shipped_profile_dir() -> Path:
-    """The folder of the profiles installed with sparse-dit."""
-    import sparse_dit.profiles
-
-    return Path(sparse_dit.profiles.__file__).resolve().parent
-
-
-def shipped_profile_names() -> list[str]:
-    """Names (file stems) of the shipped profiles."""
-    return sorted(p.stem for p in shipped_profile_dir().glob("*.json"))
-
-
 def resolve_profile_path(value: str) -> Path:
-    """The file a ``--profile`` value names.
-
-    A value with a folder separator or a ``.json`` suffix is a file path. A bare name is a shipped profile;
-    it never leaves the shipped folder, and a local file of the same name makes the name ambiguous (an
-    error that says how to pick one) instead of silently shadowing the shipped profile. A bare name that
-    is not shipped may still be a local file.
-    """
-    require(bool(value.strip()), "--profile is empty; give a profile file or a shipped name")
-    shipped = shipped_profile_names()
-    looks_like_path = os.sep in value or "/" in value or value.endswith(".json") or value.startswith(".")
-    if not looks_like_path and _SHIPPED_NAME.match(value) and ".." not in value:
-        candidate = (shipped_profile_dir() / f"{value}.json").resolve()
-        if value in shipped and candidate.parent == shipped_profile_dir():
-            require(not Path(value).exists(),
-                    f"{value!r} is both a shipped profile and a file here; write ./{value} for the file "
-                    f"or rename it to use the shipped one")
-            return candidate
-    path = Path(value)
-    if path.is_file():
-        return path
-    require(not path.is_dir(), f"profile {value!r} is a folder; give a profile file (.json)")
-    raise UsageError(f"no profile file {value!r} and no shipped profile of that name "
-                     f"(shipped: {', '.join(shipped) or 'none'}); write one with `sparse-dit profile`")
+    """The file a ``--profile`` value names (`sparse_dit.profile.resolve_profile_path`), as a CLI error."""
+    try:
+        return resolve_shipped_or_file(value)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err).replace("the profile argument", "--profile")) from None
 
 
 def load_profile_arg(value: str):
