@@ -142,7 +142,11 @@ def test_inspect_prints_the_expected_speedup_next_to_density(capsys):
     assert cli.main(["inspect", "reference"]) == 0
     out = capsys.readouterr().out
     overall = next(line for line in out.splitlines() if line.startswith("overall"))
-    assert "density 0.246" in overall and "expected attention speed-up 4.06x on sparse steps" in overall
+    from sparse_dit.profile import Profile
+
+    shipped = Profile.coerce("reference")
+    assert f"density {shipped.density():.3f}" in overall
+    assert f"expected attention speed-up {shipped.header['cost']['sparse_steps']:.2f}x on sparse steps" in overall
     assert "NOT measured: FLOP estimate" in out and "calibrated at 16x12x12" in out
     assert "expected speed-up" in next(line for line in out.splitlines() if line.startswith("bucket 0"))
 
@@ -159,3 +163,28 @@ def test_a_failed_cost_measurement_keeps_the_calibration(wan_stats, monkeypatch)
         assert measured_cost_model_or_estimate(wan_stats, 16, torch.device("cpu")) is None
     profile = build_profile(wan_stats, target_density=0.6, block_size=16, cost_model=None)
     assert profile.header["cost"]["measured"] is False
+
+
+def test_kmeans_candidates_share_one_clustering_per_call(monkeypatch):
+    """Candidates that differ only in top_p select from the same clusters: the first clusters from scratch, the
+    rest warm-start from it (a few Lloyd steps), and their errors still order as their budgets do."""
+    import sparse_dit.patterns.kmeans as kmeans_module
+
+    iters_seen: list[int] = []
+    original = kmeans_module.kmeans
+
+    def counting(x, C, iters, *args, **kwargs):
+        iters_seen.append(int(iters))
+        return original(x, C, iters, *args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "kmeans", counting)
+    model = make_wan_transformer(heads=2, head_dim=16, layers=1)
+    x, t, text = wan_inputs(frames=4, height=8, width=8)
+    small = dict(q_tokens_per_cluster=16, k_tokens_per_cluster=8, iters=6, warm_iters=2)
+    cands = [PatternSpec("dense"), *(PatternSpec("kmeans", top_p=p, **small) for p in (0.3, 0.6, 0.9))]
+    stats = calibrate(model, lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=text),
+                      candidates=cands, block_size=16, query_rows=32)
+    # one layer, one call: q and k clustered from scratch once (6 iterations), warm (2) for the other candidates
+    assert iters_seen == [6, 6, 2, 2, 2, 2]
+    err = stats.mean(stats.timesteps)[0][0].mean(0)  # (C,) mean over heads
+    assert err[1] >= err[2] >= err[3] >= 0
