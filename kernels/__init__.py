@@ -164,7 +164,7 @@ class EngineChooser:
         if engine is not None:
             self.chosen.move_to_end(key)
             return self._guarded(engine, q, k, v, layout, scale, return_lse)
-        if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
             return self._run("triton", q, k, v, layout, scale, return_lse)
         self._collect(key)
         engine = self._decide(key)
@@ -173,13 +173,17 @@ class EngineChooser:
         runs = self._runs.setdefault(key, {e: 0 for e in self.ENGINES})
         engine = min(self.ENGINES, key=lambda e: runs[e])
         runs[engine] += 1
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._new_event(), self._new_event()
         start.record()
         out = self._guarded(engine, q, k, v, layout, scale, return_lse)
         end.record()
         if engine not in self.failures:
             self._pending.setdefault(key, []).append((engine, start, end))
         return out
+
+    @staticmethod
+    def _new_event() -> Any:
+        return torch.cuda.Event(enable_timing=True)
 
     def _guarded(self, engine: str, q, k, v, layout, scale, return_lse):
         """Run ``engine``; an FA4 failure (compile error, unsupported case) is remembered, said once, and Triton runs."""
@@ -214,7 +218,7 @@ def dense_engine(
     needed, causal only for Sq == Sk, grouped heads only with ``enable_gqa``), else "sdpa"."""
     from .fa4 import fa4_dense_supported
 
-    if attn_mask is not None or dropout_p or query.device.type != "cuda":
+    if attn_mask is not None or dropout_p:
         return "sdpa"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return "sdpa"

@@ -98,9 +98,10 @@ class Fa4Blocks:
     """A `Layout` as FA4 block-sparse tables (``L`` 1 or the batch, ``NQ`` query blocks, ``W`` the widest list).
 
     full_cnt: (L, H, NQ) int32; full_idx: (L, H, NQ, W) int32, ascending key-block indices (entries past the count 0).
-    q_gather: (L, H, Q) int64 original query row of each query-order position (padding -> 0) or None;
-    q_inverse: (L, H, S) int64 query-order position of each original query row, or None;
-    kv_gather: (L, H, K) int64 original key of each key-order position (padding -> 0) or None.
+    q_gather: (L, Q, H) int64 original query row of each query-order position (padding -> 0) or None;
+    q_inverse: (L, S, H) int64 query-order position of each original query row, or None;
+    kv_gather: (L, K, H) int64 original key of each key-order position (padding -> 0) or None.
+    (Sequence before heads, contiguous: the gathers then write (B, N, H, D) outputs that are contiguous.)
     """
 
     full_cnt: torch.Tensor
@@ -132,10 +133,11 @@ class Fa4Blocks:
         if self.kv_gather is not None:
             keyed = torch.zeros(L, H, self.q_len, seq_len, dtype=torch.int8, device=dev)
             # padded key slots gather token 0 but are never in a kept block: amax keeps token 0's own entry
-            keyed.scatter_reduce_(-1, self.kv_gather[:, :, None, :].expand_as(cols), cols.to(torch.int8), reduce="amax")
+            kv = self.kv_gather.transpose(1, 2)
+            keyed.scatter_reduce_(-1, kv[:, :, None, :].expand_as(cols), cols.to(torch.int8), reduce="amax")
             cols = keyed.bool()
         if self.q_inverse is not None:
-            out = cols.gather(2, self.q_inverse[..., None].expand(L, H, seq_len, seq_len))
+            out = cols.gather(2, self.q_inverse.transpose(1, 2)[..., None].expand(L, H, seq_len, seq_len))
         else:
             out = cols[:, :, :seq_len]
         return out
@@ -206,22 +208,22 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
     q_gather = q_inverse = kv_gather = None
     if layout.q_perm is not None:
         perm = layout.q_perm.long()
-        q_gather = perm.clamp(min=0)
+        q_gather = perm.clamp(min=0).transpose(1, 2).contiguous()
         inv = torch.zeros(L, H, S + 1, dtype=torch.long, device=dev)
         positions = torch.arange(perm.shape[-1], device=dev).expand(L, H, -1)
         inv.scatter_(-1, torch.where(perm >= 0, perm, S), positions.contiguous())
-        q_inverse = inv[..., :S].contiguous()
+        q_inverse = inv[..., :S].transpose(1, 2).contiguous()
     if layout.kv_perm is not None:
-        kv_gather = layout.kv_perm.long().clamp(min=0)
+        kv_gather = layout.kv_perm.long().clamp(min=0).transpose(1, 2).contiguous()
     return Fa4Blocks(cnt.contiguous(), idx[..., :W].contiguous(), bq, layout.q_order_len, K, q_gather, q_inverse, kv_gather)
 
 
 # ------------------------------------------------------------------------------------------------- execution
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, M, H, D) copy of x (B, N, H, D) with row ``index[l, h, m]`` of head h at position m (index (L, H, M),
-    L 1 or B)."""
+    """(B, M, H, D) contiguous copy of x (B, N, H, D) with row ``index[l, m, h]`` of head h at position m (index
+    (L, M, H) contiguous, L 1 or B)."""
     B, _, H, _ = x.shape
-    idx = index.transpose(1, 2).expand(B, -1, -1)  # (B, M, H)
+    idx = index.expand(B, -1, -1)
     b = torch.arange(B, device=x.device)[:, None, None]
     h = torch.arange(H, device=x.device)[None, None, :]
     return x[b, idx, h]
@@ -265,7 +267,7 @@ def fa4_block_sparse_attention(
     if blocks.q_inverse is not None:
         out = gather_rows(out, blocks.q_inverse)
         if return_lse:
-            lse = lse.gather(2, blocks.q_inverse.expand(lse.shape[0], -1, -1))
+            lse = lse.gather(2, blocks.q_inverse.transpose(1, 2).expand(lse.shape[0], -1, -1))
     return (out, lse) if return_lse else out
 
 
