@@ -1,25 +1,31 @@
 # Source on the GPU machine (no registry there), after benchmarks/device/setup.sh: installs flash-attn-4 and its
-# dependencies from the wheels carried in .whl_fa4/ into /tmp/fa4site and puts them on PYTHONPATH.
+# dependencies from carried wheels into /tmp/fa4site and puts them on PYTHONPATH.
 #
 #   . benchmarks/device/setup.sh && . benchmarks/device/fa4_setup.sh
 #
-# .whl_fa4/ holds flash_attn_4, nvidia_cutlass_dsl (+ _libs_base, _libs_core), quack_kernels, apache_tvm_ffi,
-# torch_c_dlpack_ext wheels for python 3.12 / x86_64. The CUDA 13 library wheel nvidia_cutlass_dsl_libs_cu13 is
-# larger than what one call carries: its halves are *.whl.part-aa and *.whl.part-ab. Part aa is copied to
-# /tmp/fa4parts/ by an earlier call (cp .whl_fa4/*.part-aa /tmp/fa4parts/), part ab comes with this checkout.
+# Wheels (python 3.12, x86_64): flash_attn_4, nvidia_cutlass_dsl (+ _libs_base, _libs_core, _libs_cu13),
+# quack_kernels, apache_tvm_ffi, torch_c_dlpack_ext, in .whl_fa4/ and/or .fa4b/ (both read). The CUDA 13 library
+# wheel (~92 MB) does not fit one call's carry, so it may come split: NAME.part-aa copied to /tmp/fa4parts/ by an
+# earlier call (e.g. `mkdir -p /tmp/fa4parts && cp .fa4a/*.part-aa /tmp/fa4parts/`), NAME.part-ab carried with this
+# one. A part named after the wheel (nvidia_cutlass_dsl_libs_cu13-...whl.part-ab) keeps that name; any other name
+# (cu13.part-ab) becomes nvidia_cutlass_dsl_libs_cu13 with the version and tags of the carried _libs_base wheel.
 # Running this twice is harmless (the target is replaced).
 set -e
 FA4_SITE=/tmp/fa4site
-mkdir -p /tmp/fa4parts /tmp/fa4whl
-cp .whl_fa4/*.whl /tmp/fa4whl/ 2>/dev/null || true
-for ab in .whl_fa4/*.whl.part-ab /tmp/fa4parts/*.whl.part-ab; do
+rm -rf /tmp/fa4whl && mkdir -p /tmp/fa4parts /tmp/fa4whl
+for d in .whl_fa4 .fa4b; do [ -d "$d" ] && cp "$d"/*.whl /tmp/fa4whl/ 2>/dev/null || true; done
+for ab in .whl_fa4/*.part-ab .fa4b/*.part-ab /tmp/fa4parts/*.part-ab; do
     [ -e "$ab" ] || continue
-    name=$(basename "$ab" .part-ab)
+    stem=$(basename "$ab" .part-ab)
     aa=""
-    for cand in ".whl_fa4/$name.part-aa" "/tmp/fa4parts/$name.part-aa"; do [ -e "$cand" ] && aa=$cand; done
-    if [ -z "$aa" ]; then echo "fa4_setup: $name.part-aa is missing (copy it to /tmp/fa4parts/ first)" >&2; return 1 2>/dev/null || exit 1; fi
+    for cand in ".whl_fa4/$stem.part-aa" ".fa4a/$stem.part-aa" "/tmp/fa4parts/$stem.part-aa"; do [ -e "$cand" ] && aa=$cand; done
+    if [ -z "$aa" ]; then echo "fa4_setup: $stem.part-aa is missing (copy it to /tmp/fa4parts/ in an earlier call)" >&2; set +e; return 1 2>/dev/null || exit 1; fi
+    case "$stem" in
+        *.whl) name=$stem ;;
+        *) base=$(ls /tmp/fa4whl/nvidia_cutlass_dsl_libs_base-*.whl | head -1); name=$(basename "$base" | sed 's/libs_base/libs_cu13/') ;;
+    esac
     cat "$aa" "$ab" > "/tmp/fa4whl/$name"
-    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).testzip()" "/tmp/fa4whl/$name"  # a bad join fails here
+    python3 -c "import sys, zipfile; assert zipfile.ZipFile(sys.argv[1]).testzip() is None" "/tmp/fa4whl/$name"  # a bad join fails here
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FA4_SITE" /tmp/fa4whl/*.whl
 # --target does not process .pth files: add what nvidia-cutlass-dsl's .pth would add
