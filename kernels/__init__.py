@@ -106,6 +106,7 @@ class EngineChooser:
         self._times: dict[tuple, dict[str, list[float]]] = {}  # key -> engine -> kept timings (ms)
         self._runs: dict[tuple, dict[str, int]] = {}  # key -> engine -> calls started
         self.failures: dict[str, str] = {}  # engine failures seen (first message per engine)
+        self.calls: dict[str, int] = {e: 0 for e in self.ENGINES}  # calls each engine ran
 
     @staticmethod
     def key(q: torch.Tensor, layout: Layout) -> tuple:
@@ -114,6 +115,7 @@ class EngineChooser:
         return (B, S, H, D, q.dtype, q.device, layout.q_perm is not None, layout.kv_perm is not None, bucket)
 
     def _run(self, engine: str, q, k, v, layout, scale, return_lse):
+        self.calls[engine] += 1
         if engine == "fa4":
             from .fa4 import fa4_block_sparse_attention
 
@@ -200,7 +202,7 @@ class EngineChooser:
 
     def summary(self) -> dict[str, Any]:
         """What was chosen: {str(key): engine}, and engine failures."""
-        return {"chosen": {str(k): e for k, e in self.chosen.items()}, "failures": dict(self.failures)}
+        return {"chosen": {str(k): e for k, e in self.chosen.items()}, "calls": dict(self.calls), "failures": dict(self.failures)}
 
 
 # ------------------------------------------------------------------------------------------ dense attention
