@@ -218,6 +218,18 @@ def pattern_at(name: str, target: float, geometry: Geometry, block: int) -> tupl
         return PatternSpec("prune", keep_ratio=target), target
     if name == "kmeans":
         return PatternSpec("kmeans", top_p=0.05, min_fraction=target), target
+    if name in ("window", "random"):  # block masks of whole 128-blocks: layouts the FA4 engine can express
+        nb = -(-geometry.seq_len // block)
+        keep = max(1, round(target * nb))
+        i = torch.arange(nb)
+        if name == "window":  # a band around the diagonal, shifted inward at the edges (kernel.py's window mask)
+            lo = (i - (keep - 1) // 2).clamp(0, nb - keep)
+            mask = (i[None, :] >= lo[:, None]) & (i[None, :] < lo[:, None] + keep)
+        else:  # random key blocks per query block, the diagonal always kept
+            scores = torch.rand(nb, nb, generator=torch.Generator().manual_seed(0))
+            scores[i, i] = 2.0
+            mask = torch.zeros(nb, nb, dtype=torch.bool).scatter_(-1, scores.topk(keep, -1).indices, True)
+        return PatternSpec("mask", block_mask=mask, block_size=block), float(mask.float().mean())
     raise ValueError(name)
 
 
@@ -471,7 +483,9 @@ def peak_memory(fn) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="wan1.3b-480p", help=f"comma-separated: {', '.join(CONFIGS)}")
-    p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed")
+    p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed",
+                   help="tile, radial, kmeans, prune, mixed, profilemix, and window / random (block masks of whole "
+                   "blocks, which the FA4 engine can express; tile and radial layouts have segments it cannot)")
     p.add_argument("--densities", default="0.1,0.2,0.3")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--reps", type=int, default=2, help="timed steps per case (times replan_every for dynamic ones)")
