@@ -301,9 +301,10 @@ def section_fa4(args, results):
     dev = "cuda"
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
-    for dtype in (torch.bfloat16, torch.float16):
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    for dtype in [dtypes[d] for d in args.fa4_dtypes.split(",")]:
         tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
-        for D in (64, 128):
+        for D in [int(d) for d in args.fa4_dims.split(",")]:
             for case in ("plain", "perms", "text_dense", "per_batch"):
                 B, S, H = 2, 4000, 4
                 L = 2 if case == "per_batch" else 1
@@ -772,6 +773,8 @@ def main():
     p.add_argument("--densities-720p", default="", help="density list for wan720p (default: --densities)")
     p.add_argument("--kinds", default="random,window")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--fa4-dtypes", default="bf16,fp16", help="section fa4: dtypes (bf16, fp16)")
+    p.add_argument("--fa4-dims", default="64,128", help="section fa4: head dims")
     p.add_argument(
         "--sweep-configs",
         default='[{"BLOCK_N":128,"num_warps":8,"num_stages":3,"TMA":true},{"BLOCK_N":128,"num_warps":8,"num_stages":2,"TMA":true},'
