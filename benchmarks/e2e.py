@@ -2,6 +2,7 @@
 
     python benchmarks/e2e.py --models wan1.3b-480p --out $OUT
     python benchmarks/e2e.py --models wan14b-720p --patterns tile,mixed --densities 0.2 --reps 1
+    python benchmarks/e2e.py --models wan1.3b-480p --patterns radial,tile --densities 0.1 --backends triton,fa4
 
 Transformers are built from the published configs with random bf16 weights: speed does not depend on
 the weights. What does depend on them is the density of the *dynamic* patterns (k-means top-p picks
@@ -11,7 +12,11 @@ small ``top_p``; static patterns (tile, radial) take the window/decay whose dens
 target at this grid. A profile chooses these per head on a trained model.
 
 One step = both CFG branches, called separately with batch 1 as diffusers' Wan pipeline does. Dense
-runs diffusers' native backend under cuDNN SDPA. The 50-step figure uses measured step times with
+runs diffusers' native backend under cuDNN SDPA; with flash-attn-4 importable, dense is also timed with every
+SDPA call that FA4 can run sent to FA4 dense ("fastest dense" = the faster of the two), and every speed-up is
+reported against both. ``--backends triton,fa4`` runs each case with the sparse calls on the Triton kernel and on
+the FA4 engine where it can express the layout (Triton elsewhere; the log says how many calls each ran);
+"auto" lets the patch choose per call shape by measured speed. The 50-step figure uses measured step times with
 the first 20% of steps dense. "Overhead" is our machinery outside the attention kernel (hooks, layout
 building, k-means, permutations): sparse step - (dense step - dense attention) - sparse kernel time.
 """
@@ -213,6 +218,18 @@ def pattern_at(name: str, target: float, geometry: Geometry, block: int) -> tupl
         return PatternSpec("prune", keep_ratio=target), target
     if name == "kmeans":
         return PatternSpec("kmeans", top_p=0.05, min_fraction=target), target
+    if name in ("window", "random"):  # block masks of whole 128-blocks: layouts the FA4 engine can express
+        nb = -(-geometry.seq_len // block)
+        keep = max(1, round(target * nb))
+        i = torch.arange(nb)
+        if name == "window":  # a band around the diagonal, shifted inward at the edges (kernel.py's window mask)
+            lo = (i - (keep - 1) // 2).clamp(0, nb - keep)
+            mask = (i[None, :] >= lo[:, None]) & (i[None, :] < lo[:, None] + keep)
+        else:  # random key blocks per query block, the diagonal always kept
+            scores = torch.rand(nb, nb, generator=torch.Generator().manual_seed(0))
+            scores[i, i] = 2.0
+            mask = torch.zeros(nb, nb, dtype=torch.bool).scatter_(-1, scores.topk(keep, -1).indices, True)
+        return PatternSpec("mask", block_mask=mask, block_size=block), float(mask.float().mean())
     raise ValueError(name)
 
 
@@ -267,6 +284,32 @@ def profile_mix_plan(path: str, geometry: Geometry, block: int, heads: int) -> t
     return tuple(plan), density / heads
 
 
+class Fa4Dense(TorchFunctionMode):
+    """While active, SDPA calls that FA4 dense can run (`sparse_dit.kernels.dense_engine`) run on it: the unpatched
+    model on the fastest dense attention a user can install. One graph break per call under torch.compile."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return _fa4_or_sdpa(*args, **kwargs)
+
+
+def _fa4_or_sdpa_eager(*args, **kwargs):
+    from sparse_dit.kernels import dense_attention
+
+    return dense_attention(*args, **kwargs, sdpa=patching._SDPA)
+
+
+_fa4_or_sdpa = torch.compiler.disable(_fa4_or_sdpa_eager)
+
+
+def fa4_available() -> bool:
+    from sparse_dit.kernels.fa4 import fa4_available as available
+
+    return DEVICE == "cuda" and available()
+
+
 class KernelTimer:
     """Wraps the attention backend that `patch` calls (this benchmark only) to sum its time."""
 
@@ -275,8 +318,8 @@ class KernelTimer:
         self.original = patching._run_backend
 
     def __enter__(self):
-        def timed_backend(name):
-            fn = self.original(name)
+        def timed_backend(name, *a, **kw):
+            fn = self.original(name, *a, **kw)
             return lambda *args, **kwargs: self.timer.call(fn, *args, **kwargs)
 
         patching._run_backend = timed_backend
@@ -322,14 +365,27 @@ def run_model(name: str, args) -> dict:
             step()  # compile
         peak_dense = peak_memory(lambda: timed(step, 1))
         dense = timed(step, args.reps)
+        t_fa4 = float("nan")
+        if fa4_available():
+            try:
+                with Fa4Dense():
+                    step()  # compile FA4's kernels
+                    t_fa4 = statistics.median(timed(step, args.reps))
+            except Exception as err:
+                log(f"  FA4 dense FAILED {type(err).__name__}: {str(err)[:300]}")
+        else:
+            log("  FA4 dense skipped: flash_attn.cute is not importable (or no GPU)")
     t_dense = statistics.median(dense)
+    t_fastest = min(t_dense, t_fa4) if t_fa4 == t_fa4 else t_dense
+    fastest_name = "FA4" if t_fastest < t_dense else "cuDNN"
     out.update(
         dense_step_s=t_dense, dense_eager_step_s=dense_eager, dense_attention_s=t_attn, attention_share=t_attn / t_dense,
-        peak_dense_gib=peak_dense / 2**30,
+        peak_dense_gib=peak_dense / 2**30, dense_fa4_step_s=t_fa4, fastest_dense_step_s=t_fastest, fastest_dense=fastest_name,
     )
     log(
         f"{name}{' (compiled)' if args.compile else ''}: dense step {t_dense:.3f} s (eager {dense_eager:.3f} s), "
-        f"attention {t_attn:.3f} s ({100 * t_attn / t_dense:.0f}%), peak {peak_dense / 2**30:.1f} GiB"
+        f"attention {t_attn:.3f} s ({100 * t_attn / t_dense:.0f}%), peak {peak_dense / 2**30:.1f} GiB; "
+        f"FA4 dense step {t_fa4:.3f} s; fastest dense: {fastest_name}"
     )
     steps, dense_steps = 50, 10
     cases = []
@@ -352,10 +408,16 @@ def run_model(name: str, args) -> dict:
             for replan in args.replan if dynamic else [1]:
                 label = f"{pattern}@{target:g}" + (f"/r{replan}" if dynamic and replan > 1 else "")
                 cases.append((label, plan, density, replan, target))
+    cases = [
+        (label + ("" if backend == "auto" else f"[{backend}]"), plan, density, replan, target, backend)
+        for label, plan, density, replan, target in cases
+        for backend in args.backends
+    ]
     kmeans_scale: dict[float, float] = {}  # target -> min_fraction correction measured on the uniform k-means case
-    for label, plan, density, replan, target in cases:
+    for label, plan, density, replan, target, backend in cases:
         plan = rescale_kmeans(plan, kmeans_scale.get(target, 1.0))
-        sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), replan_every=replan)
+        patch_kw = dict(replan_every=replan, backend=backend)
+        sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), **patch_kw)
         state = sparse_dit.patch_state(model)
         try:
             step()  # warm-up: compile kernels (and blocks), build static layouts
@@ -365,7 +427,7 @@ def run_model(name: str, args) -> dict:
                 scale = target / (state.stats["density_sum"] / max(1, state.stats["sparse_calls"]))
                 kmeans_scale[target] = scale
                 plan = rescale_kmeans(plan, scale)
-                sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), replan_every=replan)
+                sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), **patch_kw)
                 state = sparse_dit.patch_state(model)
                 step()
             peak = peak_memory(lambda: timed(step, 1))
@@ -382,6 +444,7 @@ def run_model(name: str, args) -> dict:
             sparse_dit.unpatch(model)
             continue
         measured = state.stats["density_sum"] / max(1, state.stats["sparse_calls"])
+        engine_calls = dict(state.engines.calls)
         sparse_dit.unpatch(model)
         t_sparse = statistics.mean(times)
         overhead = t_sparse - (t_dense - t_attn) - kernel
@@ -390,13 +453,16 @@ def run_model(name: str, args) -> dict:
         row = dict(
             case=label, density=measured, replan_every=replan, step_s=t_sparse, step_speedup=t_dense / t_sparse,
             kernel_s=kernel, overhead_s=overhead, overhead_share=overhead / t_sparse, e2e_50_speedup=total_dense / total_sparse,
-            peak_gib=peak / 2**30, peak_vs_dense=peak / max(1, peak_dense),
+            peak_gib=peak / 2**30, peak_vs_dense=peak / max(1, peak_dense), backend=backend, engine_calls=engine_calls,
+            step_speedup_vs_fastest=t_fastest / t_sparse,
+            e2e_50_speedup_vs_fastest=steps * t_fastest / (dense_steps * t_fastest + (steps - dense_steps) * t_sparse),
         )
         out["runs"].append(row)
         log(
             f"  {label:16s} density {measured:.3f}  step {t_sparse:.3f} s ({t_dense / t_sparse:.2f}x)  attention {kernel:.3f} s  "
             f"overhead {overhead * 1e3:.0f} ms ({100 * overhead / t_sparse:.1f}%)  50-step {total_dense / total_sparse:.2f}x  "
-            f"peak {peak / max(1, peak_dense):.3f}x"
+            f"peak {peak / max(1, peak_dense):.3f}x | vs fastest dense ({fastest_name}): step {row['step_speedup_vs_fastest']:.2f}x, "
+            f"50-step {row['e2e_50_speedup_vs_fastest']:.2f}x | sparse calls {engine_calls}"
         )
     del model
     if DEVICE == "cuda":
@@ -417,11 +483,14 @@ def peak_memory(fn) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="wan1.3b-480p", help=f"comma-separated: {', '.join(CONFIGS)}")
-    p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed")
+    p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed",
+                   help="tile, radial, kmeans, prune, mixed, profilemix, and window / random (block masks of whole "
+                   "blocks, which the FA4 engine can express; tile and radial layouts have segments it cannot)")
     p.add_argument("--densities", default="0.1,0.2,0.3")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--reps", type=int, default=2, help="timed steps per case (times replan_every for dynamic ones)")
     p.add_argument("--replan", default="1", help="comma-separated replan_every values for cases with dynamic heads")
+    p.add_argument("--backends", default="auto", help="comma-separated patch backends per case: auto, triton, fa4")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks, dense and patched")
     p.add_argument("--mix-profile", help="for --patterns profilemix: carry this profile's pattern mix and densities "
                    "to the model's heads (the target density is then ignored)")
@@ -430,6 +499,7 @@ def main() -> int:
     args.patterns = args.patterns.split(",")
     args.densities = [float(d) for d in args.densities.split(",")]
     args.replan = [int(r) for r in args.replan.split(",")]
+    args.backends = args.backends.split(",")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     log(f"device {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = []

@@ -10,7 +10,18 @@ Sections (comma-separated, in this order):
   sweep    (BLOCK_N, num_warps, num_stages) configurations on the first shape at 10% and 50% density.
   bench    Wan2.1 shapes x densities x {random, window} block masks (block 128), bf16 D=128: the
            kernel, cuDNN SDPA dense, and compiled FlexAttention with the same block mask.
-  perm     permutation overhead at 10% density: identity vs fused gather vs separate permute.
+  perm     permutation overhead at 10% density: identity vs fused gather vs separate permute (and, with
+           flash-attn-4, the FA4 engine's gathers around its kernel).
+  fa4      FlashAttention-4 engine (kernels/fa4.py) vs the Triton kernel vs masked SDPA, bf16 and fp16, head dims
+           64 and 128, block masks plain / permuted / text+dense rows / per batch (max abs and relative error),
+           and FA4 dense vs cuDNN dense. Skipped with a message when flash_attn.cute is not importable.
+
+With flash-attn-4 importable, `bench` also times FA4 dense and the FA4 engine on the same layouts (its one-off
+layout conversion timed separately), and reports against the fastest dense (min of cuDNN and FA4 dense); without
+it those columns are NaN and a line says why. Wan shapes with FA4 (each well under 4 minutes on an H200):
+
+    python benchmarks/kernel.py --sections fa4,bench --shapes wan480p --densities 0.1,0.2,0.3,0.5 --no-flex
+    python benchmarks/kernel.py --sections bench,perm --shapes wan720p --densities 0.1,0.2,0.3,0.5 --no-flex
 
 Experimental kernel variants (config flags, see kernels/triton_attention.py), instead of the sections:
 
@@ -52,6 +63,7 @@ ensure_sparse_dit()
 import triton  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from sparse_dit.kernels import fa4  # noqa: E402
 from sparse_dit.kernels.reference import reference_attention  # noqa: E402
 from sparse_dit.kernels.triton_attention import default_config, triton_block_sparse_attention  # noqa: E402
 from sparse_dit.layout import Layout  # noqa: E402
@@ -270,11 +282,87 @@ def section_sweep(args, results):
     results["best_config"] = dict(BEST_CONFIG)
 
 
+def fa4_missing() -> str | None:
+    """Why the FA4 columns are skipped, or None when flash-attn-4 runs here."""
+    if not fa4.fa4_available():
+        return "flash_attn.cute is not importable (pip install 'sparse-dit[fa4]'; on the device: benchmarks/device/fa4_setup.sh)"
+    if fa4.fa4_query_granule(torch.empty(1, device="cuda")) != BLOCK:
+        return f"FA4's block-sparse forward needs query blocks of {fa4.fa4_query_granule(torch.empty(1, device='cuda'))} on this GPU"
+    return None
+
+
+def section_fa4(args, results):
+    """FA4 engine vs Triton vs masked SDPA on the GPU (the issue's correctness record)."""
+    why = fa4_missing()
+    if why:
+        log(f"fa4: skipped: {why}")
+        results["fa4_correct"] = dict(skipped=why)
+        return
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    for dtype in [dtypes[d] for d in args.fa4_dtypes.split(",")]:
+        tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
+        for D in [int(d) for d in args.fa4_dims.split(",")]:
+            for case in ("plain", "perms", "text_dense", "per_batch"):
+                B, S, H = 2, 4000, 4
+                L = 2 if case == "per_batch" else 1
+                nb = -(-S // BLOCK)
+                mask = torch.rand(L, H, nb, nb, generator=gen) < 0.2
+                mask[:, :, torch.arange(nb), torch.arange(nb)] = True
+                kw = dict(text_kv=(3968, S), dense_q=(3968, S)) if case == "text_dense" else {}
+                lay = Layout.from_block_mask(mask, BLOCK, S, **kw)
+                if case == "perms":
+                    q_perm = torch.stack([torch.randperm(S, generator=gen) for _ in range(H)])[None]
+                    q_perm = torch.nn.functional.pad(q_perm, (0, nb * BLOCK - S), value=-1)
+                    kv_perm = torch.stack([torch.randperm(S, generator=gen) for _ in range(H)])[None]
+                    lay = Layout(S, BLOCK, lay.kv_count, lay.kv_start, lay.kv_end, q_perm=q_perm, kv_perm=kv_perm)
+                lay = lay.to(dev)
+                q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(3))
+                row = dict(dtype=str(dtype), D=D, case=case)
+                try:
+                    out, lse = fa4.fa4_block_sparse_attention(q, k, v, lay, return_lse=True)
+                    tri, tri_lse = triton_block_sparse_attention(q, k, v, lay, return_lse=True)
+                    dm = lay.to_dense_mask()
+                    sd = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=dm).transpose(1, 2)
+                    torch.cuda.synchronize()
+                    row.update(
+                        max_abs_vs_triton=float((out.float() - tri.float()).abs().max()), rel_vs_triton=rel_err(out, tri),
+                        max_abs_vs_sdpa=float((out.float() - sd.float()).abs().max()), rel_vs_sdpa=rel_err(out, sd),
+                        triton_rel_vs_sdpa=rel_err(tri, sd), lse_vs_triton=float((lse - tri_lse).abs().max()),
+                        finite=bool(torch.isfinite(out).all()),
+                    )
+                    row["ok"] = row["finite"] and row["rel_vs_sdpa"] < tol and row["rel_vs_triton"] < tol and row["lse_vs_triton"] < 1e-2
+                    log(
+                        f"fa4 {dtype} D={D} {case:10s} vs triton max {row['max_abs_vs_triton']:.2e} rel {row['rel_vs_triton']:.2e} | "
+                        f"vs masked SDPA max {row['max_abs_vs_sdpa']:.2e} rel {row['rel_vs_sdpa']:.2e} (triton {row['triton_rel_vs_sdpa']:.2e}) "
+                        f"lse {row['lse_vs_triton']:.1e} {'OK' if row['ok'] else 'FAIL'}"
+                    )
+                except Exception as exc:
+                    row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    log(f"fa4 {dtype} D={D} {case}: FAILED {row['error']}")
+                rows.append(row)
+            # dense: FA4 vs cuDNN SDPA
+            q, k, v = (torch.randn(2, 4000, 4, D, device=dev, dtype=dtype) for _ in range(3))
+            out = fa4.fa4_dense_attention(q, k, v)
+            sd = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            e = rel_err(out, sd)
+            rows.append(dict(dtype=str(dtype), D=D, case="dense_vs_sdpa", rel_vs_sdpa=e, max_abs_vs_sdpa=float((out.float() - sd.float()).abs().max()), ok=e < tol))
+            log(f"fa4 {dtype} D={D} dense vs SDPA rel {e:.2e} {'OK' if e < tol else 'FAIL'}")
+    results["fa4_correct"] = rows
+    n_bad = sum(not r["ok"] for r in rows)
+    log(f"fa4 correctness: {len(rows) - n_bad}/{len(rows)} OK")
+
+
 def section_bench(args, results):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
+    no_fa4 = fa4_missing()
+    if no_fa4:
+        log(f"FA4 columns skipped: {no_fa4}")
     rows = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -294,6 +382,16 @@ def section_bench(args, results):
         dense_tf = 4 * B * H * D * S * S / t_cudnn / 1e9
         log(f"{name}: cuDNN dense {t_cudnn:.3f} ms = {dense_tf:.0f} TFLOP/s")
         results.setdefault("cudnn", {})[name] = dict(ms=t_cudnn, tflops=dense_tf)
+        t_fa4_dense = float("nan")
+        if not no_fa4:
+            try:
+                fa4.fa4_dense_attention(q, k, v)  # compile
+                t_fa4_dense = bench(lambda: fa4.fa4_dense_attention(q, k, v), rep)
+                log(f"{name}: FA4 dense {t_fa4_dense:.3f} ms = {4 * B * H * D * S * S / t_fa4_dense / 1e9:.0f} TFLOP/s")
+            except Exception as exc:
+                log(f"FA4 dense failed: {type(exc).__name__}: {str(exc)[:300]}")
+        results.setdefault("fa4_dense", {})[name] = dict(ms=t_fa4_dense, tflops=4 * B * H * D * S * S / t_fa4_dense / 1e9)
+        t_fastest = min(t for t in (t_cudnn, t_fa4_dense) if t == t)
         gen = torch.Generator(device="cuda").manual_seed(args.seed)
         densities = [float(x) for x in (args.densities_720p if name == "wan720p" and args.densities_720p else args.densities).split(",")]
         for kind in args.kinds.split(","):
@@ -317,12 +415,31 @@ def section_bench(args, results):
                         err_flex = rel_err(out, flex(qt, kt, vt, block_mask=bm).transpose(1, 2))
                     except Exception as exc:
                         log(f"flex failed: {type(exc).__name__}: {str(exc)[:200]}")
+                t_fa4, err_fa4, conv_ms = float("nan"), float("nan"), float("nan")
+                if not no_fa4:
+                    try:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        blocks = fa4.fa4_blocks(lay)  # one-off per layout object (cached on it)
+                        torch.cuda.synchronize()
+                        conv_ms = (time.perf_counter() - t0) * 1e3
+                        if isinstance(blocks, str):
+                            raise ValueError(blocks)
+                        out_fa4 = fa4.fa4_block_sparse_attention(q, k, v, lay)
+                        err_fa4 = rel_err(out_fa4, out)
+                        del out_fa4
+                        t_fa4 = bench(lambda: fa4.fa4_block_sparse_attention(q, k, v, lay), rep)
+                    except Exception as exc:
+                        log(f"FA4 sparse failed: {type(exc).__name__}: {str(exc)[:300]}")
                 del out
                 tf = 4 * D * pairs / t_tri / 1e9
                 row = dict(
                     shape=name, kind=kind, density=real_density, target_density=density, ms=t_tri, tflops=tf,
                     flex_ms=t_flex, flex_tflops=4 * D * pairs / t_flex / 1e9, vs_flex=t_flex / t_tri,
                     vs_cudnn=t_cudnn / t_tri, target_vs_cudnn=0.85 / real_density, finite=finite, rel_err_vs_flex=err_flex,
+                    fa4_ms=t_fa4, fa4_tflops=4 * D * pairs / t_fa4 / 1e9, triton_vs_fa4=t_fa4 / t_tri, fa4_rel_err_vs_triton=err_fa4,
+                    fa4_convert_ms=conv_ms, fa4_dense_ms=t_fa4_dense, fastest_dense_ms=t_fastest,
+                    triton_vs_fastest_dense=t_fastest / t_tri, fa4_vs_fastest_dense=t_fastest / t_fa4,
                 )
                 rows.append(row)
                 results["bench"] = rows
@@ -332,6 +449,12 @@ def section_bench(args, results):
                     f"{row['flex_tflops']:4.0f} TF/s | x{row['vs_flex']:.2f} vs flex, x{row['vs_cudnn']:.2f} vs cuDNN "
                     f"(target x{row['target_vs_cudnn']:.2f}) finite={finite} err_vs_flex={err_flex:.1e}"
                 )
+                if not no_fa4:
+                    log(
+                        f"{name} {kind:6s} d={real_density:.3f} FA4    {t_fa4:8.3f} ms {row['fa4_tflops']:4.0f} TF/s | triton x{row['triton_vs_fa4']:.2f} "
+                        f"vs FA4 | vs fastest dense: triton x{row['triton_vs_fastest_dense']:.2f}, FA4 x{row['fa4_vs_fastest_dense']:.2f} | "
+                        f"convert {conv_ms:.1f} ms, err vs triton {err_fa4:.1e}"
+                    )
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()
     results["bench"] = rows
@@ -364,6 +487,16 @@ def section_perm(args, results):
     out = run_kernel(q, k, v, permuted, permute="fused")
     out2 = run_kernel(q, k, v, permuted, permute="separate")
     e = rel_err(out, out2)
+    if not fa4_missing():  # FA4 engine: gathers of q/k/v and of the output around the same kernel
+        try:
+            fa4.fa4_block_sparse_attention(q, k, v, permuted)
+            t_fa4_id = bench(lambda: fa4.fa4_block_sparse_attention(q, k, v, base))
+            t_fa4_perm = bench(lambda: fa4.fa4_block_sparse_attention(q, k, v, permuted))
+            rows.append(dict(shape=name, path="fa4_identity", ms=t_fa4_id, overhead=t_fa4_id / t_id - 1))
+            rows.append(dict(shape=name, path="fa4_gathers", ms=t_fa4_perm, overhead=t_fa4_perm / t_fa4_id - 1))
+            log(f"perm: FA4 overheads are vs FA4 identity for fa4_gathers, vs triton identity for fa4_identity")
+        except Exception as exc:
+            log(f"perm: FA4 failed: {type(exc).__name__}: {str(exc)[:300]}")
     for r in rows:
         log(f"perm {name} d=0.10 {r['path']:14s} {r['ms']:.3f} ms overhead {100 * r['overhead']:+.1f}%")
     log(f"perm fused vs separate rel diff {e:.2e}")
@@ -640,6 +773,8 @@ def main():
     p.add_argument("--densities-720p", default="", help="density list for wan720p (default: --densities)")
     p.add_argument("--kinds", default="random,window")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--fa4-dtypes", default="bf16,fp16", help="section fa4: dtypes (bf16, fp16)")
+    p.add_argument("--fa4-dims", default="64,128", help="section fa4: head dims")
     p.add_argument(
         "--sweep-configs",
         default='[{"BLOCK_N":128,"num_warps":8,"num_stages":3,"TMA":true},{"BLOCK_N":128,"num_warps":8,"num_stages":2,"TMA":true},'
@@ -680,7 +815,7 @@ def main():
         return
     for sec in args.sections.split(","):
         t0 = time.time()
-        {"correct": section_correct, "sweep": section_sweep, "bench": section_bench, "perm": section_perm}[sec](args, results)
+        {"correct": section_correct, "sweep": section_sweep, "bench": section_bench, "perm": section_perm, "fa4": section_fa4}[sec](args, results)
         log(f"[{sec} took {time.time() - t0:.0f} s]")
         save()
 

@@ -50,7 +50,7 @@ STATE_ATTR = "_sparse_dit_state"
 LAYER_ATTR = "_sparse_dit_layer"  # on each patched attention module: (state, layer index)
 _SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "fa4", "reference")
 _RECORD_KEY = "sparse_dit_record"  # key in an autograd node's metadata: the decisions of the forward behind it
 
 HeadPlan = tuple[PatternSpec, ...]
@@ -81,10 +81,13 @@ def choose_backend(name: str, q: torch.Tensor, needs_grad: bool) -> tuple[str, s
 
     name: the patch's ``backend`` setting. The Triton kernel has no backward: a call that needs gradients (training,
     gradient checkpointing) runs the differentiable PyTorch reference instead, with a warning saying so; gradients are
-    never silently missing. "auto" picks Triton on a supported GPU (see `sparse_dit.kernels.triton_supported`).
+    never silently missing. "auto" picks Triton on a supported GPU (see `sparse_dit.kernels.triton_supported`);
+    "fa4" is "auto" whose GPU calls prefer the FA4 engine (`kernels.EngineChooser` decides on "triton" for both).
     """
     from sparse_dit import kernels
 
+    if name == "fa4":
+        name = "auto"
     wants_triton = name == "triton" or (name == "auto" and kernels.triton_supported(q))
     if wants_triton and needs_grad:
         return "reference", (
@@ -96,9 +99,13 @@ def choose_backend(name: str, q: torch.Tensor, needs_grad: bool) -> tuple[str, s
     return name, None
 
 
-def _run_backend(name: str) -> Callable[..., torch.Tensor]:
+def _run_backend(name: str, engines: Any = None) -> Callable[..., torch.Tensor]:
+    """The function that runs a sparse call on backend ``name``; for "triton", ``engines`` (a
+    `kernels.EngineChooser`) when given: it picks Triton or FA4 per call."""
     from sparse_dit import kernels
 
+    if name == "triton" and engines is not None:
+        return engines
     if name == "reference":
         return kernels.reference_attention
     if name == "triton":
@@ -443,9 +450,13 @@ class PatchState:
         self.layout_cache = _BoundedCache(self.layout_cache_size)
         self._text_valid_layouts = _BoundedCache(self.text_valid_cache_size)
         self.modes = [_AttentionInterceptor(self, layer) for layer in range(len(self.modules))]
+        from sparse_dit.kernels import EngineChooser
+
+        # Triton or FA4 per sparse call, by measured speed ("auto"), FA4 where it can run ("fa4"), Triton ("triton")
+        self.engines = EngineChooser(prefer={"fa4": "fa4", "triton": "triton"}.get(self.backend))
 
     # ------------------------------------------------------------------------------ copy and pickle
-    _RUNTIME = ("_local", "_lock", "_records", "_orders", "_warned", "layout_cache", "_text_valid_layouts", "modes")
+    _RUNTIME = ("_local", "_lock", "_records", "_orders", "_warned", "layout_cache", "_text_valid_layouts", "modes", "engines")
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -644,11 +655,24 @@ class PatchState:
         name = getattr(choice, "value", choice)
         return None if name in (None, "native") else choice
 
+    def _user_chose_native(self, layer: int) -> bool:
+        """True when the user set diffusers' native backend on this layer's processor explicitly."""
+        processor = getattr(self.modules[layer], "processor", None)
+        saved = self.saved_backends.get(id(processor)) if processor is not None else None
+        if saved is None or saved[0] is not processor or saved[3] is _NO_BACKEND or not saved[1]:
+            return False
+        return getattr(saved[2], "value", saved[2]) == "native"
+
     def _dense(self, layer: int, args: tuple, kwargs: dict, a: dict) -> torch.Tensor:
-        """Dense attention on the user's diffusers backend when they chose one, else torch's SDPA."""
+        """Dense attention on the user's diffusers backend when they chose one (an explicit "native": torch's SDPA as
+        is), else the fastest available (`kernels.dense_attention`: FA4, else SDPA with cuDNN first on Hopper+)."""
         backend = self._user_backend(layer)
         if backend is None:
-            return _SDPA(*args, **kwargs)
+            if self._user_chose_native(layer):
+                return _SDPA(*args, **kwargs)
+            from sparse_dit.kernels import dense_attention
+
+            return dense_attention(**a, sdpa=_SDPA)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         q, k, v = (a[n].transpose(1, 2) for n in ("query", "key", "value"))
@@ -872,7 +896,8 @@ class PatchState:
         order = decision.order
         if order is not None:  # copies in the layout's order, and the output back to diffusers' order
             q, k, v = (_in_order(t, order) for t in (q, k, v))
-        out = _run_backend(backend)(q, k, v, decision.layout, scale=a.get("scale"))
+        engines = self.engines if self.backend in ("auto", "fa4") else None
+        out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))
         if order is not None:
             out = out.index_select(1, order.to(out.device).argsort())
         return out.transpose(1, 2)
@@ -978,10 +1003,13 @@ def patch(
         or ``{"name": ..., **params}``). profile: a per-layer/head plan (path, `Profile` or shipped name), or
         for two-transformer pipelines (Wan 2.2) a mapping ``{"transformer": ..., "transformer_2": ...}``;
         give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
-        the layouts the patterns build (default: the profile's, else 128). backend: "auto" (Triton on a supported GPU, else the reference),
-        "triton" or "reference". replan_every: dynamic patterns (kmeans, prune) plan a new layout on every
-        replan_every-th sparse denoising step and reuse it in between (1 = every step, as Sparse VideoGen2 does;
-        larger trades a little fidelity for much less planning time).
+        the layouts the patterns build (default: the profile's, else 128). backend: "auto" (on a supported GPU the
+        Triton kernel, or the FA4 engine where it is installed, can express the layout and measures faster; else the
+        reference), "fa4" (FA4 wherever it can run, else as "auto"), "triton" or "reference". Dense calls run on the
+        user's diffusers backend if one was chosen, else the fastest dense attention available (FA4, cuDNN SDPA).
+        replan_every: dynamic patterns (kmeans, prune) plan a new layout on every replan_every-th sparse denoising
+        step and reuse it in between (1 = every step, as Sparse VideoGen2 does; larger trades a little fidelity for
+        much less planning time).
 
     Patching twice replaces the earlier patch; `unpatch` restores the model exactly. Returns its input.
     """
