@@ -664,11 +664,12 @@ class PatchState:
         return getattr(saved[2], "value", saved[2]) == "native"
 
     def _dense(self, layer: int, args: tuple, kwargs: dict, a: dict) -> torch.Tensor:
-        """Dense attention on the user's diffusers backend when they chose one (an explicit "native": torch's SDPA as
-        is), else the fastest available (`kernels.dense_attention`: FA4, else SDPA with cuDNN first on Hopper+)."""
+        """Dense attention on the user's diffusers backend when they chose one (an explicit "native", or the identity
+        patch ``pattern="dense"``: torch's SDPA as is), else the fastest available (`kernels.dense_attention`: FA4, else SDPA with cuDNN first on Hopper+)."""
         backend = self._user_backend(layer)
         if backend is None:
-            if self._user_chose_native(layer):
+            # pattern="dense" is the identity patch: it stays bit-identical to the unpatched model (its SDPA call)
+            if self.uniform_dense or self._user_chose_native(layer):
                 return _SDPA(*args, **kwargs)
             from sparse_dit.kernels import dense_attention
 

@@ -82,15 +82,15 @@ def test_dense_calls_of_a_patched_model_run_on_fa4(fake_fa4):
     x, t, text = wan_inputs()
     model = make_wan_transformer()
     ref = run(model, x, t, text)
+    # pattern="dense" is the identity patch: bit-identical to the unpatched model, so its SDPA, never FA4
     sparse_dit.patch(model, pattern="dense")
+    assert torch.equal(run(model, x, t, text), ref)
+    assert fake_fa4 == []
+    # the dense warm-up steps of a sparse plan go to the fastest dense kernel
+    sparse_dit.patch(model, pattern=PatternSpec("tile", window=(1, 1, 1)), block_size=16, backend="reference", dense_steps=1)
     out = run(model, x, t, text)
     assert len(fake_fa4) == len(model.blocks)  # every self-attention; the unpatched cross-attention stays diffusers'
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # dense warm-up steps of a sparse plan too
-    sparse_dit.patch(model, pattern=PatternSpec("tile", window=(1, 1, 1)), block_size=16, backend="reference", dense_steps=1)
-    fake_fa4.clear()
-    run(model, x, t, text)
-    assert len(fake_fa4) == len(model.blocks)
     assert sparse_dit.patch_state(model).stats["dense_reasons"] == {"dense_steps": len(model.blocks)}
     sparse_dit.unpatch(model)
 
