@@ -471,4 +471,9 @@ def build(
         state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
-    return lay.to(device)
+    lay = lay.to(device)
+    if fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
+        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+
+        prime_chunk_tables(lay, q.dtype, D)
+    return lay

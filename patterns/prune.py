@@ -111,4 +111,9 @@ def build(
     for b in range(B):
         state[b] = {"kept": kept[b], "scores": scores[b]}
     # topk gives n_keep distinct in-range indices by construction: the bounds check (a host sync) is skipped
-    return Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True).to(device)
+    lay = Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True).to(device)
+    if fused:
+        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+
+        prime_chunk_tables(lay, q.dtype, D)
+    return lay

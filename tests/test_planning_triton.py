@@ -234,3 +234,63 @@ def test_no_host_read_in_triton_planning(gen):
         lay.validate()
         with pytest.raises(AssertionError, match="host read"), no_host_reads():
             km.build(geo, h, block_q, "cpu", q=q, k=k, state=torch_state, planner="torch", q_mode=mode, kv_align=align, **params)
+
+
+# ------------------------------------------------------------------------------------------- chunk tables
+def _assert_tables_equal(got, ref):
+    n_full, n_clean, full_start, n_part, part_start, part_end = got
+    r_full, r_clean, r_fs, r_part, r_ps, r_pe = ref
+    assert torch.equal(n_full, r_full) and torch.equal(n_clean, r_clean) and torch.equal(n_part, r_part)
+    cf, cp = r_fs.shape[-1], r_ps.shape[-1]
+    assert full_start.shape[-1] >= cf and part_start.shape[-1] >= min(cp, part_start.shape[-1])
+    used_f = torch.arange(cf) < n_full[..., None].long()
+    assert torch.equal(torch.where(used_f, full_start[..., :cf], 0), torch.where(used_f, r_fs, 0))
+    used_p = torch.arange(part_start.shape[-1]) < n_part[..., None].long()
+    w = min(cp, part_start.shape[-1])
+    assert torch.equal(torch.where(used_p, part_start, 0)[..., :w], torch.where(used_p[..., :w], r_ps[..., :w], 0))
+    assert torch.equal(torch.where(used_p, part_end, 0)[..., :w], torch.where(used_p[..., :w], r_pe[..., :w], 0))
+    assert (n_part.long() <= w).all()
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_chunk_tables_equal_the_kernel_builder(gen, block_n):
+    from sparse_dit.kernels.planning_triton import chunk_tables
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables
+    from sparse_dit.layout import Layout
+
+    # k-means layouts (exact cluster segments: many tails) and block masks with a padded key order
+    B, h, D = 2, 3, 16
+    geo = _geometry(B, h, D, (2, 6, 7), 5)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=1)
+    _assert_tables_equal(chunk_tables(lay, block_n), _build_chunk_tables(lay, block_n, torch.device("cpu")))
+    S, bs = 100, 16
+    nb = -(-S // bs)
+    mask = torch.rand(2, 3, nb, nb, generator=gen) < 0.4
+    mask[..., 0] = True
+    base = Layout.from_block_mask(mask, bs, S)
+    perm = torch.randperm(S, generator=gen)
+    kv_perm = torch.full((2, 3, nb * bs), -1, dtype=torch.int64)
+    kv_perm[..., :S] = perm
+    kv_perm = kv_perm[..., torch.randperm(nb * bs, generator=gen)]  # padding slots scattered: "dirty" chunks
+    padded = Layout(S, bs, base.kv_count, base.kv_start, base.kv_end, None, kv_perm)
+    _assert_tables_equal(chunk_tables(padded, block_n), _build_chunk_tables(padded, block_n, torch.device("cpu")))
+
+
+def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen):
+    """Plan (warm) and attend with the Triton kernel, fp32: equal to the reference attention on the same layout; the
+    kernel uses the primed chunk tables, so plan + attention read nothing back."""
+    from sparse_dit.kernels.reference import reference_attention
+    from sparse_dit.kernels.triton_attention import triton_block_sparse_attention
+
+    B, h, D, block_q = 1, 2, 16, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 4)
+    q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
+    for name, build, params in (("kmeans", km.build, {"q_clusters": 3, "k_clusters": 6}), ("prune", pr.build, {"keep_ratio": 0.3})):
+        state: dict = {}
+        build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
+        with torch.no_grad(), no_host_reads():
+            lay = build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
+            out = triton_block_sparse_attention(q, k, v, lay)
+        torch.testing.assert_close(out, reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
