@@ -294,3 +294,21 @@ def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen):
             lay = build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
             out = triton_block_sparse_attention(q, k, v, lay)
         torch.testing.assert_close(out, reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
+
+
+def test_planning_benchmark_smoke(tmp_path):
+    """benchmarks/planning.py's CPU path on a tiny shape: it runs and writes JSON + markdown with every case."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "planning.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "planning.json").read_text())
+    cases = data["results"][0]["cases"]
+    assert [(c["pattern"], c["target_density"]) for c in cases] == [("kmeans", 0.1), ("prune", 0.1), ("kmeans", 0.2), ("prune", 0.2)]
+    assert all(c["plan_ms"] > 0 and c["attn_ms"] > 0 and 0 < c["density"] <= 1 for c in cases)
+    assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()

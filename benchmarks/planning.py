@@ -1,0 +1,247 @@
+"""Per-call planning cost of the dynamic patterns (k-means: Triton vs PyTorch; prune: Triton vs PyTorch), as a share of
+the sparse attention kernel time at 10% / 20% density, and peak memory vs dense attention.
+
+    python3 benchmarks/planning.py --out $OUT            # H200/H100, torch + triton; no diffusers needed (< 3 min)
+    python3 benchmarks/planning.py --out /tmp/p --tiny   # CPU smoke run of the script (tests/test_benchmarks.py)
+
+Shapes (B = 1 per CFG branch, bf16, D = 128, no text in Wan's self-attention): Wan2.1-1.3B 480p (H = 12, grid 21x30x52,
+S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and density:
+
+- ``plan_ms``: one warm re-plan (centroids of the previous call kept, as every step after the first), CUDA-event
+  median; k-means with ``min_fraction`` = density and ``top_p`` = 0.05 (as benchmarks/e2e.py pins it), prune with
+  ``keep_ratio`` = density;
+- ``attn_ms``: the Triton block-sparse kernel on the layout that plan produced (its measured density is reported),
+  and on a random block mask of exactly the target density (``attn_blockmask_ms``, what tile-like layouts cost);
+- ``share``: plan_ms / (plan_ms + attn_ms), the planning overhead of a sparse attention call with replan_every=1;
+- ``peak_mib``: peak allocated memory of plan + attention beyond q/k/v/out, vs the same for dense SDPA.
+
+q/k are synthetic with cluster structure (a low-rank smooth signal plus noise) since real activations are not
+available here; the next call's inputs are the previous ones plus small noise (a denoising step's drift). Writes
+planning.json and planning.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import ensure_sparse_dit  # noqa: E402
+
+ensure_sparse_dit()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sparse_dit.geometry import Geometry  # noqa: E402
+from sparse_dit.layout import Layout  # noqa: E402
+from sparse_dit.patterns import kmeans, prune  # noqa: E402
+
+SHAPES = {
+    "wan1.3b-480p": dict(heads=12, grid=(21, 30, 52)),
+    "wan14b-720p": dict(heads=40, grid=(21, 45, 80)),
+    "tiny": dict(heads=2, grid=(2, 4, 8)),
+}
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, wall clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_extra_mib(fn, device: torch.device) -> float | None:
+    """Peak memory allocated while ``fn()`` runs beyond what was allocated before it, in MiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def structured(B: int, S: int, H: int, D: int, grid, device, dtype, gen: torch.Generator) -> torch.Tensor:
+    """(B, S, H, D): a smooth function of the token's (f, y, x) position through random features, plus noise, so
+    k-means has clusters to find (pure noise would make every assignment a near-tie)."""
+    F_, H_, W_ = grid
+    f, y, x = torch.meshgrid(
+        torch.linspace(0, 1, F_, device=device), torch.linspace(0, 1, H_, device=device), torch.linspace(0, 1, W_, device=device), indexing="ij"
+    )
+    pos = torch.stack([f, y, x], -1).reshape(S, 3)
+    freq = torch.randn(3, 16, generator=gen, device=device) * 4
+    feats = torch.cat([torch.sin(pos @ freq), torch.cos(pos @ freq)], -1)  # (S, 32)
+    out = torch.empty(B, S, H, D, device=device, dtype=dtype)
+    for h in range(H):
+        proj = torch.randn(32, D, generator=gen, device=device)
+        out[:, :, h] = ((feats @ proj) + 0.3 * torch.randn(B, S, D, generator=gen, device=device)).to(dtype)
+    return out
+
+
+def random_block_layout(B: int, H: int, S: int, block: int, density: float, device, gen) -> Layout:
+    nb = -(-S // block)
+    mask = torch.rand(B, H, nb, nb, generator=gen, device=device) < density
+    mask |= torch.eye(nb, dtype=torch.bool, device=device)  # every block has keys
+    return Layout.from_block_mask(mask, block, S)
+
+
+def run_shape(name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str]) -> dict:
+    spec = SHAPES[name]
+    H, grid = spec["heads"], spec["grid"]
+    B, D = 1, (128 if name != "tiny" else 16)
+    block = 128 if name != "tiny" else 16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    geo = Geometry(B, H, D, *grid)
+    S = geo.seq_len
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (structured(B, S, H, D, grid, device, dtype, gen) for _ in range(3))
+    q2, k2 = (t + (0.05 * torch.randn(t.shape, generator=gen, device=device)).to(dtype) for t in (q, k))
+
+    if device.type == "cuda":
+        from sparse_dit.kernels.triton_attention import triton_block_sparse_attention as attend
+    else:
+        from sparse_dit.kernels.reference import reference_attention as attend
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    dense = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+    row = {"shape": name, "B": B, "H": H, "S": S, "D": D, "dtype": str(dtype), "dense_ms": timed(dense, device, repeats),
+           "dense_peak_mib": peak_extra_mib(dense, device), "cases": []}
+    print(f"[{name}] B={B} H={H} S={S} D={D}: dense SDPA {row['dense_ms']:.2f} ms", flush=True)
+    for d in densities:
+        blk = random_block_layout(B, H, S, block, d, device, gen)
+        with torch.no_grad():
+            attn_bm = timed(lambda: attend(q, k, v, blk), device, repeats)
+        for pattern in ("kmeans", "prune"):
+            module = kmeans if pattern == "kmeans" else prune
+            params = {"top_p": 0.05, "min_fraction": d} if pattern == "kmeans" else {"keep_ratio": d}
+            for planner in planners:
+                state: dict = {}
+                t0 = time.perf_counter()
+                module.build(geo, H, block, device, q=q, k=k, state=state, planner=planner, **params)  # cold start
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                cold_ms = (time.perf_counter() - t0) * 1e3
+                box: dict = {}
+
+                def plan() -> Layout:
+                    box["lay"] = module.build(geo, H, block, device, q=q2, k=k2, state=state, planner=planner, **params)
+                    return box["lay"]
+
+                plan_ms = timed(plan, device, repeats)
+                lay = box["lay"]
+                with torch.no_grad():
+                    attn_ms = timed(lambda: attend(q, k, v, lay), device, repeats)
+
+                    def plan_and_attend():
+                        return attend(q, k, v, plan(), )
+
+                    peak = peak_extra_mib(plan_and_attend, device)
+                case = {
+                    "pattern": pattern, "planner": planner, "target_density": d, "density": round(lay.density, 4),
+                    "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "attn_ms": round(attn_ms, 3),
+                    "attn_blockmask_ms": round(attn_bm, 3), "share": round(plan_ms / (plan_ms + attn_ms), 4),
+                    "peak_mib": None if peak is None else round(peak, 1),
+                    "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
+                }
+                row["cases"].append(case)
+                print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms, attn {attn_ms:7.3f} ms "
+                      f"(block mask {attn_bm:7.3f}), share {case['share']:.1%}, density {case['density']:.3f}, "
+                      f"peak {case['peak_mib']} MiB (dense {row['dense_peak_mib']})", flush=True)
+    if "triton" in planners and "torch" in planners:
+        row["agreement"] = agreement(geo, H, block, device, q, k, q2, k2)
+    return row
+
+
+def agreement(geo: Geometry, H: int, block: int, device, q, k, q2, k2) -> dict:
+    """How close the Triton plan is to the PyTorch one on this GPU (bf16 GEMMs decide near-ties differently, so the
+    label agreement is reported, not required to be 1; the interpreter tests check exact equality in fp32)."""
+    from sparse_dit.kernels.planning_triton import kmeans_step, prune_scores
+
+    B, S, h, D = q.shape
+    flat = q.float().permute(0, 2, 1, 3).reshape(B * h, S, D)
+    init = kmeans.kmeans_plus_plus(flat, max(1, round(geo.video_len / 256)), 0)
+    ref_l = kmeans.assign(flat, init)
+    _, tri_l, _ = kmeans_step(q, init)
+    ref_s = prune.key_scores(q, k, "attn", 64)
+    tri_s = prune_scores(q, k, 64)
+    return {"kmeans_label_agreement": float((ref_l == tri_l.long()).float().mean()),
+            "prune_score_max_rel_err": float(((ref_s - tri_s).abs().max() / ref_s.abs().max()))}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Planning cost of dynamic patterns ({meta['device']})", "",
+             f"`{meta['command']}` on {meta['date']}, torch {meta['torch']}, triton {meta['triton']}.", "",
+             "share = plan / (plan + sparse attention) per call with replan_every=1 (target <= 3% of a sparse step).", ""]
+    for r in rows:
+        lines += [f"## {r['shape']} (B={r['B']}, H={r['H']}, S={r['S']}, D={r['D']}, {r['dtype']}); dense SDPA "
+                  f"{r['dense_ms']:.2f} ms, peak {r['dense_peak_mib']} MiB", "",
+                  "| pattern | planner | target | density | plan ms | attn ms | block-mask attn ms | share | cold ms | peak MiB | peak / dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in r["cases"]:
+            lines.append(f"| {c['pattern']} | {c['planner']} | {c['target_density']} | {c['density']} | {c['plan_ms']} | "
+                         f"{c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} |")
+        if "agreement" in r:
+            lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--shapes", default="wan1.3b-480p,wan14b-720p", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--densities", default="0.1,0.2")
+    ap.add_argument("--planners", default="triton,torch")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny shape, torch planner, 1 repeat")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
+    planners = ["torch"] if args.tiny else [p for p in args.planners.split(",") if p]
+    repeats = 1 if args.tiny else args.repeats
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
+    densities = [float(x) for x in args.densities.split(",")]
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton_version, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python3 benchmarks/planning.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    t0 = time.time()
+    rows = [run_shape(s, densities, device, repeats, planners) for s in shapes]
+    meta["seconds"] = round(time.time() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "planning.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (args.out / "planning.md").write_text(markdown(rows, meta))
+    print(f"wrote {args.out / 'planning.json'} and planning.md in {meta['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
