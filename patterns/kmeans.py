@@ -342,14 +342,11 @@ def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torc
 
 
 def triton_available(x: torch.Tensor) -> bool:
-    """Whether the fused Triton planning kernels can run on x's device (CUDA and triton importable)."""
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the fused Triton planning kernels can run on x's device (the attention kernel's test: a CUDA GPU of
+    compute capability >= 8.0 and triton importable)."""
+    from sparse_dit.kernels import triton_supported
+
+    return triton_supported(x)
 
 
 PLANNERS = ("auto", "torch", "triton")

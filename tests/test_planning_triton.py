@@ -312,3 +312,47 @@ def test_planning_benchmark_smoke(tmp_path):
     assert [(c["pattern"], c["target_density"]) for c in cases] == [("kmeans", 0.1), ("prune", 0.1), ("kmeans", 0.2), ("prune", 0.2)]
     assert all(c["plan_ms"] > 0 and c["attn_ms"] > 0 and 0 < c["density"] <= 1 for c in cases)
     assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- mixed
+def test_mixed_stack_equals_per_pattern_layouts_and_carries_chunk_tables(gen):
+    """A mixed layer (tile, dense, k-means, prune heads interleaved) stacked in one pass equals the per-pattern
+    layouts stacked then reordered (the old path), head by head; chunk tables primed on the parts are combined into
+    exactly what the kernel would build for the stacked layout, so the kernel finds them (no host sync)."""
+    from sparse_dit.kernels.planning_triton import chunk_tables, prime_chunk_tables
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables, default_config
+    from sparse_dit.layout import Layout
+    from sparse_dit.patterns import PatternSpec
+
+    B, h, D, block_q = 2, 7, 16, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 4)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    plan = ["tile", "kmeans", "dense", "prune", "kmeans", "tile", "prune"]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(plan):
+        groups.setdefault(name, []).append(i)
+    parts, heads = [], []
+    for name, hs in groups.items():
+        spec = PatternSpec(name)
+        idx = torch.tensor(hs)
+        if spec.static:
+            part = spec.module.build(geo, len(hs), block_q, "cpu", **spec.params)
+            prime_chunk_tables(part, q.dtype, D)
+        else:
+            part = spec.module.build(geo, len(hs), block_q, "cpu", q=q[:, :, idx], k=k[:, :, idx], state={}, planner="triton", **spec.params)
+        parts.append(part)
+        heads.append(hs)
+    mixed = Layout.stack_heads(parts, heads=heads)
+    order = [i for hs in heads for i in hs]
+    old = Layout.stack_heads(parts).take_heads(torch.tensor(order).argsort())
+    for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
+        assert torch.equal(getattr(mixed, name), getattr(old, name)), name
+    mask = mixed.to_dense_mask()
+    for part, hs in zip(parts, heads):
+        assert torch.equal(mask[:, hs], part.to_dense_mask().expand(B, -1, -1, -1))
+    block_n = int(default_config(D, max(16, block_q), q.dtype)["BLOCK_N"])
+    key = ("triton_chunks", block_n, "cpu")
+    assert key in mixed._derived
+    _assert_tables_equal(mixed._derived[key], _build_chunk_tables(mixed, block_n, torch.device("cpu")))
+    _assert_tables_equal(chunk_tables(mixed, block_n), _build_chunk_tables(mixed, block_n, torch.device("cpu")))
