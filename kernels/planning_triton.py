@@ -197,11 +197,15 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
 
 
 # ------------------------------------------------------------------------------------- kernel chunk tables
-def chunk_tables(layout, block_n: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+def chunk_tables(
+    layout, block_n: int, device: torch.device | str | None = None, max_tails: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """The attention kernel's chunk tables (``triton_attention._build_chunk_tables``'s six tensors, same meaning and
     order of entries) with fixed widths instead of the largest count, so building them reads nothing on the host:
-    full chunks ``max(1, K // block_n)`` (disjoint segments of a K-key order hold at most that many), tails ``G``
-    (at most one per segment). Entries past the counts are 0, as there."""
+    full chunks ``max(1, K // block_n)`` (disjoint segments of a K-key order hold at most that many), tails
+    ``max_tails`` (default ``G``: at most one per segment; a planner that knows a smaller bound passes it, e.g. 1
+    for segments snapped to multiples of block_n, whose only possible tail is the end of the key order). Entries
+    past the counts are 0, as there."""
     device = layout.device if device is None else torch.device(device)
     count = layout.kv_count.to(device).long()
     start = layout.kv_start.to(device).long()
@@ -225,6 +229,8 @@ def chunk_tables(layout, block_n: int, device: torch.device | str | None = None)
     keep = torch.arange(G, device=device) < n_part[..., None]
     part_start = torch.where(keep, (start + nfull * block_n).gather(-1, order), 0)
     part_end = torch.where(keep, end.gather(-1, order), 0)
+    if max_tails is not None and max_tails < G:
+        part_start, part_end = part_start[..., : max(1, max_tails)], part_end[..., : max(1, max_tails)]
     n_clean = n_full
     if layout.kv_perm is not None:  # full chunks holding padding slots (-1) go last (the kernel masks them)
         kv_perm = layout.kv_perm.to(device)
@@ -241,7 +247,9 @@ def chunk_tables(layout, block_n: int, device: torch.device | str | None = None)
     return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
 
 
-def prime_chunk_tables(layout, dtype: torch.dtype, head_dim: int, device: torch.device | str | None = None) -> None:
+def prime_chunk_tables(
+    layout, dtype: torch.dtype, head_dim: int, device: torch.device | str | None = None, align: int | None = None
+) -> None:
     """Put `chunk_tables` for the attention kernel's default BLOCK_N into ``layout``'s derived cache under the key
     the kernel looks up, so the kernel launch after a dynamic plan does not build them with a host sync. (A call
     with another BLOCK_N, e.g. a benchmark's config override, still builds its own.)"""
@@ -250,4 +258,5 @@ def prime_chunk_tables(layout, dtype: torch.dtype, head_dim: int, device: torch.
     device = layout.device if device is None else torch.device(device)
     block_m = max(16, triton.next_power_of_2(layout.block_q))
     block_n = int(default_config(head_dim, block_m, dtype)["BLOCK_N"])
-    layout.cached(("triton_chunks", block_n, str(device)), lambda: chunk_tables(layout, block_n, device))
+    tails = 1 if align is not None and align % block_n == 0 else None
+    layout.cached(("triton_chunks", block_n, str(device)), lambda: chunk_tables(layout, block_n, device, tails))

@@ -472,5 +472,5 @@ def build(
     if fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
         from sparse_dit.kernels.planning_triton import prime_chunk_tables
 
-        prime_chunk_tables(lay, q.dtype, D)
+        prime_chunk_tables(lay, q.dtype, D, align=align if align > 1 else None)
     return lay

@@ -421,6 +421,30 @@ class Layout:
             text_valid=move(self.text_valid),
         )
 
+    def compact(self) -> "Layout":
+        """The same layout with its segment table, and the kernel chunk tables it carries, trimmed to the widest used
+        entry (one host sync). For layouts kept between calls (``replan_every > 1``): a plan built without host syncs
+        has fixed-capacity tables sized for the worst case (e.g. half the key chunks per query block), which would
+        otherwise stay allocated per layer and CFG branch until the next re-plan."""
+        tables = {k: v for k, v in self._derived.items() if isinstance(k, tuple) and k[:1] == ("triton_chunks",)}
+        widths = [self.kv_count.max()]
+        for t in tables.values():
+            widths += [t[0].max(), t[3].max()]  # full chunks, tails
+        if self.kv_count.numel() == 0:
+            return self
+        used = torch.stack([w.to(torch.int64) for w in widths]).tolist()  # the one sync
+        trim = lambda t, n: t[..., : max(1, min(n, t.shape[-1]))].contiguous()  # noqa: E731  (a copy when narrowed)
+        out = replace(
+            self,
+            _trusted=bool(self._derived.get("bounds")),
+            kv_start=trim(self.kv_start, used[0]),
+            kv_end=trim(self.kv_end, used[0]),
+        )
+        for i, (key, (n_full, n_clean, full_start, n_part, part_start, part_end)) in enumerate(tables.items()):
+            nf, np_ = used[1 + 2 * i], used[2 + 2 * i]
+            out._derived[key] = (n_full, n_clean, trim(full_start, nf), n_part, trim(part_start, np_), trim(part_end, np_))
+        return out
+
     def with_text_valid(self, text_valid: torch.Tensor | None, text_range: Range | None = None) -> "Layout":
         """The same layout where only the first ``text_valid[b]`` keys of ``text_range`` (default: text_kv)
         are real for batch element b (a padded prompt); None: all keys real."""

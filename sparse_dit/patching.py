@@ -763,6 +763,7 @@ class PatchState:
             reuse = self.dynamic_layouts
             for stale in [k for k, v in reuse.items() if v[0] != clock.generation]:
                 del reuse[stale]  # a finished generation's layouts are never reused
+            layout = layout.compact()  # sync-free plans have worst-case table widths: trim what is kept (one sync)
             reuse[reuse_key] = (clock.generation, clock.step, layout)
         return layout
 

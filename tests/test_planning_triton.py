@@ -265,6 +265,11 @@ def test_chunk_tables_equal_the_kernel_builder(gen, block_n):
     k = torch.randn(B, geo.seq_len, h, D, generator=gen)
     lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=1)
     _assert_tables_equal(chunk_tables(lay, block_n), _build_chunk_tables(lay, block_n, torch.device("cpu")))
+    # chunk-snapped segments (kv_align a multiple of block_n, V = 84 not): one tail at most, at the end of the order
+    snapped = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=32)
+    tables = chunk_tables(snapped, block_n, max_tails=1)
+    assert tables[4].shape[-1] == 1
+    _assert_tables_equal(tables, _build_chunk_tables(snapped, block_n, torch.device("cpu")))
     S, bs = 100, 16
     nb = -(-S // bs)
     mask = torch.rand(2, 3, nb, nb, generator=gen) < 0.4
@@ -356,3 +361,23 @@ def test_mixed_stack_equals_per_pattern_layouts_and_carries_chunk_tables(gen):
     assert key in mixed._derived
     _assert_tables_equal(mixed._derived[key], _build_chunk_tables(mixed, block_n, torch.device("cpu")))
     _assert_tables_equal(chunk_tables(mixed, block_n), _build_chunk_tables(mixed, block_n, torch.device("cpu")))
+
+
+def test_compact_trims_fixed_capacity_tables_and_keeps_the_layout(gen):
+    """Layouts kept for replan_every > 1 are compacted: narrower tables, the same mask, chunk tables still what the
+    kernel would build, and the attention output unchanged."""
+    from sparse_dit.kernels.reference import reference_attention
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables, triton_block_sparse_attention
+
+    B, h, D = 1, 2, 16
+    geo = _geometry(B, h, D, (2, 8, 8), 0)
+    q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=4, k_clusters=16, top_p=0.3, min_fraction=0.1)
+    small = lay.compact()
+    assert small.kv_start.shape[-1] == max(1, int(lay.kv_count.max())) < lay.kv_start.shape[-1]
+    assert torch.equal(small.to_dense_mask(), lay.to_dense_mask())
+    (key,) = [k_ for k_ in small._derived if isinstance(k_, tuple) and k_[0] == "triton_chunks"]
+    assert small._derived[key][2].shape[-1] <= lay._derived[key][2].shape[-1]
+    _assert_tables_equal(small._derived[key], _build_chunk_tables(small, key[1], torch.device("cpu")))
+    with torch.no_grad():
+        torch.testing.assert_close(triton_block_sparse_attention(q, k, v, small), reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
