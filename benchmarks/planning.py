@@ -7,7 +7,7 @@ the sparse attention kernel time at 10% / 20% density, and peak memory vs dense 
 Shapes (B = 1 per CFG branch, bf16, D = 128, no text in Wan's self-attention): Wan2.1-1.3B 480p (H = 12, grid 21x30x52,
 S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and density:
 
-- ``plan_ms``: one warm re-plan (centroids of the previous call kept, as every step after the first), CUDA-event
+- ``plan_ms`` (and ``plan_gpu_ms``, timed with the host queued ahead, see `timed`): one warm re-plan (centroids of the previous call kept, as every step after the first), CUDA-event
   median; k-means with ``min_fraction`` = density and ``top_p`` = 0.05 (as benchmarks/e2e.py pins it), prune with
   ``keep_ratio`` = density;
 - ``attn_ms``: the Triton block-sparse kernel on the layout that plan produced (its measured density is reported),
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,14 +47,20 @@ SHAPES = {
 }
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, wall clock otherwise."""
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1, ahead: bool = False) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, wall clock otherwise.
+
+    ``ahead``: the GPU first sleeps ~50 ms so the host can queue all of ``fn``'s work before the first event; the
+    time is then the GPU's alone, as in a pipeline where the host runs ahead of the GPU. A path that syncs with the
+    host cannot run ahead: its sync waits out the sleep and its launch gaps show in the time."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if ahead:
+                torch.cuda._sleep(100_000_000)
             a.record()
             fn()
             b.record()
@@ -150,23 +154,25 @@ def run_shape(name: str, densities: list[float], device: torch.device, repeats: 
                     return box["lay"]
 
                 plan_ms = timed(plan, device, repeats)
+                plan_gpu_ms = timed(plan, device, repeats, warmup=0, ahead=True) if device.type == "cuda" else plan_ms
                 lay = box["lay"]
                 with torch.no_grad():
                     attn_ms = timed(lambda: attend(q, k, v, lay), device, repeats)
 
                     def plan_and_attend():
-                        return attend(q, k, v, plan(), )
+                        return attend(q, k, v, plan())
 
                     peak = peak_extra_mib(plan_and_attend, device)
                 case = {
                     "pattern": pattern, "planner": planner, "target_density": d, "density": round(lay.density, 4),
-                    "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "attn_ms": round(attn_ms, 3),
+                    "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "plan_gpu_ms": round(plan_gpu_ms, 3),
+                    "attn_ms": round(attn_ms, 3), "share_gpu": round(plan_gpu_ms / (plan_gpu_ms + attn_ms), 4),
                     "attn_blockmask_ms": round(attn_bm, 3), "share": round(plan_ms / (plan_ms + attn_ms), 4),
                     "peak_mib": None if peak is None else round(peak, 1),
                     "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
                 }
                 row["cases"].append(case)
-                print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms, attn {attn_ms:7.3f} ms "
+                print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms (GPU alone {plan_gpu_ms:8.3f}), attn {attn_ms:7.3f} ms "
                       f"(block mask {attn_bm:7.3f}), share {case['share']:.1%}, density {case['density']:.3f}, "
                       f"peak {case['peak_mib']} MiB (dense {row['dense_peak_mib']})", flush=True)
     if "triton" in planners and "torch" in planners:
@@ -193,15 +199,18 @@ def agreement(geo: Geometry, H: int, block: int, device, q, k, q2, k2) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Planning cost of dynamic patterns ({meta['device']})", "",
              f"`{meta['command']}` on {meta['date']}, torch {meta['torch']}, triton {meta['triton']}.", "",
-             "share = plan / (plan + sparse attention) per call with replan_every=1 (target <= 3% of a sparse step).", ""]
+             "share = plan / (plan + sparse attention) per call with replan_every=1 (target <= 3% of a sparse step); "
+             "'host ahead': the GPU time of planning when the host has queued it in advance (what a sync-free planner "
+             "gets inside a pipeline; a planner that syncs cannot).", ""]
     for r in rows:
         lines += [f"## {r['shape']} (B={r['B']}, H={r['H']}, S={r['S']}, D={r['D']}, {r['dtype']}); dense SDPA "
                   f"{r['dense_ms']:.2f} ms, peak {r['dense_peak_mib']} MiB", "",
-                  "| pattern | planner | target | density | plan ms | attn ms | block-mask attn ms | share | cold ms | peak MiB | peak / dense |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| pattern | planner | target | density | plan ms | plan ms, host ahead | attn ms | block-mask attn ms | share | share, host ahead | cold ms | peak MiB | peak / dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in r["cases"]:
             lines.append(f"| {c['pattern']} | {c['planner']} | {c['target_density']} | {c['density']} | {c['plan_ms']} | "
-                         f"{c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} |")
+                         f"{c['plan_gpu_ms']} | {c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['share_gpu']:.1%} | "
+                         f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} |")
         if "agreement" in r:
             lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]
         lines.append("")
