@@ -46,6 +46,15 @@ it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.
 tests; off by default because per layer and branch it holds ~40 MB at 720p) it also holds the last call's
 ``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
+
+Planners (``build(..., planner=)``, not a pattern parameter). On a CUDA GPU with triton the fused kernels of
+``sparse_dit.kernels.planning_triton`` plan without a host synchronisation: one kernel per Lloyd iteration does the
+distance GEMM, the argmin and the centroid sums (atomics, so the centroids' last bits vary run to run) straight from
+the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matrix; warm calls run exactly
+``warm_iters`` iterations (``tol`` is not tested: that would read a value on the host); segment tables and the
+attention kernel's chunk tables have fixed, data-independent widths (``Layout.compact`` trims layouts kept for
+``replan_every > 1``). The PyTorch functions below are the reference and the CPU path; with ``tol=0`` both give the
+same layout (tests/test_planning_triton.py). Cold starts (k-means++) run in PyTorch on both.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ query block attends. Text keys are always kept (``text_kv``) and text queries at
 The layout is per batch element (L = B). ``state[b]`` receives ``kept`` (h, n_keep) original token
 indices and ``scores`` (h, V) for inspection. (Reusing query rows from the previous step, which
 ToMe-style caching allows, is not done here.)
+
+On a CUDA GPU with triton, ``score="attn"`` runs as two fused kernel passes (``planning_triton.prune_scores``: row
+softmax statistics, then normalised column sums) that never store the (samples x keys) logits, and the layout is
+built without a host synchronisation (``build(..., planner=)`` chooses; ``key_scores`` is the reference).
 """
 
 from __future__ import annotations

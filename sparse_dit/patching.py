@@ -740,16 +740,20 @@ class PatchState:
         for spec, heads in groups.items():
             if spec.static:
                 continue
-            index = torch.tensor(heads, device=q.device)
             state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), branch), {})
+            if heads == list(range(heads[0], heads[0] + len(heads))):  # a run of heads: views (planners read strides)
+                qh, kh = q[:, :, heads[0] : heads[0] + len(heads)], k[:, :, heads[0] : heads[0] + len(heads)]
+            else:
+                index = torch.tensor(heads, device=q.device)
+                qh, kh = q.index_select(2, index), k.index_select(2, index)
             parts.append(
                 spec.module.build(
                     geometry,
                     len(heads),
                     self.block_size,
                     q.device,
-                    q=q.index_select(2, index),
-                    k=k.index_select(2, index),
+                    q=qh,
+                    k=kh,
                     state=state,
                     **spec.params,
                 )
