@@ -7,6 +7,7 @@ the sparse attention kernel time at 10% / 20% density, and peak memory vs dense 
 Shapes (B = 1 per CFG branch, bf16, D = 128, no text in Wan's self-attention): Wan2.1-1.3B 480p (H = 12, grid 21x30x52,
 S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and density:
 
+- patterns: ``kmeans`` (defaults: 2 warm Lloyd steps), ``kmeans-w1`` (``warm_iters=1``, first planner only), ``prune``;
 - ``plan_ms`` (and ``plan_gpu_ms``, timed with the host queued ahead, see `timed`): one warm re-plan (centroids of the previous call kept, as every step after the first), CUDA-event
   median; k-means with ``min_fraction`` = density and ``top_p`` = 0.05 (as benchmarks/e2e.py pins it), prune with
   ``keep_ratio`` = density;
@@ -137,10 +138,14 @@ def run_shape(name: str, densities: list[float], device: torch.device, repeats: 
         blk = random_block_layout(B, H, S, block, d, device, gen)
         with torch.no_grad():
             attn_bm = timed(lambda: attend(q, k, v, blk), device, repeats)
-        for pattern in ("kmeans", "prune"):
-            module = kmeans if pattern == "kmeans" else prune
-            params = {"top_p": 0.05, "min_fraction": d} if pattern == "kmeans" else {"keep_ratio": d}
+        for pattern in ("kmeans", "kmeans-w1", "prune"):
+            module = prune if pattern == "prune" else kmeans
+            params = {"keep_ratio": d} if pattern == "prune" else {"top_p": 0.05, "min_fraction": d}
+            if pattern == "kmeans-w1":  # one warm Lloyd step instead of two: half the arithmetic floor
+                params["warm_iters"] = 1
             for planner in planners:
+                if pattern == "kmeans-w1" and planner != planners[0]:
+                    continue
                 state: dict = {}
                 t0 = time.perf_counter()
                 module.build(geo, H, block, device, q=q, k=k, state=state, planner=planner, **params)  # cold start
@@ -171,6 +176,13 @@ def run_shape(name: str, densities: list[float], device: torch.device, repeats: 
                     "peak_mib": None if peak is None else round(peak, 1),
                     "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
                 }
+                if pattern != "prune":  # arithmetic floor: distance GEMMs of warm_iters Lloyd steps vs attention's
+                    cq, ck = kmeans._cluster_counts(geo.video_len, kmeans.check_params(geo, **params))
+                    plan_flop = 2 * B * H * geo.video_len * D * (cq + ck) * kmeans.check_params(geo, **params)["warm_iters"]
+                else:  # two passes of m=64 sampled queries against every key
+                    plan_flop = 2 * 2 * B * H * 64 * geo.video_len * D
+                attn_flop = 4 * B * H * S * S * D * lay.density
+                case["flop_ratio"] = round(plan_flop / attn_flop, 4)
                 row["cases"].append(case)
                 print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms (GPU alone {plan_gpu_ms:8.3f}), attn {attn_ms:7.3f} ms "
                       f"(block mask {attn_bm:7.3f}), share {case['share']:.1%}, density {case['density']:.3f}, "
@@ -201,15 +213,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"`{meta['command']}` on {meta['date']}, torch {meta['torch']}, triton {meta['triton']}.", "",
              "share = plan / (plan + sparse attention) per call with replan_every=1 (target <= 3% of a sparse step); "
              "'host ahead': the GPU time of planning when the host has queued it in advance (what a sync-free planner "
-             "gets inside a pipeline; a planner that syncs cannot).", ""]
+             "gets inside a pipeline; a planner that syncs cannot). 'plan / attn FLOPs': the planning arithmetic over the "
+             "sparse attention's at the measured density, a floor for the share when both run at the same efficiency "
+             "(k-means: 2 * tokens * D * (Cq + Ck) per Lloyd step; with the default 64 keys per key cluster and 2 warm "
+             "steps that is about warm_iters / (128 * density) of attention for the keys alone).", ""]
     for r in rows:
         lines += [f"## {r['shape']} (B={r['B']}, H={r['H']}, S={r['S']}, D={r['D']}, {r['dtype']}); dense SDPA "
                   f"{r['dense_ms']:.2f} ms, peak {r['dense_peak_mib']} MiB", "",
-                  "| pattern | planner | target | density | plan ms | plan ms, host ahead | attn ms | block-mask attn ms | share | share, host ahead | cold ms | peak MiB | peak / dense |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| pattern | planner | target | density | plan ms | plan ms, host ahead | attn ms | block-mask attn ms | share | share, host ahead | plan / attn FLOPs | cold ms | peak MiB | peak / dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in r["cases"]:
             lines.append(f"| {c['pattern']} | {c['planner']} | {c['target_density']} | {c['density']} | {c['plan_ms']} | "
-                         f"{c['plan_gpu_ms']} | {c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['share_gpu']:.1%} | "
+                         f"{c['plan_gpu_ms']} | {c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['share_gpu']:.1%} | {c['flop_ratio']:.1%} | "
                          f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} |")
         if "agreement" in r:
             lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]

@@ -314,7 +314,9 @@ def test_planning_benchmark_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "planning.json").read_text())
     cases = data["results"][0]["cases"]
-    assert [(c["pattern"], c["target_density"]) for c in cases] == [("kmeans", 0.1), ("prune", 0.1), ("kmeans", 0.2), ("prune", 0.2)]
+    assert [(c["pattern"], c["target_density"]) for c in cases] == [
+        (p, d) for d in (0.1, 0.2) for p in ("kmeans", "kmeans-w1", "prune")
+    ]
     assert all(c["plan_ms"] > 0 and c["attn_ms"] > 0 and 0 < c["density"] <= 1 for c in cases)
     assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
 
