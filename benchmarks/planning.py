@@ -112,7 +112,9 @@ def random_block_layout(B: int, H: int, S: int, block: int, density: float, devi
     return Layout.from_block_mask(mask, block, S)
 
 
-def run_shape(name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str]) -> dict:
+def run_shape(
+    name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str], profile_dir: Path | None = None
+) -> dict:
     spec = SHAPES[name]
     H, grid = spec["heads"], spec["grid"]
     B, D = 1, (128 if name != "tiny" else 16)
@@ -189,7 +191,32 @@ def run_shape(name: str, densities: list[float], device: torch.device, repeats: 
                       f"peak {case['peak_mib']} MiB (dense {row['dense_peak_mib']})", flush=True)
     if "triton" in planners and "torch" in planners:
         row["agreement"] = agreement(geo, H, block, device, q, k, q2, k2)
+    if profile_dir is not None and device.type == "cuda":
+        row["profile"] = str(profile_planning(geo, H, block, device, q, k, q2, k2, densities[0], profile_dir / f"profile_{name}.txt"))
     return row
+
+
+def profile_planning(geo: Geometry, H: int, block: int, device, q, k, q2, k2, density: float, path: Path) -> Path:
+    """torch.profiler table (CUDA time) of one warm fused k-means plan and one prune plan: which ops bound planning."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state: dict = {}
+    params = {"top_p": 0.05, "min_fraction": density}
+    kmeans.build(geo, H, block, device, q=q, k=k, state=state, planner="triton", **params)
+    torch.cuda.synchronize()
+    text = []
+    for label, fn in (
+        ("kmeans (triton planner, warm)", lambda: kmeans.build(geo, H, block, device, q=q2, k=k2, state=state, planner="triton", **params)),
+        ("prune (triton planner)", lambda: prune.build(geo, H, block, device, q=q2, k=k2, state={}, planner="triton", keep_ratio=density)),
+    ):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        text += [f"== {label}", prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)]
+    path.write_text("\n".join(text))
+    return path
 
 
 def agreement(geo: Geometry, H: int, block: int, device, q, k, q2, k2) -> dict:
@@ -239,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--densities", default="0.1,0.2")
     ap.add_argument("--planners", default="triton,torch")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables (profile_<shape>.txt)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny shape, torch planner, 1 repeat")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -259,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             "triton": triton_version, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python3 benchmarks/planning.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     t0 = time.time()
-    rows = [run_shape(s, densities, device, repeats, planners) for s in shapes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run_shape(s, densities, device, repeats, planners, None if args.no_profile else args.out) for s in shapes]
     meta["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "planning.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
