@@ -519,8 +519,8 @@ class Layout:
         combined the same way when every part already carries them (dynamic parts planned on the GPU do), so the
         mixed layout needs no host sync either."""
         first = layouts[0]
-        if len(layouts) == 1 and heads is None:
-            return first
+        if len(layouts) == 1 and (heads is None or [int(h) for h in heads[0]] == list(range(first.heads))):
+            return first  # a uniform layer: the part itself, with what backends derived from it
         for lay in layouts[1:]:
             if (lay.seq_len, lay.block_q, lay.text_kv, lay.dense_q) != (
                 first.seq_len,

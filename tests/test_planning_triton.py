@@ -383,3 +383,14 @@ def test_compact_trims_fixed_capacity_tables_and_keeps_the_layout(gen):
     _assert_tables_equal(small._derived[key], _build_chunk_tables(small, key[1], torch.device("cpu")))
     with torch.no_grad():
         torch.testing.assert_close(triton_block_sparse_attention(q, k, v, small), reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
+
+
+def test_uniform_layer_is_not_copied_by_stack_heads(gen):
+    from sparse_dit.layout import Layout
+
+    lay = Layout.dense(40, 3, 16)
+    assert Layout.stack_heads([lay], heads=[[0, 1, 2]]) is lay
+    flipped = Layout.stack_heads([lay], heads=[[2, 1, 0]])
+    assert flipped is not lay and torch.equal(flipped.to_dense_mask(), lay.to_dense_mask())
+    with pytest.raises(ValueError, match="every head"):
+        Layout.stack_heads([lay, lay], heads=[[0, 1, 2], [2, 3, 4]])
