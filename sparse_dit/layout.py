@@ -510,16 +510,20 @@ class Layout:
         )
 
     @staticmethod
-    def stack_heads(layouts: Sequence["Layout"], heads: Sequence[Sequence[int]] | None = None) -> "Layout":
+    def stack_heads(
+        layouts: Sequence["Layout"], heads: Sequence[Sequence[int] | torch.Tensor] | None = None
+    ) -> "Layout":
         """Layouts of head groups combined along the head dimension (one launch for mixed patterns).
 
         ``heads``: for each layout, the head index each of its heads takes in the result (together a permutation of
-        ``range(total heads)``); default: concatenated in order. Every field is written once into a preallocated
+        ``range(total heads)``); default: concatenated in order. Lists are checked; int64 tensors already on the
+        layouts' device are trusted to form a permutation (checking them, or copying lists to a GPU, would
+        synchronise with the host on every call: callers that stack every call keep such tensors). Every field is written once into a preallocated
         tensor (no per-group padding temporaries, no gather afterwards), and the attention kernel's chunk tables are
         combined the same way when every part already carries them (dynamic parts planned on the GPU do), so the
         mixed layout needs no host sync either."""
         first = layouts[0]
-        if len(layouts) == 1 and (heads is None or [int(h) for h in heads[0]] == list(range(first.heads))):
+        if len(layouts) == 1 and (heads is None or (not isinstance(heads[0], torch.Tensor) and list(heads[0]) == list(range(first.heads)))):
             return first  # a uniform layer: the part itself, with what backends derived from it
         for lay in layouts[1:]:
             if (lay.seq_len, lay.block_q, lay.text_kv, lay.dense_q) != (
@@ -535,11 +539,17 @@ class Layout:
             for lay in layouts:
                 offsets.append(offsets[-1] + lay.heads)
             heads = [range(offsets[i], offsets[i + 1]) for i in range(len(layouts))]
-        flat_heads = [int(h) for group in heads for h in group]
-        if sorted(flat_heads) != list(range(H)) or any(len(g) != lay.heads for g, lay in zip(heads, layouts)):
-            raise ValueError(f"stack_heads: heads must place every head of every layout once in range({H})")
         device = first.device
-        index = [torch.as_tensor(list(g), dtype=torch.long, device=device) for g in heads]
+        if len(heads) != len(layouts) or any(len(g) != lay.heads for g, lay in zip(heads, layouts)):
+            raise ValueError(f"stack_heads: heads must place every head of every layout once in range({H})")
+        if not all(isinstance(g, torch.Tensor) for g in heads):
+            flat_heads = [int(h) for g in heads if not isinstance(g, torch.Tensor) for h in g]
+            if len(set(flat_heads)) != len(flat_heads) or any(not 0 <= h < H for h in flat_heads):
+                raise ValueError(f"stack_heads: heads must place every head of every layout once in range({H})")
+        index = [
+            g.to(device=device, dtype=torch.long) if isinstance(g, torch.Tensor) else torch.as_tensor(list(g), dtype=torch.long, device=device)
+            for g in heads
+        ]
         L = max(lay.batch for lay in layouts)
         NQ = max(lay.num_q_blocks for lay in layouts)
         G = max(lay.kv_start.shape[-1] for lay in layouts)

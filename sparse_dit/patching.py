@@ -744,7 +744,7 @@ class PatchState:
             if heads == list(range(heads[0], heads[0] + len(heads))):  # a run of heads: views (planners read strides)
                 qh, kh = q[:, :, heads[0] : heads[0] + len(heads)], k[:, :, heads[0] : heads[0] + len(heads)]
             else:
-                index = torch.tensor(heads, device=q.device)
+                index = self._head_index(heads, q.device)
                 qh, kh = q.index_select(2, index), k.index_select(2, index)
             parts.append(
                 spec.module.build(
@@ -760,7 +760,7 @@ class PatchState:
             )
             placed.append(heads)
         # one write per part into its heads' slots: no restacking per group, no gather to restore the head order
-        layout = Layout.stack_heads(parts, heads=placed)
+        layout = Layout.stack_heads(parts, heads=[self._head_index(h, q.device) for h in placed] if len(parts) > 1 else placed)
         if all_static:
             self.layout_cache[key] = layout
         elif self.replan_every > 1:  # kept only for reuse: per layer and branch they can add up to GBs at 720p
@@ -770,6 +770,15 @@ class PatchState:
             layout = layout.compact()  # sync-free plans have worst-case table widths: trim what is kept (one sync)
             reuse[reuse_key] = (clock.generation, clock.step, layout)
         return layout
+
+    def _head_index(self, heads: list[int], device: torch.device) -> torch.Tensor:
+        """``heads`` as an int64 tensor on ``device``, cached: a list copied to a GPU on every call would wait for it."""
+        key = ("head_index", tuple(heads), device)
+        index = self.layout_cache.get_recent(key)
+        if index is None:
+            index = torch.tensor(heads, dtype=torch.long, device=device)
+            self.layout_cache[key] = index
+        return index
 
     def _with_text_valid(self, layout: Layout, text_valid: torch.Tensor, geometry: Geometry) -> Layout:
         # one object per (layout, prompt lengths): the same prompts recur every step, and backends

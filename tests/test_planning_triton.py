@@ -351,6 +351,9 @@ def test_mixed_stack_equals_per_pattern_layouts_and_carries_chunk_tables(gen):
         parts.append(part)
         heads.append(hs)
     mixed = Layout.stack_heads(parts, heads=heads)
+    as_tensors = Layout.stack_heads(parts, heads=[torch.tensor(hs) for hs in heads])  # what patching passes (cached)
+    for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
+        assert torch.equal(getattr(mixed, name), getattr(as_tensors, name)), name
     order = [i for hs in heads for i in hs]
     old = Layout.stack_heads(parts).take_heads(torch.tensor(order).argsort())
     for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
