@@ -223,7 +223,7 @@ def test_no_host_read_in_triton_planning(gen):
     geo = _geometry(B, h, D, (2, 4, 6), 4)
     q = torch.randn(B, geo.seq_len, h, D, generator=gen)
     k = torch.randn(B, geo.seq_len, h, D, generator=gen)
-    params = {"q_clusters": 4, "k_clusters": 8}
+    params = {"q_clusters": 4, "k_clusters": 8, "iters": 2}  # iters: a short cold start (interpreter time)
     for mode, align in (("union", None), ("pad", None), ("union", 1)):
         state: dict = {}
         km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
@@ -263,10 +263,10 @@ def test_chunk_tables_equal_the_kernel_builder(gen, block_n):
     geo = _geometry(B, h, D, (2, 6, 7), 5)
     q = torch.randn(B, geo.seq_len, h, D, generator=gen)
     k = torch.randn(B, geo.seq_len, h, D, generator=gen)
-    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=1)
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=1, iters=2)
     _assert_tables_equal(chunk_tables(lay, block_n), _build_chunk_tables(lay, block_n, torch.device("cpu")))
     # chunk-snapped segments (kv_align a multiple of block_n, V = 84 not): one tail at most, at the end of the order
-    snapped = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=32)
+    snapped = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=32, iters=2)
     tables = chunk_tables(snapped, block_n, max_tails=1)
     assert tables[4].shape[-1] == 1
     _assert_tables_equal(tables, _build_chunk_tables(snapped, block_n, torch.device("cpu")))
@@ -292,7 +292,7 @@ def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen):
     B, h, D, block_q = 1, 2, 16, 16
     geo = _geometry(B, h, D, (2, 4, 6), 4)
     q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
-    for name, build, params in (("kmeans", km.build, {"q_clusters": 3, "k_clusters": 6}), ("prune", pr.build, {"keep_ratio": 0.3})):
+    for name, build, params in (("kmeans", km.build, {"q_clusters": 3, "k_clusters": 6, "iters": 2}), ("prune", pr.build, {"keep_ratio": 0.3})):
         state: dict = {}
         build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
         with torch.no_grad(), no_host_reads():
@@ -377,7 +377,7 @@ def test_compact_trims_fixed_capacity_tables_and_keeps_the_layout(gen):
     B, h, D = 1, 2, 16
     geo = _geometry(B, h, D, (2, 8, 8), 0)
     q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
-    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=4, k_clusters=16, top_p=0.3, min_fraction=0.1)
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=4, k_clusters=16, top_p=0.3, min_fraction=0.1, iters=2)
     small = lay.compact()
     assert small.kv_start.shape[-1] == max(1, int(lay.kv_count.max())) < lay.kv_start.shape[-1]
     assert torch.equal(small.to_dense_mask(), lay.to_dense_mask())
