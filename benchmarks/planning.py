@@ -14,6 +14,8 @@ S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and
 - ``attn_ms``: the Triton block-sparse kernel on the layout that plan produced (its measured density is reported),
   and on a random block mask of exactly the target density (``attn_blockmask_ms``, what tile-like layouts cost);
 - ``share``: plan_ms / (plan_ms + attn_ms), the planning overhead of a sparse attention call with replan_every=1;
+- ``sync_free``: True when a warm plan plus the attention launch runs under ``torch.cuda.set_sync_debug_mode("error")``,
+  else the first line of the error (the torch planner syncs by design);
 - ``peak_mib``: peak allocated memory of plan + attention beyond q/k/v/out, vs the same for dense SDPA.
 
 q/k are synthetic with cluster structure (a low-rank smooth signal plus noise) since real activations are not
@@ -160,6 +162,18 @@ def run_shape(
                     box["lay"] = module.build(geo, H, block, device, q=q2, k=k2, state=state, planner=planner, **params)
                     return box["lay"]
 
+                sync_free = None
+                if device.type == "cuda":  # does a warm plan + the attention launch synchronise with the host?
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        with torch.no_grad():
+                            attend(q, k, v, plan())
+                        sync_free = True
+                    except RuntimeError as err:
+                        sync_free = str(err).splitlines()[0][:200]
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
                 plan_ms = timed(plan, device, repeats)
                 plan_gpu_ms = timed(plan, device, repeats, warmup=0, ahead=True) if device.type == "cuda" else plan_ms
                 lay = box["lay"]
@@ -175,7 +189,7 @@ def run_shape(
                     "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "plan_gpu_ms": round(plan_gpu_ms, 3),
                     "attn_ms": round(attn_ms, 3), "share_gpu": round(plan_gpu_ms / (plan_gpu_ms + attn_ms), 4),
                     "attn_blockmask_ms": round(attn_bm, 3), "share": round(plan_ms / (plan_ms + attn_ms), 4),
-                    "peak_mib": None if peak is None else round(peak, 1),
+                    "peak_mib": None if peak is None else round(peak, 1), "sync_free": sync_free,
                     "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
                 }
                 if pattern != "prune":  # arithmetic floor: distance GEMMs of warm_iters Lloyd steps vs attention's
@@ -247,12 +261,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         lines += [f"## {r['shape']} (B={r['B']}, H={r['H']}, S={r['S']}, D={r['D']}, {r['dtype']}); dense SDPA "
                   f"{r['dense_ms']:.2f} ms, peak {r['dense_peak_mib']} MiB", "",
-                  "| pattern | planner | target | density | plan ms | plan ms, host ahead | attn ms | block-mask attn ms | share | share, host ahead | plan / attn FLOPs | cold ms | peak MiB | peak / dense |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| pattern | planner | target | density | plan ms | plan ms, host ahead | attn ms | block-mask attn ms | share | share, host ahead | plan / attn FLOPs | cold ms | peak MiB | peak / dense | no host sync |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in r["cases"]:
             lines.append(f"| {c['pattern']} | {c['planner']} | {c['target_density']} | {c['density']} | {c['plan_ms']} | "
                          f"{c['plan_gpu_ms']} | {c['attn_ms']} | {c['attn_blockmask_ms']} | {c['share']:.1%} | {c['share_gpu']:.1%} | {c['flop_ratio']:.1%} | "
-                         f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} |")
+                         f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} | {c['sync_free']} |")
         if "agreement" in r:
             lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]
         lines.append("")
