@@ -46,6 +46,15 @@ it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.
 tests; off by default because per layer and branch it holds ~40 MB at 720p) it also holds the last call's
 ``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
+
+Planners (``build(..., planner=)``, not a pattern parameter). On a CUDA GPU with triton the fused kernels of
+``sparse_dit.kernels.planning_triton`` plan without a host synchronisation: one kernel per Lloyd iteration does the
+distance GEMM, the argmin and the centroid sums (atomics, so the centroids' last bits vary run to run) straight from
+the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matrix; warm calls run exactly
+``warm_iters`` iterations (``tol`` is not tested: that would read a value on the host); segment tables and the
+attention kernel's chunk tables have fixed, data-independent widths (``Layout.compact`` trims layouts kept for
+``replan_every > 1``). The PyTorch functions below are the reference and the CPU path; with ``tol=0`` both give the
+same layout (tests/test_planning_triton.py). Cold starts (k-means++) run in PyTorch on both.
 """
 
 from __future__ import annotations
@@ -251,13 +260,11 @@ def _cluster_counts(V: int, p: dict) -> tuple[int, int]:
     return min(cq, V), min(ck, V)
 
 
-def _aligned_segments(
-    keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Key segments snapped outward to ``align``-token chunks of the sorted key order.
+def _chunk_cover(keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int) -> torch.Tensor:
+    """(N, NQ, NC) bool: ``align``-token chunks of the sorted key order overlapped by a kept cluster.
 
-    keep (N, NQ, Ck) kept clusters per query block, k_start / k_sizes (N, Ck) where each cluster sits in
-    the key order. A chunk is kept when any kept cluster overlaps it. Returns merge_segments' triple."""
+    keep (N, NQ, Ck) kept clusters per query block, k_start / k_sizes (N, Ck) where each cluster sits in the key
+    order (a difference array over chunk indices: no (blocks x keys) temporary)."""
     N, NQ, _ = keep.shape
     NC = -(-V // align)
     first = (k_start // align)[:, None, :].expand(-1, NQ, -1)
@@ -265,10 +272,74 @@ def _aligned_segments(
     weight = keep.to(torch.int32)
     cover = torch.zeros(N, NQ, NC + 1, dtype=torch.int32, device=keep.device)
     cover.scatter_add_(-1, first, weight).scatter_add_(-1, last, -weight)
-    kept = cover.cumsum(-1)[..., :NC] > 0
+    return cover.cumsum(-1)[..., :NC] > 0
+
+
+def _aligned_segments(
+    keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key segments snapped outward to ``align``-token chunks of the sorted key order (see `_chunk_cover`).
+
+    Returns merge_segments' triple (its width is the largest count: one host sync)."""
+    kept = _chunk_cover(keep, k_start, k_sizes, V, align)
+    N, NQ, NC = kept.shape
     chunk = torch.arange(NC, device=keep.device) * align
     start = chunk.expand(N, NQ, NC)
     return merge_segments(start, (start + align).clamp(max=V), kept)
+
+
+def _scatter_runs(
+    starts: torch.Tensor, ends: torch.Tensor, start_val: torch.Tensor, end_val: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs given by start/end flags (..., n) bool -> count (...,), start, end (..., G) with the fixed capacity
+    G = ceil(n / 2) (runs are separated by at least one gap), unused entries 0. No host sync: the width does not
+    depend on the values."""
+    n = starts.shape[-1]
+    G = max(1, (n + 1) // 2)
+    count = starts.sum(-1)
+    shape = list(starts.shape[:-1]) + [G + 1]
+    out_s = torch.zeros(shape, dtype=torch.int64, device=starts.device)
+    out_e = torch.zeros(shape, dtype=torch.int64, device=starts.device)
+    rank_s = torch.where(starts, starts.long().cumsum(-1) - 1, G)  # non-runs go to a dump column
+    rank_e = torch.where(ends, ends.long().cumsum(-1) - 1, G)
+    out_s.scatter_(-1, rank_s, torch.where(starts, start_val.expand_as(starts), 0))
+    out_e.scatter_(-1, rank_e, torch.where(ends, end_val.expand_as(ends), 0))
+    return count, out_s[..., :G], out_e[..., :G]
+
+
+def _aligned_segments_fixed(
+    keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_aligned_segments` without the host sync: width ceil(NC / 2); the same segments in the same order."""
+    kept = _chunk_cover(keep, k_start, k_sizes, V, align)
+    NC = kept.shape[-1]
+    prev = torch.nn.functional.pad(kept, (1, 0))[..., :-1]
+    nxt = torch.nn.functional.pad(kept, (0, 1))[..., 1:]
+    chunk = torch.arange(NC, device=keep.device)
+    return _scatter_runs(kept & ~prev, kept & ~nxt, chunk * align, ((chunk + 1) * align).clamp(max=V))
+
+
+def _cluster_segments_fixed(
+    keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact cluster segments (kv_align=1) without the host sync: kept non-empty clusters, neighbours in the key
+    order merged (empty clusters between two kept ones take no room, so those touch), width ceil(Ck / 2).
+    keep (N, NQ, Ck), k_start / k_sizes (N, Ck)."""
+    N, NQ, Ck = keep.shape
+    nonempty = k_sizes > 0
+    kept = keep & nonempty[:, None, :]
+    idx = torch.arange(Ck, device=keep.device).expand(N, Ck)
+    # nearest non-empty cluster before / after each cluster (-1 / Ck when none)
+    last_ne = torch.where(nonempty, idx, -1).cummax(-1).values
+    prev_ne = torch.nn.functional.pad(last_ne[:, :-1], (1, 0), value=-1)
+    next_ne = torch.where(nonempty, idx, Ck).flip(-1).cummin(-1).values.flip(-1)
+    next_ne = torch.nn.functional.pad(next_ne[:, 1:], (0, 1), value=Ck)
+    pad = torch.nn.functional.pad(kept, (0, 1))  # column Ck: "no cluster", never kept
+    prev_kept = pad.gather(-1, torch.where(prev_ne < 0, Ck, prev_ne)[:, None, :].expand(-1, NQ, -1))
+    next_kept = pad.gather(-1, next_ne[:, None, :].expand(-1, NQ, -1))
+    return _scatter_runs(
+        kept & ~prev_kept, kept & ~next_kept, k_start[:, None, :], (k_start + k_sizes)[:, None, :]
+    )
 
 
 def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
@@ -279,6 +350,25 @@ def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torc
     return torch.cat([c.to(device) for c in found], 0)
 
 
+def triton_available(x: torch.Tensor) -> bool:
+    """Whether the fused Triton planning kernels can run on x's device (the attention kernel's test: a CUDA GPU of
+    compute capability >= 8.0 and triton importable)."""
+    from sparse_dit.kernels import triton_supported
+
+    return triton_supported(x)
+
+
+PLANNERS = ("auto", "torch", "triton")
+
+
+def _planner(planner: str | None, x: torch.Tensor) -> str:
+    if planner in (None, "auto"):
+        return "triton" if triton_available(x) else "torch"
+    if planner not in PLANNERS:
+        raise ValueError(f"kmeans pattern: planner must be one of {PLANNERS}; got {planner!r}")
+    return planner
+
+
 def build(
     geometry: Geometry,
     num_heads: int,
@@ -287,22 +377,39 @@ def build(
     q: torch.Tensor,
     k: torch.Tensor,
     state: dict,
+    planner: str | None = None,
     **params,
 ) -> Layout:
-    """Per-batch layout (L = B, H = num_heads) from k-means of q, k (B, S, h, D); updates ``state``."""
+    """Per-batch layout (L = B, H = num_heads) from k-means of q, k (B, S, h, D); updates ``state``.
+
+    ``planner`` (not a pattern parameter: it changes the cost, not the plan): ``"torch"`` is the reference
+    (convergence test and compact tables, each a host sync), ``"triton"`` the fused kernels of
+    ``sparse_dit.kernels.planning_triton`` with fixed iteration counts and fixed-capacity tables (no host sync;
+    the same layout when the reference runs its iterations to the end), ``None``/``"auto"`` Triton on CUDA when
+    triton is importable, else torch."""
     p = check_params(geometry, **params)
     B, S, h, D = q.shape
     if S != geometry.seq_len or h != num_heads:
         raise ValueError(f"kmeans pattern: q has shape {tuple(q.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
+    fused = _planner(planner, q) == "triton"
     V, v0 = geometry.video_len, geometry.video_start
     Cq, Ck = _cluster_counts(V, p)
     N = B * h
+
     def cluster(x: torch.Tensor, key: str, C: int, seed: int):
-        # one fp32 copy at a time: q's is freed before k's is made (peak memory)
-        flat = x[:, v0 : v0 + V].float().permute(0, 2, 1, 3).reshape(N, V, D)
         init = _warm(state, B, key, (h, C, D), q.device)
         # warm starts follow slowly drifting activations: a few Lloyd steps suffice (and bound the cost)
         iters = p["iters"] if init is None else min(p["iters"], p["warm_iters"])
+        video = x[:, v0 : v0 + V]
+        if fused:
+            if init is None:  # cold start (once per generation): k-means++ on an fp32 copy, as the reference
+                init = kmeans_plus_plus(video.float().permute(0, 2, 1, 3).reshape(N, V, D), C, seed)
+            from sparse_dit.kernels.planning_triton import kmeans_lloyd
+
+            cent, labels, sizes = kmeans_lloyd(video, init, iters)
+            return cent, labels, sizes.long(), iters
+        # one fp32 copy at a time: q's is freed before k's is made (peak memory)
+        flat = video.float().permute(0, 2, 1, 3).reshape(N, V, D)
         return kmeans(flat, C, iters, p["tol"], init, seed)
 
     qc, ql, qs, q_it = cluster(q, "q_centroids", Cq, p["seed"])
@@ -314,6 +421,7 @@ def build(
     kv_perm = k_order + v0
     k_start = torch.nn.functional.pad(ks.cumsum(-1), (1, 0))[:, :-1]  # (N, Ck)
     q_sorted_lab, q_order = torch.sort(ql, dim=-1, stable=True)
+    q_sorted_lab = q_sorted_lab.long()
 
     if p["q_mode"] == "union":
         NQ = -(-V // block_q)
@@ -327,8 +435,11 @@ def build(
         p_end = padded.cumsum(-1)
         p_start = p_end - padded
         q_start = qs.cumsum(-1) - qs
-        Lq = max(block_q, int(p_end[:, -1].max()))
-        NQ = Lq // block_q
+        if fused:  # each cluster wastes less than one block: a bound that needs no host sync
+            NQ = -(-V // block_q) + Cq
+        else:
+            NQ = max(block_q, int(p_end[:, -1].max())) // block_q
+        Lq = NQ * block_q
         slot = p_start.gather(1, q_sorted_lab) + arange_v - q_start.gather(1, q_sorted_lab)  # (N, V)
         q_perm = torch.full((N, Lq), -1, dtype=torch.int64, device=q.device)
         q_perm.scatter_(1, slot, q_order + v0)
@@ -340,7 +451,10 @@ def build(
 
     align = p["kv_align"] or block_q
     if align > 1:
-        count, seg_s, seg_e = _aligned_segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
+        segments = _aligned_segments_fixed if fused else _aligned_segments
+        count, seg_s, seg_e = segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
+    elif fused:
+        count, seg_s, seg_e = _cluster_segments_fixed(keep_block, k_start, ks)
     else:
         start = k_start[:, None, :].expand(-1, NQ, -1)
         count, seg_s, seg_e = merge_segments(start, start + ks[:, None, :], keep_block)
@@ -355,10 +469,17 @@ def build(
         q_perm.view(B, h, -1),
         kv_perm.view(B, h, V),
         **text_ranges(geometry),
+        # the fused path's tables are correct by construction; checking them would read a flag on the host
+        _trusted=fused,
     )
     for b in range(B):
         sl = slice(b * h, (b + 1) * h)
         state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
-    return lay.to(device)
+    lay = lay.to(device)
+    if fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
+        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+
+        prime_chunk_tables(lay, q.dtype, D, align=align if align > 1 else None)
+    return lay

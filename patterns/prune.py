@@ -17,6 +17,10 @@ query block attends. Text keys are always kept (``text_kv``) and text queries at
 The layout is per batch element (L = B). ``state[b]`` receives ``kept`` (h, n_keep) original token
 indices and ``scores`` (h, V) for inspection. (Reusing query rows from the previous step, which
 ToMe-style caching allows, is not done here.)
+
+On a CUDA GPU with triton, ``score="attn"`` runs as two fused kernel passes (``planning_triton.prune_scores``: row
+softmax statistics, then normalised column sums) that never store the (samples x keys) logits, and the layout is
+built without a host synchronisation (``build(..., planner=)`` chooses; ``key_scores`` is the reference).
 """
 
 from __future__ import annotations
@@ -81,14 +85,27 @@ def build(
     keep_ratio: float = 0.5,
     score: str = "attn",
     sample_queries: int = 64,
+    planner: str | None = None,
 ) -> Layout:
-    """Per-batch layout (L = B, H = num_heads): every query attends the kept keys of its head."""
+    """Per-batch layout (L = B, H = num_heads): every query attends the kept keys of its head.
+
+    ``planner`` (not a pattern parameter): ``"triton"`` scores keys with the fused two-pass kernel of
+    ``sparse_dit.kernels.planning_triton`` (no (samples x keys) fp32 matrix, no host sync), ``"torch"`` with the
+    reference, ``None``/``"auto"`` Triton on CUDA when triton is importable. ``score="norm"`` is one torch op either way."""
+    from .kmeans import _planner
+
     p = check_params(geometry, keep_ratio=keep_ratio, score=score, sample_queries=sample_queries)
+    fused = _planner(planner, q) == "triton" and p["score"] == "attn" and p["sample_queries"] <= 128
     B, S, h, D = k.shape
     if S != geometry.seq_len or h != num_heads:
         raise ValueError(f"prune pattern: k has shape {tuple(k.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
     V, v0 = geometry.video_len, geometry.video_start
-    scores = key_scores(q[:, v0 : v0 + V], k[:, v0 : v0 + V], p["score"], p["sample_queries"])
+    if fused:
+        from sparse_dit.kernels.planning_triton import prune_scores
+
+        scores = prune_scores(q[:, v0 : v0 + V], k[:, v0 : v0 + V], p["sample_queries"])
+    else:
+        scores = key_scores(q[:, v0 : v0 + V], k[:, v0 : v0 + V], p["score"], p["sample_queries"])
     n_keep = max(1, math.ceil(p["keep_ratio"] * V - 1e-9))
     kept = scores.topk(n_keep, dim=-1).indices.sort(-1).values + v0  # (B, h, n_keep)
     NQ = -(-S // block_q)
@@ -97,4 +114,10 @@ def build(
     end = torch.full((B, h, NQ, 1), n_keep, dtype=torch.int32, device=k.device)
     for b in range(B):
         state[b] = {"kept": kept[b], "scores": scores[b]}
-    return Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry)).to(device)
+    # topk gives n_keep distinct in-range indices by construction: the bounds check (a host sync) is skipped
+    lay = Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True).to(device)
+    if fused:
+        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+
+        prime_chunk_tables(lay, q.dtype, D)
+    return lay

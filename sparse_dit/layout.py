@@ -421,6 +421,30 @@ class Layout:
             text_valid=move(self.text_valid),
         )
 
+    def compact(self) -> "Layout":
+        """The same layout with its segment table, and the kernel chunk tables it carries, trimmed to the widest used
+        entry (one host sync). For layouts kept between calls (``replan_every > 1``): a plan built without host syncs
+        has fixed-capacity tables sized for the worst case (e.g. half the key chunks per query block), which would
+        otherwise stay allocated per layer and CFG branch until the next re-plan."""
+        tables = {k: v for k, v in self._derived.items() if isinstance(k, tuple) and k[:1] == ("triton_chunks",)}
+        widths = [self.kv_count.max()]
+        for t in tables.values():
+            widths += [t[0].max(), t[3].max()]  # full chunks, tails
+        if self.kv_count.numel() == 0:
+            return self
+        used = torch.stack([w.to(torch.int64) for w in widths]).tolist()  # the one sync
+        trim = lambda t, n: t[..., : max(1, min(n, t.shape[-1]))].contiguous()  # noqa: E731  (a copy when narrowed)
+        out = replace(
+            self,
+            _trusted=bool(self._derived.get("bounds")),
+            kv_start=trim(self.kv_start, used[0]),
+            kv_end=trim(self.kv_end, used[0]),
+        )
+        for i, (key, (n_full, n_clean, full_start, n_part, part_start, part_end)) in enumerate(tables.items()):
+            nf, np_ = used[1 + 2 * i], used[2 + 2 * i]
+            out._derived[key] = (n_full, n_clean, trim(full_start, nf), n_part, trim(part_start, np_), trim(part_end, np_))
+        return out
+
     def with_text_valid(self, text_valid: torch.Tensor | None, text_range: Range | None = None) -> "Layout":
         """The same layout where only the first ``text_valid[b]`` keys of ``text_range`` (default: text_kv)
         are real for batch element b (a padded prompt); None: all keys real."""
@@ -486,11 +510,21 @@ class Layout:
         )
 
     @staticmethod
-    def stack_heads(layouts: Sequence["Layout"]) -> "Layout":
-        """Concatenate layouts of head groups along the head dimension (one launch for mixed patterns)."""
+    def stack_heads(
+        layouts: Sequence["Layout"], heads: Sequence[Sequence[int] | torch.Tensor] | None = None
+    ) -> "Layout":
+        """Layouts of head groups combined along the head dimension (one launch for mixed patterns).
+
+        ``heads``: for each layout, the head index each of its heads takes in the result (together a permutation of
+        ``range(total heads)``); default: concatenated in order. Lists are checked; int64 tensors already on the
+        layouts' device are trusted to form a permutation (checking them, or copying lists to a GPU, would
+        synchronise with the host on every call: callers that stack every call keep such tensors). Every field is written once into a preallocated
+        tensor (no per-group padding temporaries, no gather afterwards), and the attention kernel's chunk tables are
+        combined the same way when every part already carries them (dynamic parts planned on the GPU do), so the
+        mixed layout needs no host sync either."""
         first = layouts[0]
-        if len(layouts) == 1:
-            return first
+        if len(layouts) == 1 and (heads is None or (not isinstance(heads[0], torch.Tensor) and list(heads[0]) == list(range(first.heads)))):
+            return first  # a uniform layer: the part itself, with what backends derived from it
         for lay in layouts[1:]:
             if (lay.seq_len, lay.block_q, lay.text_kv, lay.dense_q) != (
                 first.seq_len,
@@ -499,27 +533,45 @@ class Layout:
                 first.dense_q,
             ):
                 raise ValueError("stack_heads needs layouts with equal seq_len, block_q, text_kv and dense_q")
+        H = sum(lay.heads for lay in layouts)
+        if heads is None:
+            offsets = [0]
+            for lay in layouts:
+                offsets.append(offsets[-1] + lay.heads)
+            heads = [range(offsets[i], offsets[i + 1]) for i in range(len(layouts))]
+        device = first.device
+        if len(heads) != len(layouts) or any(len(g) != lay.heads for g, lay in zip(heads, layouts)):
+            raise ValueError(f"stack_heads: heads must place every head of every layout once in range({H})")
+        if not all(isinstance(g, torch.Tensor) for g in heads):
+            flat_heads = [int(h) for g in heads if not isinstance(g, torch.Tensor) for h in g]
+            if len(set(flat_heads)) != len(flat_heads) or any(not 0 <= h < H for h in flat_heads):
+                raise ValueError(f"stack_heads: heads must place every head of every layout once in range({H})")
+        index = [
+            g.to(device=device, dtype=torch.long) if isinstance(g, torch.Tensor) else torch.as_tensor(list(g), dtype=torch.long, device=device)
+            for g in heads
+        ]
         L = max(lay.batch for lay in layouts)
-        layouts = [lay.expand_batch(L) for lay in layouts]
         NQ = max(lay.num_q_blocks for lay in layouts)
         G = max(lay.kv_start.shape[-1] for lay in layouts)
 
-        def pad_to(t: torch.Tensor, size: Sequence[int], value: int) -> torch.Tensor:
-            pads: list[int] = []
-            for cur, want in zip(reversed(t.shape), reversed(size)):
-                pads += [0, want - cur]
-            return torch.nn.functional.pad(t, pads, value=value)
+        def combine(parts: Sequence[torch.Tensor], size: Sequence[int], fill: int) -> torch.Tensor:
+            """(L or 1, h_i, X...) parts -> (L, H, size...) with part i at heads[i], the rest ``fill``."""
+            out = torch.full((L, H, *size), fill, dtype=torch.int32, device=device)
+            for t, idx in zip(parts, index):
+                # one indexed write per part into its heads and leading extent (no padded temporary)
+                out[(slice(None), idx, *(slice(0, n) for n in t.shape[2:]))] = t.expand(L, *t.shape[1:])
+            return out
 
-        count = torch.cat([pad_to(lay.kv_count, (L, lay.heads, NQ), 0) for lay in layouts], 1)
-        start = torch.cat([pad_to(lay.kv_start, (L, lay.heads, NQ, G), 0) for lay in layouts], 1)
-        end = torch.cat([pad_to(lay.kv_end, (L, lay.heads, NQ, G), 0) for lay in layouts], 1)
+        count = combine([lay.kv_count for lay in layouts], (NQ,), 0)
+        start = combine([lay.kv_start for lay in layouts], (NQ, G), 0)
+        end = combine([lay.kv_end for lay in layouts], (NQ, G), 0)
         q_perm = kv_perm = None
         if any(lay.q_perm is not None for lay in layouts):
-            q_perm = torch.cat([pad_to(lay.identity_q_perm(), (L, lay.heads, NQ * first.block_q), -1) for lay in layouts], 1)
+            q_perm = combine([lay.identity_q_perm() for lay in layouts], (NQ * first.block_q,), -1)
         if any(lay.kv_perm is not None for lay in layouts):
             K = max(lay.kv_order_len for lay in layouts)
-            kv_perm = torch.cat([pad_to(lay.identity_kv_perm(), (L, lay.heads, K), -1) for lay in layouts], 1)
-        return Layout(
+            kv_perm = combine([lay.identity_kv_perm() for lay in layouts], (K,), -1)
+        out = Layout(
             first.seq_len,
             first.block_q,
             count,
@@ -533,6 +585,18 @@ class Layout:
             first.text_range,
             _trusted=all(lay._derived.get("bounds") for lay in layouts),
         )
+        # chunk tables every part carries (keys ("triton_chunks", BLOCK_N, device)): (L, h, NQ) counts and
+        # (L, h, NQ, W) tables, padded with 0 (no chunks) like the segment tables
+        shared = set.intersection(*(set(k for k in lay._derived if isinstance(k, tuple) and k[:1] == ("triton_chunks",)) for lay in layouts))
+        for key in shared:
+            tables = [lay._derived[key] for lay in layouts]
+            stacked = []
+            for j in range(len(tables[0])):
+                parts = [t[j] for t in tables]
+                width = () if parts[0].dim() == 3 else (max(t.shape[-1] for t in parts),)
+                stacked.append(combine(parts, (NQ, *width), 0))
+            out._derived[key] = tuple(stacked)
+        return out
 
     # ----------------------------------------------------------------------------------- dense views
     def key_mask(self, l: int, h: int, blocks: torch.Tensor) -> torch.Tensor:

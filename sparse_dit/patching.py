@@ -742,43 +742,68 @@ class PatchState:
             generation, built, layout = self.dynamic_layouts[reuse_key]
             if generation == clock.generation and 0 <= clock.step - built < self.replan_every:
                 return layout
-        parts, order = [], []
+        parts, placed = [], []
+        static_groups = [(spec, heads) for spec, heads in groups.items() if spec.static]
+        if static_groups:
+            # every static group of a mixed layer comes as one cached pre-stacked part (its chunk tables primed once),
+            # so a call restacks one static part plus the dynamic ones however many static groups the plan has
+            part_key = ("static", tuple((s.key(), len(h)) for s, h in static_groups), geometry, self.block_size, q.device, q.dtype)
+            part = None if all_static else self.layout_cache.get_recent(part_key)
+            if part is None:
+                built = [s.module.build(geometry, len(h), self.block_size, q.device, **s.params) for s, h in static_groups]
+                part = Layout.stack_heads(built)
+                if not all_static:
+                    from sparse_dit.kernels import triton_supported
+
+                    if self.backend != "reference" and triton_supported(q):
+                        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+
+                        prime_chunk_tables(part, q.dtype, q.shape[-1])
+                    self.layout_cache[part_key] = part
+            parts.append(part)
+            placed.append([h for _, heads in static_groups for h in heads])
         for spec, heads in groups.items():
             if spec.static:
-                # layers mixing static and dynamic heads restack every call: their static parts come cached
-                # (all-static layers cache their whole layout below instead)
-                part_key = ("part", spec.key(), len(heads), geometry, self.block_size, q.device)
-                part = None if all_static else self.layout_cache.get_recent(part_key)
-                if part is None:
-                    part = spec.module.build(geometry, len(heads), self.block_size, q.device, **spec.params)
-                    if not all_static:
-                        self.layout_cache[part_key] = part
+                continue
+            state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), branch), {})
+            if heads == list(range(heads[0], heads[0] + len(heads))):  # a run of heads: views (planners read strides)
+                qh, kh = q[:, :, heads[0] : heads[0] + len(heads)], k[:, :, heads[0] : heads[0] + len(heads)]
             else:
-                index = torch.tensor(heads, device=q.device)
-                state = self.layer_state.setdefault((layer, spec.key(), tuple(heads), branch), {})
-                part = spec.module.build(
+                index = self._head_index(heads, q.device)
+                qh, kh = q.index_select(2, index), k.index_select(2, index)
+            parts.append(
+                spec.module.build(
                     geometry,
                     len(heads),
                     self.block_size,
                     q.device,
-                    q=q.index_select(2, index),
-                    k=k.index_select(2, index),
+                    q=qh,
+                    k=kh,
                     state=state,
                     **spec.params,
                 )
-            parts.append(part)
-            order += heads
-        layout = Layout.stack_heads(parts)
-        if order != sorted(order):
-            layout = layout.take_heads(torch.tensor(order).argsort())
+            )
+            placed.append(heads)
+        # one write per part into its heads' slots: no restacking per group, no gather to restore the head order
+        layout = Layout.stack_heads(parts, heads=[self._head_index(h, q.device) for h in placed] if len(parts) > 1 else placed)
         if all_static:
             self.layout_cache[key] = layout
         elif self.replan_every > 1:  # kept only for reuse: per layer and branch they can add up to GBs at 720p
             reuse = self.dynamic_layouts
             for stale in [k for k, v in reuse.items() if v[0] != clock.generation]:
                 del reuse[stale]  # a finished generation's layouts are never reused
+            layout = layout.compact()  # sync-free plans have worst-case table widths: trim what is kept (one sync)
             reuse[reuse_key] = (clock.generation, clock.step, layout)
         return layout
+
+    def _head_index(self, heads: list[int], device: torch.device) -> torch.Tensor:
+        """``heads`` as an int64 tensor on ``device``, cached: a list copied to a GPU on every call would wait for it."""
+        key = ("head_index", tuple(heads), device)
+        index = self.layout_cache.get_recent(key)
+        if index is None:
+            index = torch.tensor(heads, dtype=torch.long, device=device)
+            self.layout_cache[key] = index
+        return index
 
     def _with_text_valid(self, layout: Layout, text_valid: torch.Tensor, geometry: Geometry) -> Layout:
         # one object per (layout, prompt lengths): the same prompts recur every step, and backends

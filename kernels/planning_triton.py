@@ -1,0 +1,262 @@
+"""Fused Triton kernels for the dynamic patterns' planning (k-means assignment + centroid sums, prune key scores).
+
+Everything here is launched without a host synchronisation: shapes depend only on the inputs' shapes, never on
+values, and results stay on the device. The PyTorch functions in ``patterns/kmeans.py`` and ``patterns/prune.py``
+are the reference these kernels are tested against (tests/test_planning_triton.py, under the interpreter).
+
+Inputs are read in place from diffusers' ``(B, S, h, D)`` layout (any strides), so planning makes no fp32 copy of
+the tokens and never holds a (tokens x clusters) or (samples x keys) matrix in memory: distances and logits live
+in registers, one tile at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kmeans_step", "kmeans_lloyd", "prune_scores"]
+
+
+# ------------------------------------------------------------------------------------------------- k-means
+@triton.jit
+def _assign_accumulate_kernel(
+    X, CENT, CSQ, LABELS, SUMS, COUNTS,
+    S, NUM_C, h,
+    sx_b, sx_s, sx_h, sx_d,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: BLOCK_S tokens of problem n = b * h + head. Nearest centroid by ``||c||^2 - 2 x.c`` (the
+    ``||x||^2`` term does not change the argmin), scanning the centroids BLOCK_C at a time with a running
+    (min, argmin) so distances never leave registers; then the token is added to its cluster's sum and count
+    (atomics: clusters are scattered over the sequence, a sort would cost more than the contention)."""
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1)
+    b = n // h
+    head = n % h
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < S
+    d_ok = offs_d < D
+    x_ptr = X + b.to(tl.int64) * sx_b + head.to(tl.int64) * sx_h + offs_s[:, None].to(tl.int64) * sx_s + offs_d[None, :] * sx_d
+    x = tl.load(x_ptr, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    best = tl.full((BLOCK_S,), float("inf"), tl.float32)
+    arg = tl.zeros((BLOCK_S,), tl.int32)
+    cent_base = CENT + n.to(tl.int64) * NUM_C * D
+    for t in range(0, tl.cdiv(NUM_C, BLOCK_C)):
+        c0 = t * BLOCK_C
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < NUM_C
+        cen = tl.load(cent_base + offs_c[:, None] * D + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        csq = tl.load(CSQ + n * NUM_C + offs_c, mask=c_ok, other=float("inf"))
+        dot = tl.dot(x, tl.trans(cen))  # (BLOCK_S, BLOCK_C) fp32 accumulation
+        dist = csq[None, :] - 2.0 * dot
+        dist = tl.where(c_ok[None, :], dist, float("inf"))
+        m = tl.min(dist, 1)
+        a = tl.argmin(dist, 1, tie_break_left=True) + c0
+        upd = m < best  # strict: on a tie across tiles the earlier centroid wins, as torch.argmin does
+        best = tl.where(upd, m, best)
+        arg = tl.where(upd, a, arg)
+    tl.store(LABELS + n.to(tl.int64) * S + offs_s, arg, mask=s_ok)
+    slot = n.to(tl.int64) * NUM_C + arg
+    tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :])
+    tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+
+
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    bd = max(16, triton.next_power_of_2(D))
+    return 64, 64, bd
+
+
+def kmeans_step(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Lloyd iteration of B * h problems: x (B, S, h, D) any strides/dtype, centroids (B * h, C, D) float32.
+
+    Returns (new centroids (N, C, D) float32 -- the means of the new clusters, the old centroid where a cluster is
+    empty --, labels (N, S) int32, sizes (N, C) int32). The distance GEMM runs in x's dtype (bf16 distances only
+    decide near-ties; the means are accumulated in fp32)."""
+    B, S, h, D = x.shape
+    N, C, Dc = centroids.shape
+    if N != B * h or Dc != D:
+        raise ValueError(f"kmeans_step: centroids {tuple(centroids.shape)} do not fit x {tuple(x.shape)}")
+    cent = centroids.to(x.dtype).contiguous()
+    csq = (cent.float() * cent.float()).sum(-1).contiguous()  # of the rounded centroids the GEMM sees
+    labels = torch.empty(N, S, dtype=torch.int32, device=x.device)
+    sums = torch.zeros(N, C, D, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(N, C, dtype=torch.int32, device=x.device)
+    bs, bc, bd = _block_sizes(D)
+    grid = (triton.cdiv(S, bs), N)
+    _assign_accumulate_kernel[grid](
+        x, cent, csq, labels, sums, counts, S, C, h, *x.stride(),
+        D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd,
+    )
+    means = sums / counts.clamp(min=1)[..., None].to(torch.float32)
+    new = torch.where(counts[..., None] > 0, means, centroids.float())
+    return new, labels, counts
+
+
+def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` Lloyd iterations from ``init`` (N, C, D): x (B, S, h, D). A fixed count, no convergence test (that
+    test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C)."""
+    cent = init.float()
+    labels = sizes = None
+    for _ in range(max(1, int(iters))):
+        cent, labels, sizes = kmeans_step(x, cent)
+    return cent, labels, sizes
+
+
+# --------------------------------------------------------------------------------------------------- prune
+@triton.jit
+def _prune_stats_kernel(
+    Q, K, ROWS, MAX, SUM,
+    V, M, h, nkb, qk_scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 1, one program per (key block, problem): each sampled query's max logit and sum of exp over these keys
+    (base 2), written to (N, nkb, M) partials; the logits are never stored."""
+    kb = tl.program_id(0)
+    n = tl.program_id(1)
+    b = n // h
+    head = n % h
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    k_ok = offs_k < V
+    d_ok = offs_d < D
+    rows = tl.load(ROWS + offs_m, mask=m_ok, other=0).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sq_b + head * sq_h + rows[:, None] * sq_s + offs_d[None, :] * sq_d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(K + b.to(tl.int64) * sk_b + head * sk_h + offs_k[:, None].to(tl.int64) * sk_s + offs_d[None, :] * sk_d, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(k_ok[None, :], s, float("-inf"))
+    mx = tl.max(s, 1)
+    sm = tl.sum(tl.exp2(s - mx[:, None]), 1)
+    out = (n.to(tl.int64) * nkb + kb) * M + offs_m
+    tl.store(MAX + out, mx, mask=m_ok)
+    tl.store(SUM + out, sm, mask=m_ok)
+
+
+@triton.jit
+def _prune_scores_kernel(
+    Q, K, ROWS, MAX, LSUM, OUT,
+    V, M, h, qk_scale, inv_m,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 2: score_j = mean_i exp2(s_ij - max_i) / sum_i over the sampled queries i, for BLOCK_K keys."""
+    kb = tl.program_id(0)
+    n = tl.program_id(1)
+    b = n // h
+    head = n % h
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    k_ok = offs_k < V
+    d_ok = offs_d < D
+    rows = tl.load(ROWS + offs_m, mask=m_ok, other=0).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sq_b + head * sq_h + rows[:, None] * sq_s + offs_d[None, :] * sq_d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(K + b.to(tl.int64) * sk_b + head * sk_h + offs_k[:, None].to(tl.int64) * sk_s + offs_d[None, :] * sk_d, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    mx = tl.load(MAX + n * M + offs_m, mask=m_ok, other=0.0)
+    ls = tl.load(LSUM + n * M + offs_m, mask=m_ok, other=1.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.exp2(s - mx[:, None]) / ls[:, None]
+    p = tl.where(m_ok[:, None], p, 0.0)
+    tl.store(OUT + n.to(tl.int64) * V + offs_k, tl.sum(p, 0) * inv_m, mask=k_ok)
+
+
+def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> torch.Tensor:
+    """AT-EDM-style key importance ``mean_i softmax_j(q_i . k_j / sqrt(D))`` over ``sample_queries`` evenly strided
+    queries: q, k (B, V, h, D) video tokens, any strides -> (B, h, V) float32. Two passes over the keys (row
+    statistics, then the normalised column sums); nothing of size (samples x keys) is stored."""
+    B, V, h, D = k.shape
+    N = B * h
+    m = min(int(sample_queries), V)
+    rows = torch.linspace(0, V - 1, m, device=q.device).round().to(torch.int32)  # same rows as the reference
+    bm = max(16, triton.next_power_of_2(m))
+    if bm > 128:
+        raise ValueError(f"prune_scores: sample_queries up to 128 in the Triton path; got {sample_queries}")
+    bk = 64
+    bd = max(16, triton.next_power_of_2(D))
+    nkb = triton.cdiv(V, bk)
+    qk_scale = 1.0 / math.sqrt(D) * 1.4426950408889634  # exp2 domain
+    pmax = torch.empty(N, nkb, m, dtype=torch.float32, device=q.device)
+    psum = torch.empty(N, nkb, m, dtype=torch.float32, device=q.device)
+    args = (*q.stride(), *k.stride())
+    _prune_stats_kernel[(nkb, N)](q, k, rows, pmax, psum, V, m, h, nkb, qk_scale, *args, D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
+    row_max = pmax.amax(1)  # (N, m): combine the partial softmax statistics (small: N * nkb * m)
+    row_sum = (psum * torch.exp2(pmax - row_max[:, None, :])).sum(1)
+    out = torch.empty(N, V, dtype=torch.float32, device=q.device)
+    _prune_scores_kernel[(nkb, N)](
+        q, k, rows, row_max.contiguous(), row_sum.contiguous(), out, V, m, h, qk_scale, 1.0 / m, *args,
+        D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+    )
+    return out.view(B, h, V)
+
+
+# ------------------------------------------------------------------------------------- kernel chunk tables
+def chunk_tables(
+    layout, block_n: int, device: torch.device | str | None = None, max_tails: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The attention kernel's chunk tables (``triton_attention._build_chunk_tables``'s six tensors, same meaning and
+    order of entries) with fixed widths instead of the largest count, so building them reads nothing on the host:
+    full chunks ``max(1, K // block_n)`` (disjoint segments of a K-key order hold at most that many), tails
+    ``max_tails`` (default ``G``: at most one per segment; a planner that knows a smaller bound passes it, e.g. 1
+    for segments snapped to multiples of block_n, whose only possible tail is the end of the key order). Entries
+    past the counts are 0, as there."""
+    device = layout.device if device is None else torch.device(device)
+    count = layout.kv_count.to(device).long()
+    start = layout.kv_start.to(device).long()
+    end = layout.kv_end.to(device).long()
+    G = start.shape[-1]
+    K = layout.kv_order_len
+    used = torch.arange(G, device=device) < count[..., None]
+    length = torch.where(used, end - start, 0).clamp(min=0)
+    nfull = length // block_n
+    has_tail = (length - nfull * block_n) > 0
+    n_full = nfull.sum(-1)
+    n_part = has_tail.sum(-1)
+    cf = max(1, K // block_n)
+    cum = nfull.cumsum(-1).contiguous()
+    c = torch.arange(cf, device=device).expand(*cum.shape[:-1], cf).contiguous()
+    g = torch.searchsorted(cum, c, right=True).clamp(max=G - 1)  # segment holding full chunk c
+    first = (cum - nfull).gather(-1, g)
+    valid = c < n_full[..., None]
+    full_start = torch.where(valid, start.gather(-1, g) + (c - first) * block_n, 0)
+    order = torch.sort((~has_tail).to(torch.int8), dim=-1, stable=True).indices  # segments with a tail first
+    keep = torch.arange(G, device=device) < n_part[..., None]
+    part_start = torch.where(keep, (start + nfull * block_n).gather(-1, order), 0)
+    part_end = torch.where(keep, end.gather(-1, order), 0)
+    if max_tails is not None and max_tails < G:
+        part_start, part_end = part_start[..., : max(1, max_tails)], part_end[..., : max(1, max_tails)]
+    n_clean = n_full
+    if layout.kv_perm is not None:  # full chunks holding padding slots (-1) go last (the kernel masks them)
+        kv_perm = layout.kv_perm.to(device)
+        L, H = kv_perm.shape[:2]
+        prefix = torch.nn.functional.pad((kv_perm < 0).long().cumsum(-1), (1, 0))  # (L, H, K + 1)
+        NQ = full_start.shape[2]
+        flat = prefix[:, :, None, :].expand(L, H, NQ, prefix.shape[-1])
+        n_pad = flat.gather(-1, (full_start + block_n).clamp(max=prefix.shape[-1] - 1)) - flat.gather(-1, full_start)
+        dirty = valid & (n_pad > 0)
+        rank = torch.where(valid, dirty.long(), 2)
+        full_start = full_start.gather(-1, torch.sort(rank, dim=-1, stable=True).indices)
+        n_clean = (valid & ~dirty).sum(-1)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+
+
+def prime_chunk_tables(
+    layout, dtype: torch.dtype, head_dim: int, device: torch.device | str | None = None, align: int | None = None
+) -> None:
+    """Put `chunk_tables` for the attention kernel's default BLOCK_N into ``layout``'s derived cache under the key
+    the kernel looks up, so the kernel launch after a dynamic plan does not build them with a host sync. (A call
+    with another BLOCK_N, e.g. a benchmark's config override, still builds its own.)"""
+    from .triton_attention import default_config
+
+    device = layout.device if device is None else torch.device(device)
+    block_m = max(16, triton.next_power_of_2(layout.block_q))
+    block_n = int(default_config(head_dim, block_m, dtype)["BLOCK_N"])
+    tails = 1 if align is not None and align % block_n == 0 else None
+    layout.cached(("triton_chunks", block_n, str(device)), lambda: chunk_tables(layout, block_n, device, tails))

@@ -1,0 +1,399 @@
+"""The fused Triton planning kernels (k-means, prune) against their PyTorch references, under the Triton interpreter.
+
+Inputs are random with a seed from the clock (printed; rerun one with SPARSE_DIT_TEST_SEED=<seed>). Exact equality
+is asserted on integer-valued inputs, where every dot product and distance is exact in fp32 on both paths, so ties
+(many, with values in {-2..2}) must break the same way; on continuous inputs the assignments must agree wherever the
+nearest and second-nearest centroid are not within rounding of each other. The interpreter computes bf16 dots
+wrongly, so only fp32/fp16 run here; bf16 runs on the GPU in benchmarks/planning.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import contextlib  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from sparse_dit.geometry import Geometry  # noqa: E402
+from sparse_dit.kernels.planning_triton import kmeans_lloyd, kmeans_step, prune_scores  # noqa: E402
+from sparse_dit.patterns import kmeans as km  # noqa: E402
+from sparse_dit.patterns import prune as pr  # noqa: E402
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    seed = int(os.environ.get("SPARSE_DIT_TEST_SEED", time.time_ns() % (2**31)))
+    print(f"[{request.node.name}] seed={seed} (rerun with SPARSE_DIT_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+def ints(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(-2, 3, shape, generator=gen).float()
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, h, D) -> (B * h, S, D), the reference's problem layout."""
+    B, S, h, D = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B * h, S, D)
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+@pytest.mark.parametrize("B,S,h,D,C", [(1, 37, 1, 16, 5), (2, 100, 3, 32, 7), (1, 130, 2, 64, 70)])
+def test_kmeans_step_equals_reference_with_ties_and_empty_clusters(gen, B, S, h, D, C):
+    x = ints(gen, B, S, h, D)
+    cent = ints(gen, B * h, C, D)
+    cent[:, -1] = 50.0  # far from every point: an empty cluster, which keeps its centroid
+    cent[:, 1] = cent[:, 0]  # two equal centroids: every tie must go to the lower index, as torch.argmin does
+    new, labels, sizes = kmeans_step(x, cent)
+    ref_labels = km.assign(flat(x), cent)
+    ref_cent, ref_sizes = km.update(flat(x), ref_labels, cent)
+    assert torch.equal(labels.long(), ref_labels)
+    assert torch.equal(sizes.long(), ref_sizes)
+    assert (sizes[:, -1] == 0).all() and (sizes[:, 1] == 0).all()
+    assert torch.equal(new[:, -1], cent[:, -1])
+    torch.testing.assert_close(new, ref_cent, rtol=1e-6, atol=1e-6)
+
+
+def test_kmeans_step_reads_strided_fp16_views(gen):
+    """q as a strided slice of a fused projection in fp16: no copy needed, same labels where the margin is real."""
+    B, S, h, D, C = 2, 90, 2, 32, 9
+    big = torch.randn(B, S + 7, 3, h, D, generator=gen).half()
+    x = big[:, 5 : 5 + S, 1]  # (B, S, h, D), non-contiguous, storage offset
+    cent = torch.randn(B * h, C, D, generator=gen)
+    _, labels, sizes = kmeans_step(x, cent)
+    xf = flat(x.float())
+    c16 = cent.half().float()  # the kernel's GEMM sees the centroids rounded to x's dtype
+    dist = (c16 * c16).sum(-1)[:, None, :] - 2 * xf @ c16.transpose(1, 2)
+    top2 = dist.topk(2, -1, largest=False)
+    clear = (top2.values[..., 1] - top2.values[..., 0]) > 1e-2
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels.long()[clear], top2.indices[..., 0][clear])
+    assert torch.equal(sizes.sum(-1), torch.full((B * h,), S, dtype=torch.int32))
+
+
+def test_kmeans_lloyd_equals_reference_iterations(gen):
+    B, S, h, D, C = 2, 80, 2, 16, 6
+    x = ints(gen, B, S, h, D)
+    init = ints(gen, B * h, C, D)
+    cent, labels, sizes = kmeans_lloyd(x, init, 3)
+    # tol=-1: the reference never stops early, so both run exactly 3 iterations
+    ref_c, ref_l, ref_s, it = km.kmeans(flat(x), C, iters=3, tol=-1.0, init=init)
+    assert it == 3
+    assert torch.equal(labels.long(), ref_l) and torch.equal(sizes.long(), ref_s)
+    torch.testing.assert_close(cent, ref_c, rtol=1e-5, atol=1e-5)
+
+
+def _geometry(B: int, h: int, D: int, grid: tuple[int, int, int], text: int) -> Geometry:
+    return Geometry(B, h, D, *grid, text_len=text, text_position="first" if text else "none")
+
+
+@pytest.mark.parametrize(
+    "B,h,grid,text,params",
+    [
+        (1, 2, (2, 4, 5), 0, {}),
+        (2, 3, (3, 4, 4), 6, {"q_clusters": 5, "k_clusters": 9}),
+        (2, 2, (2, 5, 7), 3, {"q_clusters": 4, "k_clusters": 12, "kv_align": 1, "top_p": 0.5}),
+        (1, 3, (2, 6, 6), 0, {"q_clusters": 6, "k_clusters": 16, "q_mode": "pad", "kv_align": 8}),
+    ],
+)
+def test_kmeans_layout_equals_reference(gen, B, h, grid, text, params):
+    """The whole build, twice (cold start, then warm start from the kept centroids), on both planners."""
+    D, block_q = 16, 16
+    geo = _geometry(B, h, D, grid, text)
+    states = {"torch": {}, "triton": {}}
+    for call in range(2):
+        q = ints(gen, B, geo.seq_len, h, D)
+        k = ints(gen, B, geo.seq_len, h, D)
+        params_ = dict(params, tol=0.0)  # tol=0: the reference stops only at a fixed point, where both agree
+        lays = {
+            name: km.build(geo, h, block_q, "cpu", q=q, k=k, state=states[name], planner=name, **params_)
+            for name in states
+        }
+        ref, fused = lays["torch"], lays["triton"]
+        fused.validate()
+        assert torch.equal(ref.to_dense_mask(), fused.to_dense_mask())
+        if params.get("q_mode", "union") == "union":  # same blocks: the tables themselves agree
+            G = ref.kv_start.shape[-1]
+            assert fused.kv_start.shape[-1] >= G
+            assert torch.equal(ref.kv_count, fused.kv_count)
+            assert torch.equal(ref.q_perm, fused.q_perm) and torch.equal(ref.kv_perm, fused.kv_perm)
+            used = torch.arange(G) < ref.kv_count[..., None]
+            assert torch.equal(torch.where(used, ref.kv_start, 0), fused.kv_start[..., :G])
+            assert torch.equal(torch.where(used, ref.kv_end, 0), fused.kv_end[..., :G])
+            assert (fused.kv_start[..., G:] == 0).all()
+        for b in range(B):
+            torch.testing.assert_close(states["triton"][b]["q_centroids"], states["torch"][b]["q_centroids"])
+            torch.testing.assert_close(states["triton"][b]["k_centroids"], states["torch"][b]["k_centroids"])
+
+
+def test_cluster_segments_fixed_merges_across_empty_clusters():
+    """kv_align=1: kept clusters 0 and 2 with cluster 1 empty touch in the key order and make one segment."""
+    keep = torch.tensor([[[True, True, True, False, True, True]]])
+    sizes = torch.tensor([[3, 0, 2, 4, 0, 1]])
+    k_start = torch.nn.functional.pad(sizes.cumsum(-1), (1, 0))[:, :-1]
+    count, s, e = km._cluster_segments_fixed(keep, k_start, sizes)
+    assert count.tolist() == [[2]]
+    assert s[0, 0, :2].tolist() == [0, 9] and e[0, 0, :2].tolist() == [5, 10]
+    from sparse_dit.patterns._tiling import merge_segments
+
+    ref = merge_segments(k_start[:, None, :], (k_start + sizes)[:, None, :], keep)
+    assert torch.equal(ref[0], count) and torch.equal(ref[1], s[..., :1 + 1][..., : ref[1].shape[-1]])
+
+
+# --------------------------------------------------------------------------------------------------- prune
+@pytest.mark.parametrize("B,V,h,D,m,dtype", [(1, 50, 1, 16, 7, torch.float32), (2, 130, 3, 64, 64, torch.float32), (2, 77, 2, 32, 16, torch.float16)])
+def test_prune_scores_equal_reference(gen, B, V, h, D, m, dtype):
+    q = torch.randn(B, V, h, D, generator=gen).to(dtype)
+    k = torch.randn(B, V, h, D, generator=gen).to(dtype)
+    got = prune_scores(q, k, m)
+    ref = pr.key_scores(q.float(), k.float(), "attn", m)
+    tol = 1e-6 if dtype == torch.float32 else 2e-4
+    torch.testing.assert_close(got, ref, rtol=tol * 10, atol=tol)
+    torch.testing.assert_close(got.sum(-1), torch.ones(B, h), rtol=1e-4, atol=1e-4)  # each row's softmax sums to 1
+
+
+def test_prune_layout_equals_reference(gen):
+    B, h, D, block_q = 2, 3, 32, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 5)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    ref = pr.build(geo, h, block_q, "cpu", q=q, k=k, state={}, keep_ratio=0.3, planner="torch")
+    st: dict = {}
+    fused = pr.build(geo, h, block_q, "cpu", q=q, k=k, state=st, keep_ratio=0.3, planner="triton")
+    fused.validate()
+    ref_scores = pr.key_scores(q[:, 5:], k[:, 5:], "attn", 64)
+    n_keep = ref.kv_perm.shape[-1]
+    kth = ref_scores.sort(-1, descending=True).values
+    gap = kth[..., n_keep - 1] - kth[..., n_keep]  # where the boundary is a near-tie either choice is a top-k
+    for b in range(B):
+        for hh in range(h):
+            if gap[b, hh] > 1e-5:
+                assert torch.equal(ref.kv_perm[b, hh], fused.kv_perm[b, hh])
+            else:
+                chosen = ref_scores[b, hh, fused.kv_perm[b, hh].long() - 5]
+                assert (chosen >= kth[b, hh, n_keep - 1] - 1e-5).all()
+    assert torch.equal(ref.kv_count, fused.kv_count) and torch.equal(ref.kv_end, fused.kv_end)
+
+
+def test_prune_ties_keep_a_valid_top_k(gen):
+    """Equal keys get equal scores: whichever the kernel keeps, it keeps n_keep distinct keys of the top score."""
+    B, h, D, block_q = 1, 2, 16, 16
+    geo = _geometry(B, h, D, (1, 4, 8), 0)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.zeros(B, geo.seq_len, h, D)
+    k[:, ::2] = 1.0  # half the keys identical and high-scoring for a positive query mean, half zero
+    q = q.abs()
+    lay = pr.build(geo, h, block_q, "cpu", q=q, k=k, state={}, keep_ratio=0.25, planner="triton")
+    kept = lay.kv_perm.long()
+    assert kept.shape[-1] == 8
+    assert (kept % 2 == 0).all() and all(len(set(r.tolist())) == 8 for r in kept.view(-1, 8))
+
+
+# ------------------------------------------------------------------------------------------------- no sync
+@contextlib.contextmanager
+def no_host_reads():
+    """Make every way a tensor value reaches the host raise: what a CUDA planning path must not do (it would stall
+    the stream). On the CPU this is the honest stand-in for torch.cuda.set_sync_debug_mode("error")."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("host read of a tensor value during planning")
+
+    names = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, boom)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_no_host_read_in_triton_planning(gen):
+    """Warm k-means planning (and prune) through the Triton path reads nothing back; the torch path does (the check
+    would catch it), so the test is not vacuous. Cold starts (k-means++) happen once per generation and are excluded."""
+    B, h, D, block_q = 2, 2, 16, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 4)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    params = {"q_clusters": 4, "k_clusters": 8, "iters": 2}  # iters: a short cold start (interpreter time)
+    for mode, align in (("union", None), ("pad", None), ("union", 1)):
+        state: dict = {}
+        km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
+        torch_state = {b: dict(v) for b, v in state.items()}
+        with no_host_reads():
+            lay = km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
+            pr.build(geo, h, block_q, "cpu", q=q, k=k, state={}, keep_ratio=0.4, planner="triton")
+        lay.validate()
+        with pytest.raises(AssertionError, match="host read"), no_host_reads():
+            km.build(geo, h, block_q, "cpu", q=q, k=k, state=torch_state, planner="torch", q_mode=mode, kv_align=align, **params)
+
+
+# ------------------------------------------------------------------------------------------- chunk tables
+def _assert_tables_equal(got, ref):
+    n_full, n_clean, full_start, n_part, part_start, part_end = got
+    r_full, r_clean, r_fs, r_part, r_ps, r_pe = ref
+    assert torch.equal(n_full, r_full) and torch.equal(n_clean, r_clean) and torch.equal(n_part, r_part)
+    cf, cp = r_fs.shape[-1], r_ps.shape[-1]
+    assert full_start.shape[-1] >= cf and part_start.shape[-1] >= min(cp, part_start.shape[-1])
+    used_f = torch.arange(cf) < n_full[..., None].long()
+    assert torch.equal(torch.where(used_f, full_start[..., :cf], 0), torch.where(used_f, r_fs, 0))
+    used_p = torch.arange(part_start.shape[-1]) < n_part[..., None].long()
+    w = min(cp, part_start.shape[-1])
+    assert torch.equal(torch.where(used_p, part_start, 0)[..., :w], torch.where(used_p[..., :w], r_ps[..., :w], 0))
+    assert torch.equal(torch.where(used_p, part_end, 0)[..., :w], torch.where(used_p[..., :w], r_pe[..., :w], 0))
+    assert (n_part.long() <= w).all()
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_chunk_tables_equal_the_kernel_builder(gen, block_n):
+    from sparse_dit.kernels.planning_triton import chunk_tables
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables
+    from sparse_dit.layout import Layout
+
+    # k-means layouts (exact cluster segments: many tails) and block masks with a padded key order
+    B, h, D = 2, 3, 16
+    geo = _geometry(B, h, D, (2, 6, 7), 5)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=1, iters=2)
+    _assert_tables_equal(chunk_tables(lay, block_n), _build_chunk_tables(lay, block_n, torch.device("cpu")))
+    # chunk-snapped segments (kv_align a multiple of block_n, V = 84 not): one tail at most, at the end of the order
+    snapped = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=5, k_clusters=11, kv_align=32, iters=2)
+    tables = chunk_tables(snapped, block_n, max_tails=1)
+    assert tables[4].shape[-1] == 1
+    _assert_tables_equal(tables, _build_chunk_tables(snapped, block_n, torch.device("cpu")))
+    S, bs = 100, 16
+    nb = -(-S // bs)
+    mask = torch.rand(2, 3, nb, nb, generator=gen) < 0.4
+    mask[..., 0] = True
+    base = Layout.from_block_mask(mask, bs, S)
+    perm = torch.randperm(S, generator=gen)
+    kv_perm = torch.full((2, 3, nb * bs), -1, dtype=torch.int64)
+    kv_perm[..., :S] = perm
+    kv_perm = kv_perm[..., torch.randperm(nb * bs, generator=gen)]  # padding slots scattered: "dirty" chunks
+    padded = Layout(S, bs, base.kv_count, base.kv_start, base.kv_end, None, kv_perm)
+    _assert_tables_equal(chunk_tables(padded, block_n), _build_chunk_tables(padded, block_n, torch.device("cpu")))
+
+
+def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen):
+    """Plan (warm) and attend with the Triton kernel, fp32: equal to the reference attention on the same layout; the
+    kernel uses the primed chunk tables, so plan + attention read nothing back."""
+    from sparse_dit.kernels.reference import reference_attention
+    from sparse_dit.kernels.triton_attention import triton_block_sparse_attention
+
+    B, h, D, block_q = 1, 2, 16, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 4)
+    q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
+    for name, build, params in (("kmeans", km.build, {"q_clusters": 3, "k_clusters": 6, "iters": 2}), ("prune", pr.build, {"keep_ratio": 0.3})):
+        state: dict = {}
+        build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
+        with torch.no_grad(), no_host_reads():
+            lay = build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", **params)
+            out = triton_block_sparse_attention(q, k, v, lay)
+        torch.testing.assert_close(out, reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
+
+
+def test_planning_benchmark_smoke(tmp_path):
+    """benchmarks/planning.py's CPU path on a tiny shape: it runs and writes JSON + markdown with every case."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "planning.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "planning.json").read_text())
+    cases = data["results"][0]["cases"]
+    assert [(c["pattern"], c["target_density"]) for c in cases] == [
+        (p, d) for d in (0.1, 0.2) for p in ("kmeans", "kmeans-w1", "prune")
+    ]
+    assert all(c["plan_ms"] > 0 and c["attn_ms"] > 0 and 0 < c["density"] <= 1 for c in cases)
+    assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- mixed
+def test_mixed_stack_equals_per_pattern_layouts_and_carries_chunk_tables(gen):
+    """A mixed layer (tile, dense, k-means, prune heads interleaved) stacked in one pass equals the per-pattern
+    layouts stacked then reordered (the old path), head by head; chunk tables primed on the parts are combined into
+    exactly what the kernel would build for the stacked layout, so the kernel finds them (no host sync)."""
+    from sparse_dit.kernels.planning_triton import chunk_tables, prime_chunk_tables
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables, default_config
+    from sparse_dit.layout import Layout
+    from sparse_dit.patterns import PatternSpec
+
+    B, h, D, block_q = 2, 7, 16, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 4)
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    plan = ["tile", "kmeans", "dense", "prune", "kmeans", "tile", "prune"]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(plan):
+        groups.setdefault(name, []).append(i)
+    parts, heads = [], []
+    for name, hs in groups.items():
+        spec = PatternSpec(name)
+        idx = torch.tensor(hs)
+        if spec.static:
+            part = spec.module.build(geo, len(hs), block_q, "cpu", **spec.params)
+            prime_chunk_tables(part, q.dtype, D)
+        else:
+            part = spec.module.build(geo, len(hs), block_q, "cpu", q=q[:, :, idx], k=k[:, :, idx], state={}, planner="triton", **spec.params)
+        parts.append(part)
+        heads.append(hs)
+    mixed = Layout.stack_heads(parts, heads=heads)
+    as_tensors = Layout.stack_heads(parts, heads=[torch.tensor(hs) for hs in heads])  # what patching passes (cached)
+    for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
+        assert torch.equal(getattr(mixed, name), getattr(as_tensors, name)), name
+    order = [i for hs in heads for i in hs]
+    old = Layout.stack_heads(parts).take_heads(torch.tensor(order).argsort())
+    for name in ("kv_count", "kv_start", "kv_end", "q_perm", "kv_perm"):
+        assert torch.equal(getattr(mixed, name), getattr(old, name)), name
+    mask = mixed.to_dense_mask()
+    for part, hs in zip(parts, heads):
+        assert torch.equal(mask[:, hs], part.to_dense_mask().expand(B, -1, -1, -1))
+    block_n = int(default_config(D, max(16, block_q), q.dtype)["BLOCK_N"])
+    key = ("triton_chunks", block_n, "cpu")
+    assert key in mixed._derived
+    _assert_tables_equal(mixed._derived[key], _build_chunk_tables(mixed, block_n, torch.device("cpu")))
+    _assert_tables_equal(chunk_tables(mixed, block_n), _build_chunk_tables(mixed, block_n, torch.device("cpu")))
+
+
+def test_compact_trims_fixed_capacity_tables_and_keeps_the_layout(gen):
+    """Layouts kept for replan_every > 1 are compacted: narrower tables, the same mask, chunk tables still what the
+    kernel would build, and the attention output unchanged."""
+    from sparse_dit.kernels.reference import reference_attention
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables, triton_block_sparse_attention
+
+    B, h, D = 1, 2, 16
+    geo = _geometry(B, h, D, (2, 8, 8), 0)
+    q, k, v = (torch.randn(B, geo.seq_len, h, D, generator=gen) for _ in range(3))
+    lay = km.build(geo, h, 16, "cpu", q=q, k=k, state={}, planner="triton", q_clusters=4, k_clusters=16, top_p=0.3, min_fraction=0.1, iters=2)
+    small = lay.compact()
+    assert small.kv_start.shape[-1] == max(1, int(lay.kv_count.max())) < lay.kv_start.shape[-1]
+    assert torch.equal(small.to_dense_mask(), lay.to_dense_mask())
+    (key,) = [k_ for k_ in small._derived if isinstance(k_, tuple) and k_[0] == "triton_chunks"]
+    assert small._derived[key][2].shape[-1] <= lay._derived[key][2].shape[-1]
+    _assert_tables_equal(small._derived[key], _build_chunk_tables(small, key[1], torch.device("cpu")))
+    with torch.no_grad():
+        torch.testing.assert_close(triton_block_sparse_attention(q, k, v, small), reference_attention(q, k, v, lay), rtol=2e-5, atol=2e-5)
+
+
+def test_uniform_layer_is_not_copied_by_stack_heads(gen):
+    from sparse_dit.layout import Layout
+
+    lay = Layout.dense(40, 3, 16)
+    assert Layout.stack_heads([lay], heads=[[0, 1, 2]]) is lay
+    flipped = Layout.stack_heads([lay], heads=[[2, 1, 0]])
+    assert flipped is not lay and torch.equal(flipped.to_dense_mask(), lay.to_dense_mask())
+    with pytest.raises(ValueError, match="every head"):
+        Layout.stack_heads([lay, lay], heads=[[0, 1, 2], [2, 3, 4]])
