@@ -440,3 +440,33 @@ def test_lora_hotswap_on_a_patched_pipeline(loras):
     patch(mirror)
     assert torch.equal(swapped, generate(mirror))
     assert sparse_dit.patch_state(pipe.transformer).stats["sparse_calls"] > 0
+
+
+# ------------------------------------------------------------------------------------ the GPU benchmark
+def test_ecosystem_benchmark_runs_on_cpu(tmp_path):
+    """CPU smoke run of benchmarks/ecosystem.py on tiny shapes: every case runs, the pinned skip schedules hold."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ecosystem.py"
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--quick", "--model", "tiny", "--no-compile", "--steps", "8",
+           "--warmup", "2", "--reps", "1", "--frames", "3", "--height", "32", "--width", "48", "--clips", "1", "--block", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "ecosystem.json").read_text())
+    speed = {r["case"]: r for r in results["speed"]["rows"]}
+    assert list(speed) == ["dense", "tile", "fbc", "tile+fbc", "magcache", "tile+magcache"]
+    assert not any("error" in r for r in speed.values())
+    # FirstBlockCache: steps 0, 1 (warm-up), then every 2nd: 2, 4, 6; MagCache: 0, 1, then 1 computed per 3: 4, 7
+    assert speed["fbc"]["computed"] == speed["tile+fbc"]["computed"] == 5
+    assert speed["magcache"]["computed"] == speed["tile+magcache"]["computed"] == 4
+    for name in ("tile+fbc", "tile+magcache"):
+        r = speed[name]
+        assert r["skipped_calls"] > 0 and r["sparse_calls"] > 0
+        assert r["dense_calls"] == 2 * 2 * 2  # warm-up steps x CFG calls x layers
+    quality = {r["case"]: r for r in results["quality"]["rows"]}
+    assert set(quality) == {"tile", "fbc", "tile+fbc", "magcache", "tile+magcache"}
+    assert all(r["ssim_mean"] <= 1.0 for r in quality.values())
+    assert "| tile+magcache |" in (tmp_path / "ecosystem.md").read_text()
