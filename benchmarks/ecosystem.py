@@ -2,7 +2,7 @@
 reference model (GPU).
 
     python3 benchmarks/ecosystem.py --out $OUT                      # both parts, about 6 min on an H200
-    python3 benchmarks/ecosystem.py --out $OUT --parts speed        # or quality; --quick: fewer cases and clips
+    python3 benchmarks/ecosystem.py --out $OUT --parts speed        # or quality, offload; --quick: fewer cases, clips
 
 Cases: dense; sparse (``--sparse``: tile at 10% density, and/or ``mix`` = the pattern mix of a reference-model
 profile carried to Wan's heads, as benchmarks/e2e.py does); FirstBlockCache, TaylorSeer and MagCache each alone;
@@ -320,6 +320,80 @@ def quality_part(args: argparse.Namespace, results: dict) -> None:
     probe.handle.remove()
 
 
+# --------------------------------------------------------------------------------------------- offload
+def offload_part(args: argparse.Namespace, results: dict) -> None:
+    """Offloading with a patched pipeline on the GPU (the CPU tests cover what runs there): a WanPipeline around the
+    reference transformer (fp16, a small random VAE, prompt embeddings, latent output), 4 steps. Each offload mode
+    is applied to a fresh pipeline, patched with tile, in both orders; recorded: whether its output equals the
+    patched pipeline without offloading (fp8 layerwise casting changes the weights, so there only the size of the
+    difference), the sparse calls, and the devices of the cached layouts (must be the GPU)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers.hooks import apply_group_offloading
+
+    from sparse_dit.reference import load_reference_model
+
+    dev = torch.device(e2e.DEVICE)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+
+    def make_pipe() -> Any:
+        ref = load_reference_model("cpu", dtype)
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=vae.to(dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0),
+                           transformer=ref.transformer)
+
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(1, 24, 128, generator=g, dtype=dtype) for _ in range(2)]
+    kw = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=256, width=416, num_frames=9,
+              num_inference_steps=4, guidance_scale=4.0, output_type="latent")
+    tile = {"pattern": {"name": "tile", "window": [1, 1, 1], "tile": [1, 4, 4]}, "block_size": 16}
+
+    def generate(pipe: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(**kw, generator=torch.Generator().manual_seed(1)).frames.float().cpu()
+
+    base = make_pipe().to(dev)
+    sparse_dit.patch(base, **tile)
+    expected = generate(base)
+    del base
+    modes: dict[str, Callable[[Any], None]] = {
+        "model_cpu_offload": lambda p: p.enable_model_cpu_offload(device=dev),
+        "sequential_cpu_offload": lambda p: p.enable_sequential_cpu_offload(device=dev),
+        "group_offload_block": lambda p: (p.to(dev), apply_group_offloading(p.transformer, onload_device=dev, offload_device=torch.device("cpu"),
+                                                                            offload_type="block_level", num_blocks_per_group=1)),
+        "group_offload_block_stream": lambda p: (p.to(dev), apply_group_offloading(
+            p.transformer, onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
+            use_stream=dev.type == "cuda")),
+        "group_offload_leaf_stream": lambda p: (p.to(dev), apply_group_offloading(
+            p.transformer, onload_device=dev, offload_device=torch.device("cpu"), offload_type="leaf_level", use_stream=dev.type == "cuda")),
+        "layerwise_casting_fp8": lambda p: (p.to(dev), p.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)),
+    }
+    rows: list[dict] = []
+    results["offload"] = {"rows": rows}
+    for name, apply in modes.items():
+        pipe = make_pipe()
+        row: dict = {"mode": name}
+        try:
+            for order in ("patch-then-offload", "offload-then-patch"):
+                p = pipe if order == "patch-then-offload" else make_pipe()
+                if order == "patch-then-offload":
+                    sparse_dit.patch(p, **tile)
+                apply(p)
+                if order == "offload-then-patch":
+                    sparse_dit.patch(p, **tile)
+                out = generate(p)
+                state = sparse_dit.patch_state(p.transformer)
+                devices = {str(layout.device) for layout in state.layout_cache.values() if hasattr(layout, "device")}
+                row[order] = dict(max_abs_diff=float((out - expected).abs().max()), equal=bool(torch.equal(out, expected)),
+                                  sparse_calls=state.stats["sparse_calls"], layout_devices=sorted(devices))
+        except Exception as err:  # keep going: one failing mode must not lose the others
+            row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        rows.append(row)
+        log(f"offload {name}: {row}")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------- report
 def to_markdown(results: dict) -> str:
     meta = results["meta"]
@@ -344,13 +418,24 @@ def to_markdown(results: dict) -> str:
         for r in q["rows"]:
             lines.append(f"| {r['case']} | {r['computed']} | {r['psnr_mean']:.2f} | {r['psnr_min']:.2f} | {r['ssim_mean']:.4f} |")
         lines.append("")
+    if "offload" in results:
+        lines += ["## Offloading with a patched pipeline (reference transformer, 4 steps; vs the patched pipeline without offloading)", "",
+                  "| mode | order | equal | max abs diff | sparse calls | layout devices |", "|---|---|---|---:|---:|---|"]
+        for r in results["offload"]["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['mode']} | failed: {r['error']} | | | | |")
+            for order in ("patch-then-offload", "offload-then-patch"):
+                if order in r:
+                    o = r[order]
+                    lines.append(f"| {r['mode']} | {order} | {o['equal']} | {o['max_abs_diff']:.2e} | {o['sparse_calls']} | {', '.join(o['layout_devices'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for ecosystem.json and ecosystem.md")
-    p.add_argument("--parts", default="speed,quality", help="comma-separated: speed, quality")
+    p.add_argument("--parts", default="speed,quality,offload", help="comma-separated: speed, quality, offload")
     p.add_argument("--quick", action="store_true", help="tile only, FirstBlockCache and MagCache, 2 clips")
     p.add_argument("--model", default="wan1.3b-480p", help=f"speed part model shapes (benchmarks/e2e.py): {', '.join(e2e.CONFIGS)}")
     p.add_argument("--sparse", default="tile,mix", help="sparse configs: tile (10%% density), mix (reference profile's mix)")
@@ -394,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "ecosystem.md").write_text(to_markdown(results) + "\n")
 
     for part in args.parts:
-        {"speed": speed_part, "quality": quality_part}[part](args, results)
+        {"speed": speed_part, "quality": quality_part, "offload": offload_part}[part](args, results)
         write()
     log(f"wrote {out / 'ecosystem.md'} in {time.perf_counter() - start:.0f} s")
     return 0
