@@ -470,3 +470,23 @@ def test_ecosystem_benchmark_runs_on_cpu(tmp_path):
     assert set(quality) == {"tile", "fbc", "tile+fbc", "magcache", "tile+magcache"}
     assert all(r["ssim_mean"] <= 1.0 for r in quality.values())
     assert "| tile+magcache |" in (tmp_path / "ecosystem.md").read_text()
+
+
+@pytest.mark.parametrize("cache", ["first-block", "magcache"])
+def test_cache_and_patch_under_regional_compile(cache):
+    """As the benchmark runs them: blocks compiled (dynamo, eager backend on the CPU) with a cache and the patch."""
+    outs, counts = [], []
+    for compiled in (False, True):
+        torch.compiler.reset()
+        pipe = make_wan_pipeline()
+        patch(pipe)
+        enable_cache(pipe, cache)
+        if compiled:
+            pipe.transformer.compile_repeated_blocks(fullgraph=False, backend="eager")
+        out, warned = generate_quietly(pipe)
+        assert warned == [], warned
+        outs.append(out)
+        counts.append((stats(pipe)["sparse_calls"], stats(pipe)["skipped_calls"]))
+    torch.compiler.reset()
+    assert counts[0] == counts[1] and counts[0][1] > 0, counts
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
