@@ -4,9 +4,10 @@ reference model (GPU).
     python3 benchmarks/ecosystem.py --out $OUT                      # both parts, about 6 min on an H200
     python3 benchmarks/ecosystem.py --out $OUT --parts speed        # or quality, offload; --quick: fewer cases, clips
 
-Cases: dense; sparse (``--sparse``: tile at 10% density, and/or ``mix`` = the pattern mix of a reference-model
-profile carried to Wan's heads, as benchmarks/e2e.py does); FirstBlockCache, TaylorSeer and MagCache each alone;
-sparse + each cache. Sparse runs keep the first ``--warmup`` steps dense (sparse-dit's ``dense_steps``).
+Cases: dense; sparse (``--sparse`` for the speed part, ``--quality-sparse`` for the quality part: ``tile`` at 10%
+density, ``mix`` = the reference model's 20%-density profile, carried to Wan's heads as benchmarks/e2e.py does for
+speed); FirstBlockCache, TaylorSeer and MagCache each alone; sparse + each cache. ``offload``: offloading modes with
+a patched pipeline on the GPU. Sparse runs keep the first ``--warmup`` steps dense (sparse-dit's ``dense_steps``).
 
 **Skip rates are pinned, identically in both parts.** With random weights (speed part) the adaptive caches'
 decisions mean nothing, and a speed-up measured at an arbitrary skip rate is not comparable. Every cache computes
@@ -279,7 +280,7 @@ def quality_part(args: argparse.Namespace, results: dict) -> None:
     model = ref.transformer
     size = dict(frames=args.frames, height=args.height, width=args.width, guidance_scale=4.0, steps=args.steps)
     sparse: dict[str, dict] = {}
-    for name in args.sparse:
+    for name in args.quality_sparse:
         if name == "tile":
             F_, H_, W_ = args.frames, args.height // 4, args.width // 4
             geometry = Geometry(1, model.config.num_attention_heads, model.config.attention_head_dim, F_, H_, W_)
@@ -438,7 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default="speed,quality,offload", help="comma-separated: speed, quality, offload")
     p.add_argument("--quick", action="store_true", help="tile only, FirstBlockCache and MagCache, 2 clips")
     p.add_argument("--model", default="wan1.3b-480p", help=f"speed part model shapes (benchmarks/e2e.py): {', '.join(e2e.CONFIGS)}")
-    p.add_argument("--sparse", default="tile,mix", help="sparse configs: tile (10%% density), mix (reference profile's mix)")
+    p.add_argument("--sparse", default="tile", help="speed part's sparse configs: tile (10%% density), mix (a reference "
+                   "profile's pattern mix carried to Wan's heads)")
+    p.add_argument("--quality-sparse", default="tile,mix", help="quality part's: tile (10%%), mix (that reference profile itself)")
     p.add_argument("--caches", default=",".join(CACHES))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10, help="steps every case computes densely first")
@@ -455,9 +458,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.parts = args.parts.split(",")
     args.sparse = [s for s in args.sparse.split(",") if s]
+    args.quality_sparse = [s for s in args.quality_sparse.split(",") if s]
     args.caches = [c for c in args.caches.split(",") if c]
     if args.quick:
-        args.sparse, args.caches, args.clips = ["tile"], ["fbc", "magcache"], min(args.clips, 2)
+        args.sparse, args.quality_sparse, args.caches, args.clips = ["tile"], ["tile"], ["fbc", "magcache"], min(args.clips, 2)
     return args
 
 
