@@ -14,7 +14,7 @@ decisions mean nothing, and a speed-up measured at an arbitrary skip rate is not
 all of the first ``--warmup`` steps, then:
 - FirstBlockCache: every ``--fbc-every``-th step (its leader hook's ``threshold`` is set before each step:
   -1 computes, 1e9 reuses; diffusers' own hook makes the decision and does the work);
-- TaylorSeer: ``cache_interval=--taylor-interval``, ``disable_cache_before_step=--warmup + 1``, lite mode (blocks skipped,
+- TaylorSeer: ``cache_interval=--taylor-interval``, ``disable_cache_before_step=--warmup``, lite mode (blocks skipped,
   ``proj_out`` predicted: the model-agnostic setting; its default identifiers do not match Wan's ``blocks.N.attn1``);
 - MagCache: ``mag_ratios`` all 1.0 (no accumulated error), so it reuses exactly ``max_skip_steps=--mag-k`` steps after
   each computed one once past ``retention_ratio=warmup/steps``.
@@ -24,7 +24,9 @@ steps; these schedules are the ones the quality part measures.
 Speed: Wan2.1-1.3B from its published config with random bf16 weights (`e2e.build`), regional torch.compile
 (``compile_repeated_blocks``), both CFG branches per step as separate calls in ``cache_context("cond"/"uncond")`` as
 diffusers' WanPipeline runs them. Every step of the 50 is timed; the first step of each kind (computed/reused x
-dense/sparse) compiles or builds layouts, so it is replaced by the median of its kind (counted in ``warm_steps``).
+dense/sparse, the kind read off the pinned schedule) compiles or builds layouts, so it is replaced by the median of
+its kind (counted in ``warm_steps``; ``new_graphs`` and ``wall_s`` say what compiling cost). For patched cases
+``schedule_confirmed`` checks the schedule against sparse-dit's own count of skipped layers.
 Dense and sparse-alone runs have constant step kinds: they time ``--reps`` steps of each kind and compose 50.
 Peak memory is the allocator's peak over the run.
 
@@ -101,8 +103,9 @@ def enable_cache(model: torch.nn.Module, name: str, args: argparse.Namespace) ->
         leader = model.blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
         handles.append(model.register_forward_pre_hook(PinnedFirstBlockCache(leader, args.warmup, args.fbc_every), with_kwargs=True))
     elif name == "taylorseer":
-        # its step counter starts at 1 and computes while counter < disable_cache_before_step: +1 computes `warmup` steps
-        model.enable_cache(TaylorSeerCacheConfig(cache_interval=args.taylor_interval, disable_cache_before_step=args.warmup + 1,
+        # its per-context step counter is 0 at the first call: it computes steps < disable_cache_before_step, then
+        # every cache_interval-th step from disable_cache_before_step + 1 on
+        model.enable_cache(TaylorSeerCacheConfig(cache_interval=args.taylor_interval, disable_cache_before_step=args.warmup,
                                                  use_lite_mode=True, taylor_factors_dtype=torch.float32))
     elif name == "magcache":
         model.enable_cache(MagCacheConfig(threshold=0.06, max_skip_steps=args.mag_k, retention_ratio=args.warmup / args.steps,
@@ -132,12 +135,30 @@ def case(model: torch.nn.Module, cache: str | None, sparse: dict | None, args: a
             remove()
 
 
+def computes(cache: str | None, step: int, args: argparse.Namespace) -> bool:
+    """Whether the pinned schedule computes denoising step ``step`` (0-based) for ``cache`` (the rules diffusers'
+    hooks follow with the configs above; the eager quality part counts computed steps independently and the CPU
+    test checks they agree)."""
+    w = args.warmup
+    if cache is None or step < w:
+        return True
+    if cache == "fbc":
+        return (step - w) % args.fbc_every == 0
+    if cache == "magcache":  # reuses max_skip_steps steps, then computes one
+        return (step - w + 1) % (args.mag_k + 1) == 0
+    if cache == "taylorseer":  # computes at disable_cache_before_step + 1 + k * cache_interval
+        return (step - w - 1) % args.taylor_interval == 0
+    raise ValueError(cache)
+
+
 def label(cache: str | None, sparse_name: str | None) -> str:
     return "+".join([p for p in (sparse_name, cache) if p]) or "dense"
 
 
 class ComputedProbe:
-    """Counts the calls of a module that only runs when a step is computed (the last block's FFN)."""
+    """Counts the calls of a module that only runs when a step is computed (the last block's FFN). Eager runs only:
+    under regional compile dynamo shares one graph between blocks and does not guard on hook dicts, so a hook on
+    one block's submodule is not reliably called."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls = 0
@@ -164,13 +185,12 @@ def sparse_configs(names: list[str], geometry: Geometry, heads: int, layers: int
     return out
 
 
-def run_steps(model: torch.nn.Module, inputs: list[dict], timesteps: torch.Tensor, probe: ComputedProbe) -> list[tuple[float, bool]]:
-    """Time each step of one sampling run: (seconds, whether the step computed the blocks)."""
-    rows = []
+def run_steps(model: torch.nn.Module, inputs: list[dict], timesteps: torch.Tensor) -> list[float]:
+    """Time each step of one sampling run (both CFG branches, each in its cache context)."""
+    times = []
     if hasattr(model, "_reset_stateful_cache"):
         model._reset_stateful_cache()
     for t in timesteps:
-        before = probe.calls
         e2e.sync()
         start = time.perf_counter()
         with torch.no_grad():
@@ -178,29 +198,40 @@ def run_steps(model: torch.nn.Module, inputs: list[dict], timesteps: torch.Tenso
                 with model.cache_context(branch):
                     model(timestep=t.reshape(1).to(e2e.DEVICE), return_dict=False, **kwargs)
         e2e.sync()
-        rows.append((time.perf_counter() - start, probe.calls > before))
-    return rows
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def fifty_step_seconds(rows: list[tuple[float, bool]], warmup: int, patched: bool) -> tuple[float, int, int]:
-    """Total of a timed run with the first step of each kind replaced by its kind's median; (total, computed, warm)."""
+def fifty_step_seconds(times: list[float], computed: list[bool], warmup: int, patched: bool) -> tuple[float, int]:
+    """Total of a timed run with the first step of each kind (computed or reused, dense or sparse) replaced by the
+    median of its kind: that step compiles and builds layouts. Returns (total, steps replaced)."""
     kinds: dict[tuple[bool, bool], list[int]] = {}
-    for i, (_, computed) in enumerate(rows):
-        kinds.setdefault((computed, patched and i >= warmup), []).append(i)
-    times = [s for s, _ in rows]
+    for i, c in enumerate(computed):
+        kinds.setdefault((c, patched and i >= warmup), []).append(i)
+    times = list(times)
     warm = 0
     for idx in kinds.values():
         if len(idx) > 1:
             times[idx[0]] = statistics.median(times[i] for i in idx[1:])
             warm += 1
-    return sum(times), sum(c for _, c in rows), warm
+    return sum(times), warm
+
+
+def _graphs() -> int:
+    """Graphs dynamo compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
 def speed_part(args: argparse.Namespace, results: dict) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch._dynamo.config.recompile_limit = 64  # cases add and remove hooks: each combination compiles once
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    # Cases add and remove hooks, and diffusers' cache hooks are per-block objects that dynamo guards on: each
+    # (case, block) compiles once (about one graph per block per cache; measured on the CPU). A low limit would
+    # silently run the later blocks eagerly and understate the cached cases.
+    torch._dynamo.config.recompile_limit = 4096
+    torch._dynamo.config.accumulated_recompile_limit = 65536
     model, inputs = e2e.build(args.model)
     F_, H_, W_ = e2e.grid_of(args.model)
     heads, layers = model.config.num_attention_heads, model.config.num_layers
@@ -211,16 +242,14 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
     sparse = sparse_configs(args.sparse, geometry, heads, layers, args.block)
     if args.compile:
         model.compile_repeated_blocks(fullgraph=False)
-    probe = ComputedProbe(model.blocks[-1].ffn)
     rows: list[dict] = []
     results["speed"] = {"model": args.model, "tokens": geometry.seq_len, "steps": args.steps, "warmup": args.warmup,
                         "compiled": args.compile, "sparse": {k: round(v[1], 4) for k, v in sparse.items()}, "rows": rows}
 
     def reps_time(cache_ctx: Any, n: int) -> float:
         with cache_ctx:
-            run_steps(model, inputs, timesteps[:2], probe)  # compile, layouts
-            e2e.sync()
-            return statistics.median(s for s, _ in run_steps(model, inputs, timesteps[: n], probe))
+            run_steps(model, inputs, timesteps[:2])  # compile, layouts
+            return statistics.median(run_steps(model, inputs, timesteps[:n]))
 
     # dense and sparse alone: constant step kinds
     torch.cuda.reset_peak_memory_stats() if e2e.DEVICE == "cuda" else None
@@ -244,20 +273,26 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
         for name in [None, *sparse]:
             kw = sparse[name][0] if name else None
             torch.cuda.reset_peak_memory_stats() if e2e.DEVICE == "cuda" else None
+            graphs, wall = _graphs(), time.perf_counter()
             try:
                 with case(model, cache, kw, args):
-                    timed = run_steps(model, inputs, timesteps, probe)
+                    timed = run_steps(model, inputs, timesteps)
                     stats = sparse_dit.patch_state(model).stats if name else None
             except Exception as err:  # keep going: one failing case must not lose the others
                 log(f"{label(cache, name)}: FAILED {type(err).__name__}: {err}")
                 rows.append(dict(case=label(cache, name), error=f"{type(err).__name__}: {err}"))
                 continue
             peak = torch.cuda.max_memory_allocated() if e2e.DEVICE == "cuda" else 0
-            total, computed, warm = fifty_step_seconds(timed, args.warmup, name is not None)
+            kinds = [computes(cache, i, args) for i in range(len(timed))]
+            total, warm = fifty_step_seconds(timed, kinds, args.warmup, name is not None)
+            computed = sum(kinds)
             row = dict(case=label(cache, name), total_s=total, speedup=dense_total / total, computed=computed, warm_steps=warm,
-                       peak_gib=peak / 2**30, step_s_list=[round(s, 4) for s, _ in timed])
-            if stats:
+                       peak_gib=peak / 2**30, step_s_list=[round(s, 4) for s in timed], new_graphs=_graphs() - graphs,
+                       wall_s=round(time.perf_counter() - wall, 1))
+            if stats:  # sparse-dit's own count checks the schedule: the layers of every reused step were skipped
                 row.update(sparse_calls=stats["sparse_calls"], dense_calls=stats["dense_calls"], skipped_calls=stats["skipped_calls"])
+                per_step = (layers - 1 if cache == "fbc" else layers) * len(inputs)  # FirstBlockCache runs the first block
+                row["schedule_confirmed"] = stats["skipped_calls"] == (args.steps - computed) * per_step
             rows.append(row)
             log(f"{row['case']}: computed {computed}/{args.steps} steps, {total:.1f} s ({dense_total / total:.2f}x), "
                 f"peak {peak / 2**30:.2f} GiB")
@@ -266,7 +301,6 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
         parts = r["case"].split("+")
         if len(parts) == 2 and alone.get(parts[1]):
             r["peak_vs_cache_alone"] = r["peak_gib"] / alone[parts[1]]
-    probe.handle.remove()
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -314,6 +348,7 @@ def quality_part(args: argparse.Namespace, results: dict) -> None:
             finite = [x[0] for x in per if math.isfinite(x[0])]
             row = dict(case=label(cache, name), psnr_mean=sum(finite) / len(finite) if finite else math.inf,
                        psnr_min=min(x[0] for x in per), ssim_mean=sum(x[1] for x in per) / len(per), computed=per[0][2],
+                       schedule_computed=sum(computes(cache, i, args) for i in range(args.steps)),
                        psnr_per_clip=[round(x[0], 2) for x in per])
             rows.append(row)
             log(f"quality {row['case']}: PSNR {row['psnr_mean']:.2f} dB (min {row['psnr_min']:.2f}), SSIM {row['ssim_mean']:.4f}, "

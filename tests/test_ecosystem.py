@@ -451,24 +451,30 @@ def test_ecosystem_benchmark_runs_on_cpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "ecosystem.py"
-    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--quick", "--model", "tiny", "--no-compile", "--steps", "8",
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--parts", "speed,quality", "--sparse", "tile",
+           "--quality-sparse", "tile", "--model", "tiny", "--no-compile", "--steps", "8",
            "--warmup", "2", "--reps", "1", "--frames", "3", "--height", "32", "--width", "48", "--clips", "1", "--block", "16"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "ecosystem.json").read_text())
     speed = {r["case"]: r for r in results["speed"]["rows"]}
-    assert list(speed) == ["dense", "tile", "fbc", "tile+fbc", "magcache", "tile+magcache"]
+    assert list(speed) == ["dense", "tile", "fbc", "tile+fbc", "taylorseer", "tile+taylorseer", "magcache", "tile+magcache"]
     assert not any("error" in r for r in speed.values())
-    # FirstBlockCache: steps 0, 1 (warm-up), then every 2nd: 2, 4, 6; MagCache: 0, 1, then 1 computed per 3: 4, 7
+    # FirstBlockCache: steps 0, 1 (warm-up), then every 2nd: 2, 4, 6; MagCache: 0, 1, then 1 computed per 3: 4, 7;
+    # TaylorSeer: 0, 1, then every 3rd from warm-up + 1: 3, 6
     assert speed["fbc"]["computed"] == speed["tile+fbc"]["computed"] == 5
     assert speed["magcache"]["computed"] == speed["tile+magcache"]["computed"] == 4
-    for name in ("tile+fbc", "tile+magcache"):
+    assert speed["taylorseer"]["computed"] == speed["tile+taylorseer"]["computed"] == 4
+    for name in ("tile+fbc", "tile+taylorseer", "tile+magcache"):
         r = speed[name]
-        assert r["skipped_calls"] > 0 and r["sparse_calls"] > 0
+        assert r["skipped_calls"] > 0 and r["sparse_calls"] > 0 and r["schedule_confirmed"]
         assert r["dense_calls"] == 2 * 2 * 2  # warm-up steps x CFG calls x layers
     quality = {r["case"]: r for r in results["quality"]["rows"]}
-    assert set(quality) == {"tile", "fbc", "tile+fbc", "magcache", "tile+magcache"}
+    assert set(quality) == {"tile", "fbc", "tile+fbc", "taylorseer", "tile+taylorseer", "magcache", "tile+magcache"}
     assert all(r["ssim_mean"] <= 1.0 for r in quality.values())
+    # the schedule the speed part reads its step kinds from is what diffusers' hooks did (counted eagerly)
+    assert all(r["computed"] == r["schedule_computed"] for r in quality.values()), quality
+    assert (quality["fbc"]["computed"], quality["taylorseer"]["computed"], quality["magcache"]["computed"]) == (5, 4, 4)
     assert "| tile+magcache |" in (tmp_path / "ecosystem.md").read_text()
 
 
