@@ -23,7 +23,11 @@ Robustness rules (issue 13):
 - gradient checkpointing: a forward run with grad enabled records each attention call's decision (dense or the exact
   layout) on the autograd graph of its output; a recomputation in backward replays it, so the recomputed forward is
   the original one, also for dynamic patterns;
-- the Triton kernel is forward-only: a call that needs gradients runs the differentiable reference with one warning.
+- the Triton kernel is forward-only: a call that needs gradients runs the differentiable reference with one warning;
+- step caches (diffusers' cache hooks, cache-dit) wrap ``forward`` of blocks or attention modules, inside the torch
+  hooks sparse-dit uses, so the two compose in either order; a layer a cache skipped is counted in
+  ``stats["skipped_calls"]`` (not as dense, and without the "no patched attention layer ran" warning), and the step
+  clock still ticks once per transformer call from its timestep.
 """
 
 from __future__ import annotations
