@@ -1,8 +1,9 @@
 """sparse-dit stacked with diffusers' step caches: 50-step speed on Wan2.1-1.3B 480p shapes and quality on the
 reference model (GPU).
 
-    python3 benchmarks/ecosystem.py --out $OUT                      # both parts, about 6 min on an H200
-    python3 benchmarks/ecosystem.py --out $OUT --parts speed        # or quality, offload; --quick: fewer cases, clips
+    python3 benchmarks/ecosystem.py --out $OUT --parts speed            # about 5-7 min on an H200 (compiles included)
+    python3 benchmarks/ecosystem.py --out $OUT --parts quality,offload  # about 2-3 min
+    python3 benchmarks/ecosystem.py --out $OUT                          # all three parts (may pass 10 min); --quick: fewer
 
 Cases: dense; sparse (``--sparse`` for the speed part, ``--quality-sparse`` for the quality part: ``tile`` at 10%
 density, ``mix`` = the reference model's 20%-density profile, carried to Wan's heads as benchmarks/e2e.py does for
@@ -470,7 +471,7 @@ def to_markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for ecosystem.json and ecosystem.md")
+    p.add_argument("--out", required=True, help="folder for ecosystem.json/.md (ecosystem_<parts>.json/.md for a selection)")
     p.add_argument("--parts", default="speed,quality,offload", help="comma-separated: speed, quality, offload")
     p.add_argument("--quick", action="store_true", help="tile only, FirstBlockCache and MagCache, 2 clips")
     p.add_argument("--model", default="wan1.3b-480p", help=f"speed part model shapes (benchmarks/e2e.py): {', '.join(e2e.CONFIGS)}")
@@ -512,15 +513,18 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": {"warmup": args.warmup, "fbc_every": args.fbc_every, "taylor_interval": args.taylor_interval, "mag_k": args.mag_k},
     }}
 
+    # one run per part selection: ecosystem.md for all parts, ecosystem_speed.md etc. for a selection
+    stem = "ecosystem" if set(args.parts) == {"speed", "quality", "offload"} else "ecosystem_" + "_".join(args.parts)
+
     def write() -> None:
         results["meta"]["seconds"] = round(time.perf_counter() - start, 1)
-        (out / "ecosystem.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / "ecosystem.md").write_text(to_markdown(results) + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(to_markdown(results) + "\n")
 
     for part in args.parts:
         {"speed": speed_part, "quality": quality_part, "offload": offload_part}[part](args, results)
         write()
-    log(f"wrote {out / 'ecosystem.md'} in {time.perf_counter() - start:.0f} s")
+    log(f"wrote {out / (stem + '.md')} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

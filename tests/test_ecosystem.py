@@ -456,7 +456,7 @@ def test_ecosystem_benchmark_runs_on_cpu(tmp_path):
            "--warmup", "2", "--reps", "1", "--frames", "3", "--height", "32", "--width", "48", "--clips", "1", "--block", "16"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "ecosystem.json").read_text())
+    results = json.loads((tmp_path / "ecosystem_speed_quality.json").read_text())
     speed = {r["case"]: r for r in results["speed"]["rows"]}
     assert list(speed) == ["dense", "tile", "fbc", "tile+fbc", "taylorseer", "tile+taylorseer", "magcache", "tile+magcache"]
     assert not any("error" in r for r in speed.values())
@@ -475,7 +475,7 @@ def test_ecosystem_benchmark_runs_on_cpu(tmp_path):
     # the schedule the speed part reads its step kinds from is what diffusers' hooks did (counted eagerly)
     assert all(r["computed"] == r["schedule_computed"] for r in quality.values()), quality
     assert (quality["fbc"]["computed"], quality["taylorseer"]["computed"], quality["magcache"]["computed"]) == (5, 4, 4)
-    assert "| tile+magcache |" in (tmp_path / "ecosystem.md").read_text()
+    assert "| tile+magcache |" in (tmp_path / "ecosystem_speed_quality.md").read_text()
 
 
 @pytest.mark.parametrize("cache", ["first-block", "magcache"])
