@@ -23,7 +23,11 @@ Robustness rules (issue 13):
 - gradient checkpointing: a forward run with grad enabled records each attention call's decision (dense or the exact
   layout) on the autograd graph of its output; a recomputation in backward replays it, so the recomputed forward is
   the original one, also for dynamic patterns;
-- the Triton kernel is forward-only: a call that needs gradients runs the differentiable reference with one warning.
+- the Triton kernel is forward-only: a call that needs gradients runs the differentiable reference with one warning;
+- step caches (diffusers' cache hooks, cache-dit) wrap ``forward`` of blocks or attention modules, inside the torch
+  hooks sparse-dit uses, so the two compose in either order; a layer a cache skipped is counted in
+  ``stats["skipped_calls"]`` (not as dense, and without the "no patched attention layer ran" warning), and the step
+  clock still ticks once per transformer call from its timestep.
 """
 
 from __future__ import annotations
@@ -431,6 +435,9 @@ class PatchState:
     sparse_calls: int = 0
     dense_calls: int = 0
     recomputed_calls: int = 0
+    # self-attention layer calls a step cache (diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB, FasterCache,
+    # cache-dit) skipped: the layer's output came from the cache, so neither sparse nor dense attention ran
+    skipped_calls: int = 0
     dense_reasons: dict[str, int] = field(default_factory=dict)
     # summed on the device without a host sync per call; read through `stats`
     density_total: torch.Tensor | float = 0.0
@@ -519,7 +526,8 @@ class PatchState:
     @property
     def stats(self) -> dict[str, Any]:
         """Self-attention calls so far: sparse and dense (with the reason of each dense one), the summed density of
-        the sparse ones, and the calls recomputed in backward (gradient checkpointing; not counted again)."""
+        the sparse ones, the calls a step cache skipped, and the calls recomputed in backward (gradient
+        checkpointing; not counted again)."""
         with self._lock:
             total = float(self.density_total)
             return {
@@ -529,6 +537,7 @@ class PatchState:
                 "mean_density": total / self.sparse_calls if self.sparse_calls else 1.0,
                 "dense_reasons": dict(self.dense_reasons),
                 "recomputed_calls": self.recomputed_calls,
+                "skipped_calls": self.skipped_calls,
             }
 
     def warn_once(self, key: str, message: str) -> None:
@@ -547,6 +556,7 @@ class PatchState:
     def on_transformer_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         clear_stale_interceptors()
         self._local.entered = 0
+        self._local.ran = set()  # layers whose attention ran in this call (sparse, dense or bypassed)
         if _in_backward():  # a checkpointed forward recomputed: replay, and leave the clock alone
             self._local.context = CallContext(info=None, replay=True)
             return
@@ -589,7 +599,13 @@ class PatchState:
 
     def exit_layer(self, layer: int, module: torch.nn.Module) -> None:
         ctx = self.context
-        if ctx is not None and not ctx.replay and self._thread("sdpa_calls", dict).get(layer, 1) == 0:
+        if ctx is None or ctx.replay:
+            return
+        calls = self._thread("sdpa_calls", dict).get(layer, 1)
+        if calls == 0 and _cache_may_skip(module):
+            return  # a step cache (PAB, FasterCache, TaylorSeer on attention) returned this call's output: skipped
+        self._thread("ran", set).add(layer)
+        if calls == 0:
             # the processor never reached scaled_dot_product_attention (a custom processor, or one with its
             # own attention): this call was dense, whatever the plan
             self._count_dense(REASON_BYPASS)
@@ -816,6 +832,27 @@ class PatchState:
         return padded
 
     # ----------------------------------------------------------------------------------- attend
+    def end_call(self, transformer: torch.nn.Module) -> None:
+        """After a transformer call: count the layers a step cache skipped; warn once when no patched layer ran and
+        no step cache explains it (compiled code that bypasses the hooks)."""
+        ran = getattr(self._local, "ran", None)
+        missing = len(self.modules) - (len(ran) if ran is not None else 0)
+        if missing <= 0:
+            return
+        if _step_cache_on(transformer):
+            with self._lock:
+                self.skipped_calls += missing
+            return
+        if not getattr(self._local, "entered", 0):
+            # Never silently dense: code compiled and run before `patch` does not call hooks added later
+            # when the processors read no `_attention_backend` for the pin to change (CogVideoX, SD3).
+            self.warn_once(
+                "not-entered",
+                f"sparse-dit: no patched attention layer ran in this {type(transformer).__name__} call, so its attention "
+                "was dense. If the model was compiled and run before sparse_dit.patch, torch.compile is reusing code "
+                "that skips sparse-dit's hooks: call torch.compiler.reset() after patching, or patch before compiling.",
+            )
+
     def _count_dense(self, reason: str) -> None:
         with self._lock:
             self.dense_calls += 1
@@ -931,6 +968,29 @@ class PatchState:
 
 _MISSING = object()
 _NO_BACKEND = object()  # marks a processor without diffusers' `_attention_backend` setting
+
+
+# diffusers hook modules whose `new_forward` always runs the module (they cast, offload or split; they never skip)
+_NON_SKIPPING_HOOKS = ("layerwise_casting", "group_offloading", "context_parallel")
+
+
+def _cache_may_skip(module: torch.nn.Module) -> bool:
+    """Whether a step cache can return ``module``'s output without running it: a diffusers hook (FirstBlockCache,
+    TaylorSeer, MagCache, PyramidAttentionBroadcast, FasterCache, ...) that replaces its forward."""
+    registry = module.__dict__.get("_diffusers_hook")
+    hooks = getattr(registry, "hooks", None) or {}
+    return any(
+        hasattr(hook, "new_forward") and type(hook).__module__.rsplit(".", 1)[-1] not in _NON_SKIPPING_HOOKS
+        for hook in hooks.values()
+    )
+
+
+def _step_cache_on(transformer: torch.nn.Module) -> bool:
+    """Whether a step cache is installed on ``transformer``: a skipping diffusers hook on it or any submodule, or
+    cache-dit (which marks the transformers it caches with ``_is_cached``)."""
+    if transformer.__dict__.get("_is_cached"):
+        return True
+    return any(_cache_may_skip(m) for m in transformer.modules())
 
 
 def _in_order(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -1097,16 +1157,8 @@ def _transformer_post(module: torch.nn.Module, output: Any) -> None:
         return
     replay = state.context is not None and state.context.replay
     state.on_transformer_done(output)
-    entered = getattr(state._local, "entered", 0)
-    if not entered and not replay and sys.exc_info()[0] is None:  # (not when forward raised)
-        # Never silently dense: code compiled and run before `patch` does not call hooks added later
-        # when the processors read no `_attention_backend` for the pin to change (CogVideoX, SD3).
-        state.warn_once(
-            "not-entered",
-            f"sparse-dit: no patched attention layer ran in this {type(module).__name__} call, so its attention "
-            "was dense. If the model was compiled and run before sparse_dit.patch, torch.compile is reusing code "
-            "that skips sparse-dit's hooks: call torch.compiler.reset() after patching, or patch before compiling.",
-        )
+    if not replay and sys.exc_info()[0] is None:  # (not when forward raised)
+        state.end_call(module)
 
 
 def _attention_pre_hook(module: torch.nn.Module, args: tuple) -> None:
