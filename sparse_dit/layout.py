@@ -630,21 +630,45 @@ class Layout:
             rows = torch.where((rows >= self.dense_q[0]) & (rows < self.dense_q[1]), -1, rows)
         return rows
 
-    def row_key_mask(self, l: int, h: int, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), S) bool: which original keys the original query tokens ``rows`` of (l, h) attend."""
-        rows = rows.long()
+    def rows_key_mask(self, l: int, rows: torch.Tensor) -> torch.Tensor:
+        """(H, len(rows), S) bool: which original keys the original query tokens ``rows`` attend, every head of
+        batch element ``l`` at once (the profiler's sampled rows). No host synchronisation; memory H x rows x S."""
+        rows = rows.long().to(self.device)
+        H, S, K = self.heads, self.seq_len, self.kv_order_len
+        n = rows.numel()
         if self.q_perm is None:
-            blocks = rows // self.block_q
+            blocks = (rows // self.block_q).expand(H, n)
         else:
-            position = torch.full((self.seq_len,), -1, dtype=torch.long, device=self.device)
-            perm = self.q_perm[l, h].long()
-            keep = perm >= 0
-            position[perm[keep]] = torch.arange(perm.numel(), device=self.device)[keep]
-            blocks = position[rows] // self.block_q
-        unique, inverse = torch.unique(blocks.clamp(min=0), return_inverse=True)
-        mask = self.key_mask(l, h, unique)[inverse]
+            perm = self.q_perm[l].long()  # (H, Lq)
+            position = torch.full((H, S + 1), -1, dtype=torch.long, device=self.device)
+            slots = torch.arange(perm.shape[-1], device=self.device).expand(H, -1)
+            position.scatter_(1, torch.where(perm >= 0, perm, S), slots)  # padded slots land in the spare column
+            blocks = position[:, rows] // self.block_q
+        blocks = blocks.clamp(min=0)  # rows the permutation leaves out: as the kernel, they take block 0's keys
+        count = self.kv_count[l].long().gather(1, blocks)  # (H, n)
+        G = self.kv_start.shape[-1]
+        idx = blocks[..., None].expand(H, n, G)
+        starts = self.kv_start[l].long().gather(1, idx)  # (H, n, G)
+        ends = self.kv_end[l].long().gather(1, idx)
+        used = torch.arange(G, device=self.device) < count[..., None]
+        ones = used.to(torch.int32)
+        diff = torch.zeros(H, n, K + 1, dtype=torch.int32, device=self.device)
+        diff.scatter_add_(2, torch.where(used, starts, K), ones)
+        diff.scatter_add_(2, torch.where(used, ends, K), -ones)
+        in_order = diff[..., :K].cumsum(-1) > 0
+        del diff
+        if self.kv_perm is None:
+            mask = in_order
+        else:
+            perm = self.kv_perm[l].long()  # (H, K) original key at each permuted slot, -1 for padding
+            target = torch.where(perm >= 0, perm, S)[:, None, :].expand(H, n, K)
+            mask = torch.zeros(H, n, S + 1, dtype=torch.bool, device=self.device)
+            mask.scatter_(2, target, in_order)
+            mask = mask[..., :S]
+        if self.text_kv is not None:
+            mask[..., self.text_kv[0] : self.text_kv[1]] = True
         if self.dense_q is not None:
-            mask[(rows >= self.dense_q[0]) & (rows < self.dense_q[1])] = True
+            mask[:, (rows >= self.dense_q[0]) & (rows < self.dense_q[1])] = True
         return mask
 
     def to_dense_mask(self, seq_len: int | None = None) -> torch.Tensor:

@@ -294,7 +294,7 @@ class _Observer:
                 if stats.candidates[c].name == "dense":
                     continue
                 l = b if lay.batch > 1 else 0
-                mask = torch.stack([lay.row_key_mask(l, h, rows) for h in range(H)])  # (H, n, S)
+                mask = lay.rows_key_mask(l, rows)  # (H, n, S)
                 p = probs * mask
                 kept = p.sum(-1, keepdim=True)
                 out = torch.einsum("hns,hsd->hnd", p, vb) / kept.clamp(min=1e-30)
