@@ -145,8 +145,9 @@ def test_version_1_profile_still_loads_and_transfers():
     v1 = Profile.load(DATA / "reference_v1.json")
     assert json.loads((DATA / "reference_v1.json").read_text())["version"] == 1
     assert v1.grid == (16, 12, 12) and v1.more_grids == []
-    shipped = Profile.coerce("reference")
-    assert [[[c.spec for c in layer] for layer in b] for b in v1.plan] == [[[c.spec for c in layer] for layer in b] for b in shipped.plan]
+    raw = json.loads((DATA / "reference_v1.json").read_text())["plan"]
+    assert [[[(c.spec.name, c.density) for c in layer] for layer in b] for b in v1.plan] == \
+        [[[(h["pattern"], h["density"]) for h in layer] for layer in b["layers"]] for b in raw]
     plan = plan_for_grid(v1, (16, 16, 16), 16)
     assert not plan.far and len(plan.plan) == len(v1.buckets) and len(plan.plan[0]) == v1.layers
 
