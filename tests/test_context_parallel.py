@@ -26,11 +26,11 @@ TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _wan():
+def _wan(heads: int = 4, grid: tuple[int, int, int] = (4, 8, 8)):
     from conftest import make_wan_transformer, wan_inputs
 
-    model = make_wan_transformer(heads=4, head_dim=16, layers=2)
-    x, t, text = wan_inputs(frames=4, height=8, width=8)  # 256 video tokens
+    model = make_wan_transformer(heads=heads, head_dim=16, layers=2)
+    x, t, text = wan_inputs(frames=grid[0], height=grid[1], width=grid[2])  # 256 video tokens by default
     return model, dict(hidden_states=x, timestep=t, encoder_hidden_states=text)
 
 
@@ -126,6 +126,19 @@ def _worker(out_path: str) -> None:
             sparse_dit.patch(model, **_patches()["tile"], **common)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
             r["patch_then_enable_tile_vs_one"] = float((_run(model, kw) - refs["tile"]).abs().max())
+
+        # ulysses_anything: 3 heads over 2 ranks (rank 0 attends heads 0-1, rank 1 head 2); an even sequence (100
+        # tokens): diffusers gathers uneven shards with an all_gather that gloo refuses
+        r = res["anything"] = {}
+        tile = _patches()["tile"]
+        single, kw = _wan(heads=3, grid=(4, 5, 5))
+        sparse_dit.patch(single, **tile, backend="reference", block_size=16)
+        ref = _run(single, kw)
+        model, _ = _wan(heads=3, grid=(4, 5, 5))
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=True))
+        sparse_dit.patch(model, **tile, backend="reference", block_size=16)
+        r["tile_cp_vs_one"] = float((_run(model, kw) - ref).abs().max())
+        r["head_range"] = sparse_dit.patch_state(model).stats["head_range"]
 
         # ring attention: refused at patch time, and at the first call when enabled after patching
         model, kw = _wan()
@@ -224,6 +237,12 @@ def test_patch_then_enable_parallelism(ranks, family):
         assert res[family]["patch_then_enable_tile_vs_one"] <= TOL
 
 
+def test_ulysses_anything_uneven_heads_and_sequence(ranks):
+    assert [res["anything"]["head_range"] for res in ranks] == [[0, 2], [2, 3]]
+    for res in ranks:
+        assert res["anything"]["tile_cp_vs_one"] <= TOL
+
+
 def test_ring_attention_is_refused(ranks):
     for res in ranks:
         for key in ("ring_patch", "ring_call"):
@@ -234,3 +253,46 @@ def test_ring_attention_is_refused(ranks):
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     _worker(sys.argv[1])
+
+
+# ------------------------------------------------------------------------------------- single-process units
+def test_unified_ulysses_and_ring_is_refused_too():
+    from diffusers import ContextParallelConfig
+
+    from sparse_dit.context_parallel import check_parallel_config
+
+    with pytest.raises(ValueError, match="ring attention"):
+        check_parallel_config(ContextParallelConfig(ulysses_degree=2, ring_degree=2))
+    check_parallel_config(ContextParallelConfig(ulysses_degree=4))  # Ulysses alone is served
+    check_parallel_config(None)
+
+
+def test_head_slices_follow_diffusers_ulysses():
+    from sparse_dit.context_parallel import UlyssesSlice
+
+    assert [UlyssesSlice(r, 4).heads(40) for r in range(4)] == [(0, 10), (10, 20), (20, 30), (30, 40)]
+    # ulysses_anything pads 30 heads to 32 over 8 ranks: 4 per rank, the last rank drops 2 padded heads
+    assert [UlyssesSlice(r, 8).heads(30) for r in (0, 6, 7)] == [(0, 4), (24, 28), (28, 30)]
+    assert UlyssesSlice(0, 2).split(75) == [38, 37]
+
+
+def test_gathered_positions_of_a_joint_sequence():
+    from sparse_dit.context_parallel import UlyssesSlice, gathered_positions
+
+    # [text 4, image 6] over 2 ranks: the gathered sequence is [t0 t1 i0 i1 i2 | t2 t3 i3 i4 i5]
+    pos = gathered_positions([4, 6], UlyssesSlice(0, 2))
+    text = torch.arange(4)
+    image = torch.arange(4, 10)
+    gathered = torch.cat([text[:2], image[:3], text[2:], image[3:]])
+    assert torch.equal(gathered[pos], torch.arange(10))  # reading the gathered sequence at pos gives single-device order
+    assert torch.equal(gathered_positions([10], UlyssesSlice(1, 2)), torch.arange(10))
+
+
+def test_sum_stats_adds_ranks():
+    from sparse_dit.context_parallel import sum_stats
+
+    a = {"sparse_calls": 4, "dense_calls": 1, "density_sum": 1.0, "dense_reasons": {"dense pattern": 1}}
+    b = {"sparse_calls": 4, "dense_calls": 2, "density_sum": 2.0, "dense_reasons": {"dense pattern": 1, "causal": 1}}
+    s = sum_stats([a, b])
+    assert s["sparse_calls"] == 8 and s["dense_calls"] == 3 and s["mean_density"] == pytest.approx(3.0 / 8)
+    assert s["dense_reasons"] == {"dense pattern": 2, "causal": 1}
