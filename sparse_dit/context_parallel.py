@@ -193,47 +193,40 @@ def balance_choices(
     choice: (..., H) long candidate per head; errors, densities, costs: (..., H, C). Greedy per layer: while the most
     expensive slice can be made cheaper, take the swap between a head of it and a head of the cheapest slice that
     lowers the max slice cost most per unit of added error; a layer's summed error may grow by at most
-    ``max_error_increase`` (relative), its density not at all. Returns the new choice (same shape)."""
-    C = errors.shape[-1]
-    H = choice.shape[-1]
-    flat_choice = choice.reshape(-1, H).clone()
+    ``max_error_increase`` (relative), its summed density not at all. Returns the new choice (same shape)."""
+    H, C = errors.shape[-2:]
+    flat = choice.reshape(-1, H).clone()
     e, d, c = (t.reshape(-1, H, C).double() for t in (errors, densities, costs))
     slices = [UlyssesSlice(r, degree).heads(H) for r in range(degree)]
-    for i in range(flat_choice.shape[0]):
-        ch = flat_choice[i]
-        heads = torch.arange(H)
-        err0 = float(e[i, heads, ch].sum())
-        dens0 = float(d[i, heads, ch].sum())
+    heads = torch.arange(H)
+    for i in range(flat.shape[0]):
+        ch = flat[i]
+        err0, dens0 = float(e[i, heads, ch].sum()), float(d[i, heads, ch].sum())
+        err_now, dens_now = err0, dens0
         for _ in range(max_swaps):
-            cost = c[i, heads, ch]
-            per_rank = torch.stack([cost[a:b].sum() for a, b in slices])
+            own = c[i, heads, ch]
+            per_rank = torch.stack([own[a:b].sum() for a, b in slices])
             hi, lo = int(per_rank.argmax()), int(per_rank.argmin())
             if float(per_rank[hi] - per_rank[lo]) < 1e-9:
                 break
-            best = None
-            for a in range(*slices[hi]):
-                for b in range(*slices[lo]):
-                    ca, cb = int(ch[a]), int(ch[b])
-                    if ca == cb:
-                        continue
-                    new_hi = float(per_rank[hi] - c[i, a, ca] + c[i, a, cb])
-                    new_lo = float(per_rank[lo] - c[i, b, cb] + c[i, b, ca])
-                    others = [float(per_rank[r]) for r in range(degree) if r not in (hi, lo)]
-                    new_max = max([new_hi, new_lo, *others])
-                    gain = float(per_rank.max()) - new_max
-                    if gain <= 1e-9:
-                        continue
-                    trial = ch.clone()
-                    trial[a], trial[b] = cb, ca
-                    err = float(e[i, heads, trial].sum())
-                    dens = float(d[i, heads, trial].sum())
-                    if dens > dens0 + 1e-9 or err > err0 * (1 + max_error_increase) + 1e-12:
-                        continue
-                    score = gain / max(err - float(e[i, heads, ch].sum()), 1e-9)
-                    if best is None or score > best[0]:
-                        best = (score, trial)
-            if best is None:
+            A, B = torch.arange(*slices[hi]), torch.arange(*slices[lo])
+            ca, cb = ch[A], ch[B]  # current choices of the two slices' heads
+            # swapping head a (slice hi) and head b (slice lo): a takes b's choice and b takes a's
+            new_hi = per_rank[hi] - c[i, A, ca][:, None] + c[i, A[:, None], cb[None, :]]
+            new_lo = per_rank[lo] - c[i, B, cb][None, :] + c[i, B[None, :], ca[:, None]]
+            others = [float(per_rank[r]) for r in range(degree) if r not in (hi, lo)]
+            new_max = torch.maximum(new_hi, new_lo).clamp(min=max(others, default=0.0))
+            gain = per_rank[hi] - new_max
+            d_err = e[i, A[:, None], cb[None, :]] + e[i, B[None, :], ca[:, None]] - e[i, A, ca][:, None] - e[i, B, cb][None, :]
+            d_dens = d[i, A[:, None], cb[None, :]] + d[i, B[None, :], ca[:, None]] - d[i, A, ca][:, None] - d[i, B, cb][None, :]
+            ok = (gain > 1e-9) & (ca[:, None] != cb[None, :]) & (dens_now + d_dens <= dens0 + 1e-9)
+            ok &= err_now + d_err <= err0 * (1 + max_error_increase) + 1e-12
+            if not bool(ok.any()):
                 break
-            ch = best[1]
-        flat_choice[i] = ch
-    return flat_choice.reshape(choice.shape)
+            score = torch.where(ok, gain / d_err.clamp(min=1e-9), torch.full_like(gain, -1.0))
+            a, b = divmod(int(score.argmax()), len(B))
+            err_now += float(d_err[a, b])
+            dens_now += float(d_dens[a, b])
+            ch[A[a]], ch[B[b]] = int(cb[b]), int(ca[a])
+        flat[i] = ch
+    return flat.reshape(choice.shape)

@@ -296,3 +296,81 @@ def test_sum_stats_adds_ranks():
     s = sum_stats([a, b])
     assert s["sparse_calls"] == 8 and s["dense_calls"] == 3 and s["mean_density"] == pytest.approx(3.0 / 8)
     assert s["dense_reasons"] == {"dense pattern": 2, "causal": 1}
+
+
+def _lopsided_profile():
+    """2 layers x 4 heads: heads 0-1 (rank 0 of 2) dense, heads 2-3 (rank 1) tile at density 0.2."""
+    from sparse_dit import PatternSpec
+    from sparse_dit.profile import HeadChoice, Profile
+    from sparse_dit.profiler import DEFAULT_COST_MODEL
+
+    dense, tile = HeadChoice(PatternSpec("dense"), 0.0, 1.0), HeadChoice(PatternSpec("tile", window=(1, 2, 2)), 0.05, 0.2)
+    header = {"model_class": "WanTransformer3DModel", "layers": 2, "heads": 4, "head_dim": 16, "dense_above": 1.0,
+              "block_size": 16, "cost_model": DEFAULT_COST_MODEL}
+    return Profile(header, [(0.0, 1.0)], [[[dense, dense, tile, tile]] * 2])
+
+
+def test_rank_imbalance_of_a_profile_and_inspect_reports_it(tmp_path, capsys):
+    from sparse_dit.cli import main
+    from sparse_dit.context_parallel import rank_imbalance
+
+    profile = _lopsided_profile()
+    # costs (default table: 1.2 per pair + 0.01 for tile): rank 0 = 2.0, rank 1 = 2 * 0.25 = 0.5; mean 1.25
+    r = rank_imbalance(profile, 2)
+    assert r["mean"] == pytest.approx(1.6) and r["step_slowdown"] == pytest.approx(1.6) and r["worst"][2] == pytest.approx(1.6)
+    assert rank_imbalance(profile, 1)["mean"] == pytest.approx(1.0)
+    # 4 ranks: one head each, costs [1, 1, .25, .25]: max 1 over mean .625
+    assert rank_imbalance(profile, 4)["mean"] == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="degree"):
+        rank_imbalance(profile, 5)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert main(["inspect", str(path), "--ranks", "2"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ranks")]
+    assert len(line) == 1 and "1.600x a balanced split" in line[0]
+
+
+def _costs_table(H: int, err_tile: list[float]):
+    """Candidates [dense, tile 0.2] for H heads: errors (H, 2), densities (H, 2), costs (H, 2)."""
+    errors = torch.tensor([[0.0, e] for e in err_tile], dtype=torch.float64)
+    dens = torch.tensor([[1.0, 0.2]] * H, dtype=torch.float64)
+    return errors, dens, dens.clone()
+
+
+def test_balance_choices_swaps_between_rank_slices_at_equal_density():
+    from sparse_dit.context_parallel import balance_choices, imbalance
+
+    errors, dens, costs = _costs_table(4, [0.1, 0.1, 0.1, 0.1])
+    choice = torch.tensor([0, 0, 1, 1])  # rank 0 dense, rank 1 sparse
+    out = balance_choices(choice, errors, dens, costs, 2)
+    chosen = lambda ch: costs[torch.arange(4), ch]  # noqa: E731
+    assert float(imbalance(chosen(choice), 2)) == pytest.approx(2.0 / 1.2)
+    assert float(imbalance(chosen(out), 2)) == pytest.approx(1.0)
+    assert sorted(out.tolist()) == [0, 0, 1, 1]  # the same choices, moved: density and error unchanged
+    # when the dense heads are the ones sparse attention hurts, swapping would raise the error: nothing moves
+    errors, dens, costs = _costs_table(4, [1.0, 1.0, 0.1, 0.1])
+    assert torch.equal(balance_choices(choice, errors, dens, costs, 2), choice)
+
+
+def test_profiler_balance_ranks_option():
+    from conftest import make_wan_transformer, wan_inputs
+
+    from sparse_dit.context_parallel import rank_imbalance
+    from sparse_dit.profiler import build_profile, calibrate
+
+    model = make_wan_transformer(heads=4, head_dim=16, layers=2, seed=3)
+    x, _, text = wan_inputs(frames=3, height=6, width=8, seed=4)
+
+    def run():
+        with torch.no_grad():
+            for t in (900, 500, 100):
+                model(x, torch.full((1,), t), text)
+
+    stats = calibrate(model, run, block_size=16, query_rows=32, seed=0)
+    plain = build_profile(stats, target_density=0.5, num_buckets=1, dense_fraction=0.0, block_size=16)
+    balanced = build_profile(stats, target_density=0.5, num_buckets=1, dense_fraction=0.0, block_size=16, balance_ranks=2)
+    b = balanced.header["balance"]
+    assert b["ranks"] == 2 and b["imbalance_after"] < b["imbalance_before"]  # 1.108 -> 1.083 on this model
+    assert rank_imbalance(balanced, 2)["mean"] <= rank_imbalance(plain, 2)["mean"] + 1e-9
+    assert balanced.density() <= plain.density() + 1e-9
+    assert balanced.summary["mean_error"] <= plain.summary["mean_error"] * 1.1 + 1e-9
