@@ -374,3 +374,17 @@ def test_profiler_balance_ranks_option():
     assert rank_imbalance(balanced, 2)["mean"] <= rank_imbalance(plain, 2)["mean"] + 1e-9
     assert balanced.density() <= plain.density() + 1e-9
     assert balanced.summary["mean_error"] <= plain.summary["mean_error"] * 1.1 + 1e-9
+
+
+def test_gpu_benchmark_script_parses_its_arguments():
+    import importlib.util
+
+    path = HERE.parent / "benchmarks" / "context_parallel.py"
+    spec = importlib.util.spec_from_file_location("cp_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--models", "wan1.3b-480p,wan14b-720p", "--densities", "0.1,0.2", "--reps", "1"])
+    assert args.models == ["wan1.3b-480p", "wan14b-720p"] and args.densities == [0.1, 0.2] and args.reps == 1
+    for bad in (["--models", "hunyuan-720p"], ["--densities", "0.1,x"], ["--densities", "1.5"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
