@@ -61,8 +61,17 @@ def _cp_config(parallel_config: Any) -> Any:
     return getattr(parallel_config, "context_parallel_config", parallel_config if hasattr(parallel_config, "ring_degree") else None)
 
 
+TP_REFUSED = (
+    "sparse-dit does not support diffusers' tensor parallelism (each rank's attention sees a slice of the heads that "
+    "sparse-dit cannot place yet); use ContextParallelConfig(ulysses_degree=N), or unpatch the model"
+)
+
+
 def check_parallel_config(parallel_config: Any) -> None:
-    """Raise a one-line ValueError for a context-parallel setting sparse-dit cannot serve (ring attention)."""
+    """Raise a one-line ValueError for a parallel setting sparse-dit cannot serve: ring attention (alone or unified
+    with Ulysses) and tensor parallelism."""
+    if getattr(parallel_config, "tensor_parallel_config", None) is not None:
+        raise ValueError(TP_REFUSED)
     cp = _cp_config(parallel_config)
     if cp is not None and int(getattr(cp, "ring_degree", 1) or 1) > 1:
         raise ValueError(RING_REFUSED.format(ring=cp.ring_degree))

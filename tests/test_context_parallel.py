@@ -267,6 +267,18 @@ def test_unified_ulysses_and_ring_is_refused_too():
     check_parallel_config(None)
 
 
+def test_tensor_parallelism_is_refused_at_patch_time():
+    from diffusers.models._modeling_parallel import ParallelConfig, TensorParallelConfig
+
+    import sparse_dit
+
+    model, _ = _wan()
+    model._parallel_config = ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2))  # as enable_parallelism records it
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        sparse_dit.patch(model, pattern="tile")
+    assert not sparse_dit.is_patched(model)
+
+
 def test_head_slices_follow_diffusers_ulysses():
     from sparse_dit.context_parallel import UlyssesSlice
 
