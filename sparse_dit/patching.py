@@ -16,6 +16,11 @@ their state through the module they are called with, so ``copy.deepcopy`` of a p
 a pickled patched model unpickles patched. Per-call state (the call being run, the step clock, dynamic pattern state) is
 per thread, so one patched model can serve several threads.
 
+Under diffusers' Ulysses context parallelism (``enable_parallelism``, before or after `patch`) the interceptor sits
+inside diffusers' native op after the all-to-all: each rank sees the whole sequence for its slice of heads, and
+`PatchState._decide` plans that slice (`sparse_dit.context_parallel`). Ring attention and tensor parallelism are
+refused at `patch` and at the first call.
+
 Robustness rules (issue 13):
 - a call sparse attention cannot serve runs dense and is counted in ``stats["dense_reasons"]``;
 - an exception or ``KeyboardInterrupt`` anywhere in a forward leaves nothing behind: an interceptor whose module

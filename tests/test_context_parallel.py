@@ -23,6 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 WORLD = 2
 TOL = 1e-5
+FAMILIES = ["wan", "flux", "qwen"]  # Wan: video-only self-attention; Flux, QwenImage: joint [text, image]
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -51,6 +52,23 @@ def _flux():
         hidden_states=torch.randn(1, H * W, 4, generator=g), encoder_hidden_states=torch.randn(1, T, 16, generator=g),
         pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3),
         txt_ids=torch.zeros(T, 3),
+    )
+    return model, kw
+
+
+def _qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(  # a padded prompt: 6 real tokens of 8 (the key-padding mask is sharded with the text)
+        hidden_states=torch.randn(1, 80, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+        encoder_hidden_states_mask=torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]]), timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 8, 10)]],
     )
     return model, kw
 
@@ -91,7 +109,7 @@ def _worker(out_path: str) -> None:
 
     res: dict = {}
     try:
-        for family, build in (("wan", _wan), ("flux", _flux)):
+        for family, build in (("wan", _wan), ("flux", _flux), ("qwen", _qwen)):
             r = res[family] = {}
             common = dict(backend="reference", block_size=16)
             single, kw = build()
@@ -200,10 +218,10 @@ def ranks(tmp_path_factory) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["tile", "radial", "profile"])
 def test_sparse_under_ulysses_equals_one_process(ranks, family, name):
-    if (family, name) == ("flux", "radial"):
+    if family != "wan" and name == "radial":
         pytest.skip("radial keeps every key of a query's own frame: dense on one-frame images")
     for res in ranks:
         r = res[family]
@@ -212,7 +230,7 @@ def test_sparse_under_ulysses_equals_one_process(ranks, family, name):
         assert r[f"{name}_cp_second_vs_one"] <= TOL
 
 
-@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_rank_runs_its_own_head_slice(ranks, family):
     heads = 4
     for rank, res in enumerate(ranks):
@@ -224,14 +242,14 @@ def test_each_rank_runs_its_own_head_slice(ranks, family):
     assert all(res[family]["profile_stats"]["sparse_calls"] == 6 for res in ranks)
 
 
-@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_unpatch_under_cp_restores_dense_cp_exactly(ranks, family):
     for res in ranks:
         assert res[family]["unpatch_restores_dense_cp"] is True
         assert res[family]["dense_cp_vs_one"] <= TOL
 
 
-@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patch_then_enable_parallelism(ranks, family):
     for res in ranks:
         assert res[family]["patch_then_enable_tile_vs_one"] <= TOL
