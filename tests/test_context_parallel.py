@@ -138,6 +138,9 @@ def _worker(out_path: str) -> None:
                 r[f"{name}_summed"] = sum_stats(gather_stats(model))["sparse_calls"]
             sparse_dit.unpatch(model)
             r["unpatch_restores_dense_cp"] = bool(torch.equal(_run(model, kw), dense_cp))
+            sparse_dit.patch(model, pattern="dense")
+            r["dense_pattern_is_identity_cp"] = bool(torch.equal(_run(model, kw), dense_cp))
+            sparse_dit.unpatch(model)
 
             # patch, then enable
             model, _ = build()
@@ -157,6 +160,17 @@ def _worker(out_path: str) -> None:
         sparse_dit.patch(model, **tile, backend="reference", block_size=16)
         r["tile_cp_vs_one"] = float((_run(model, kw) - ref).abs().max())
         r["head_range"] = sparse_dit.patch_state(model).stats["head_range"]
+
+        # the profiler refuses to calibrate a context-parallel model (each rank sees a slice of the heads)
+        from sparse_dit.profiler import calibrate
+
+        sparse_dit.unpatch(model)
+        try:
+            calibrate(model, lambda: _run(model, kw), block_size=16, query_rows=16)
+            res["profile_under_cp"] = "no error"
+        except ValueError as err:
+            res["profile_under_cp"] = str(err)
+        res["profile_left_unpatched"] = not sparse_dit.is_patched(model)
 
         # ring attention: refused at patch time, and at the first call when enabled after patching
         model, kw = _wan()
@@ -246,6 +260,7 @@ def test_each_rank_runs_its_own_head_slice(ranks, family):
 def test_unpatch_under_cp_restores_dense_cp_exactly(ranks, family):
     for res in ranks:
         assert res[family]["unpatch_restores_dense_cp"] is True
+        assert res[family]["dense_pattern_is_identity_cp"] is True
         assert res[family]["dense_cp_vs_one"] <= TOL
 
 
@@ -259,6 +274,12 @@ def test_ulysses_anything_uneven_heads_and_sequence(ranks):
     assert [res["anything"]["head_range"] for res in ranks] == [[0, 2], [2, 3]]
     for res in ranks:
         assert res["anything"]["tile_cp_vs_one"] <= TOL
+
+
+def test_profiling_under_cp_is_refused(ranks):
+    for res in ranks:
+        assert "profile on one GPU" in res["profile_under_cp"], res["profile_under_cp"]
+        assert res["profile_left_unpatched"] is True
 
 
 def test_ring_attention_is_refused(ranks):
