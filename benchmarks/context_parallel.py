@@ -8,7 +8,11 @@ bf16 weights, both CFG branches as separate batch-1 calls per step). First every
 own GPU (no communication: the ranks are independent replicas, rank 0's numbers are reported, the others' are kept
 as a check), then ``enable_parallelism(ContextParallelConfig(ulysses_degree=world))`` and the same cases with the
 sequence split over the ranks. Cases: dense, and sparse-dit's tile pattern at each ``--densities`` target (the
-window whose density at this grid is closest, as e2e.py picks it).
+window whose density at this grid is closest, as e2e.py picks it). With ``--balance-demo`` (default) two more cases
+at the first target show what head balance across ranks is worth: the same per-head choices (half the heads tile at
+about half the target, half at about 1.5x), once grouped (the first rank slice gets all the sparse ones: the plan a
+profile can produce when neighbouring heads behave alike) and once interleaved (every slice gets half of each);
+``predicted_imbalance`` is the max/mean rank-slice density of the plan (`context_parallel.imbalance`).
 
 Per case and rank: step time (median of ``--reps`` after one warm-up step), attention time of one step on that rank
 (GPU time between CUDA events around each attention op: diffusers' SDPA call when dense, sparse-dit's attention
@@ -46,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="timed steps per case, after one warm-up step")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "fa4", "reference"], help="sparse-dit backend")
     p.add_argument("--skip-single", action="store_true", help="skip the one-GPU cases (e.g. when they are already measured)")
+    p.add_argument("--balance-demo", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the grouped vs interleaved head plans at the first density (see above)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -94,8 +100,14 @@ class AttentionTimer:
 
 
 def run_case(model, inputs, label: str, spec, args) -> dict:
-    """One case on this rank: patch (``spec`` None: dense), warm up, time; returns this rank's measurements."""
-    if spec is not None:
+    """One case on this rank: patch (``spec``: None for dense, a PatternSpec for every head, or a tuple with one per
+    head), warm up, time; returns this rank's measurements."""
+    if isinstance(spec, tuple):
+        from sparse_dit.profile import Profile
+
+        layers = len(sparse_dit.patching.resolve_transformers(model)[0][1].self_attention(model))
+        sparse_dit.patch(model, profile=Profile.constant(spec, layers, block_size=args.block), block_size=args.block, backend=args.backend)
+    elif spec is not None:
         sparse_dit.patch(model, pattern=spec, block_size=args.block, backend=args.backend)
     step = e2e.step_fn(model, inputs)
     step()  # warm-up (layouts built and cached, kernels compiled)
@@ -138,6 +150,19 @@ def run_model(name: str, args, world: int) -> dict:
     for target in args.densities:
         spec, density = e2e.pattern_at("tile", target, geometry, args.block)
         cases.append((f"tile@{target:g}", spec, density))
+    predicted: dict[str, float] = {}
+    if args.balance_demo and world > 1:
+        from sparse_dit.context_parallel import imbalance
+
+        target = args.densities[0]
+        (lo, d_lo), (hi, d_hi) = (e2e.pattern_at("tile", f * target, geometry, args.block) for f in (0.5, 1.5))
+        half = heads // 2
+        grouped = (lo,) * half + (hi,) * (heads - half)
+        interleaved = tuple(lo if h % 2 == 0 else hi for h in range(heads))
+        for label, plan in ((f"grouped@{target:g}", grouped), (f"interleaved@{target:g}", interleaved)):
+            dens = torch.tensor([d_lo if s is lo else d_hi for s in plan])
+            cases.append((label, plan, float(dens.mean())))
+            predicted[label] = float(imbalance(dens, world))
     out: dict = {"model": name, "tokens": geometry.seq_len, "heads": heads, "world": world, "runs": []}
     modes = ([] if args.skip_single else ["1 GPU"]) + ([f"CP={world}"] if world > 1 else [])
     for mode in modes:
@@ -153,6 +178,7 @@ def run_model(name: str, args, world: int) -> dict:
                 "peak_gib_per_rank": [r["peak_gib"] for r in per_rank],
                 "sparse_calls_per_rank": [r["sparse_calls"] for r in per_rank],
                 "head_range_per_rank": [r["head_range"] for r in per_rank],
+                "predicted_imbalance": predicted.get(label, 1.0) if mode != "1 GPU" else None,
             }
             out["runs"].append(row)
             log(f"{name} {mode} {label}: step {row['step_s']:.3f} s, attention per rank "
@@ -176,13 +202,13 @@ def markdown(results: list[dict], device: str, command: str) -> str:
              f"torch {torch.__version__}.\n", f"    {command}\n"]
     for res in results:
         lines += [f"## {res['model']} ({res['tokens']} tokens, {res['heads']} heads, {res['world']} ranks)\n",
-                  "| mode | case | density | step s | vs dense 1 GPU | vs dense CP | attention s per rank | spread | peak GiB per rank |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| mode | case | density | step s | vs dense 1 GPU | vs dense CP | attention s per rank | spread | predicted | peak GiB per rank |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["runs"]:
             lines.append(
                 f"| {r['mode']} | {r['case']} | {r['density']:.3f} | {r['step_s']:.3f} | {x(r['speedup_vs_dense_1gpu'])} | "
                 f"{x(r['speedup_vs_dense_cp'])} | {', '.join(f'{a:.3f}' for a in r['attention_s_per_rank'])} | "
-                f"{r['attention_spread']:.3f} | {', '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} |"
+                f"{r['attention_spread']:.3f} | {'-' if r['predicted_imbalance'] is None else f"{r['predicted_imbalance']:.3f}"} | {', '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} |"
             )
         lines.append("")
     return "\n".join(lines)
