@@ -198,6 +198,9 @@ def markdown(results: list[dict], device: str, command: str) -> str:
     def x(v) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     lines = [f"# Context parallelism (Ulysses) x sparse heads\n", f"Device: {device}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"torch {torch.__version__}.\n", f"    {command}\n"]
     for res in results:
@@ -208,7 +211,7 @@ def markdown(results: list[dict], device: str, command: str) -> str:
             lines.append(
                 f"| {r['mode']} | {r['case']} | {r['density']:.3f} | {r['step_s']:.3f} | {x(r['speedup_vs_dense_1gpu'])} | "
                 f"{x(r['speedup_vs_dense_cp'])} | {', '.join(f'{a:.3f}' for a in r['attention_s_per_rank'])} | "
-                f"{r['attention_spread']:.3f} | {'-' if r['predicted_imbalance'] is None else f"{r['predicted_imbalance']:.3f}"} | {', '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} |"
+                f"{r['attention_spread']:.3f} | {num(r['predicted_imbalance'])} | {', '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} |"
             )
         lines.append("")
     return "\n".join(lines)
