@@ -16,6 +16,11 @@ their state through the module they are called with, so ``copy.deepcopy`` of a p
 a pickled patched model unpickles patched. Per-call state (the call being run, the step clock, dynamic pattern state) is
 per thread, so one patched model can serve several threads.
 
+Under diffusers' Ulysses context parallelism (``enable_parallelism``, before or after `patch`) the interceptor sits
+inside diffusers' native op after the all-to-all: each rank sees the whole sequence for its slice of heads, and
+`PatchState._decide` plans that slice (`sparse_dit.context_parallel`). Ring attention and tensor parallelism are
+refused at `patch` and at the first call.
+
 Robustness rules (issue 13):
 - a call sparse attention cannot serve runs dense and is counted in ``stats["dense_reasons"]``;
 - an exception or ``KeyboardInterrupt`` anywhere in a forward leaves nothing behind: an interceptor whose module
@@ -44,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from sparse_dit.context_parallel import UlyssesSlice, check_parallel_config, gathered_positions, ulysses_slice
 from sparse_dit.geometry import Geometry
 from sparse_dit.layout import Layout
 from sparse_dit.patterns import PatternSpec
@@ -442,6 +448,8 @@ class PatchState:
     # summed on the device without a host sync per call; read through `stats`
     density_total: torch.Tensor | float = 0.0
     last_geometry: Geometry | None = None
+    # under Ulysses context parallelism: [start, end) of the heads this rank attends (of the plan's), else None
+    head_range: tuple[int, int] | None = None
     installed: bool = False
 
     def __post_init__(self) -> None:
@@ -538,6 +546,7 @@ class PatchState:
                 "dense_reasons": dict(self.dense_reasons),
                 "recomputed_calls": self.recomputed_calls,
                 "skipped_calls": self.skipped_calls,
+                "head_range": self.head_range,
             }
 
     def warn_once(self, key: str, message: str) -> None:
@@ -557,6 +566,7 @@ class PatchState:
         clear_stale_interceptors()
         self._local.entered = 0
         self._local.ran = set()  # layers whose attention ran in this call (sparse, dense or bypassed)
+        check_parallel_config(transformer.__dict__.get("_parallel_config"))  # ring attention enabled after patch
         if _in_backward():  # a checkpointed forward recomputed: replay, and leave the clock alone
             self._local.context = CallContext(info=None, replay=True)
             return
@@ -705,12 +715,16 @@ class PatchState:
         found = self.geometry_and_order(B, S, H, D)
         return None if found is None else found[0]
 
-    def geometry_and_order(self, B: int, S: int, H: int, D: int) -> tuple[Geometry, torch.Tensor | None] | None:
+    def geometry_and_order(
+        self, B: int, S: int, H: int, D: int, cp: UlyssesSlice | None = None
+    ) -> tuple[Geometry, torch.Tensor | None] | None:
         """The call's geometry and, when the layout needs another token order than diffusers', that order.
 
         Image tokens that are not part of the grid (``CallInfo.extra_len``, after the grid) are attended like text.
         Where text comes last they already sit between grid and text; where text comes first the sequence is taken
         as [extra, text, grid], so text and extra tokens form one range whose real keys are a prefix (padded prompts).
+        cp: the rank's Ulysses slice under context parallelism: its S is the whole sequence, gathered rank by rank
+        (`context_parallel.gathered_positions`), and the order maps the layout's positions into that sequence.
         """
         ctx = self.context
         if ctx is None or ctx.info is None:
@@ -734,6 +748,17 @@ class PatchState:
             if order is None:
                 order = torch.cat([torch.arange(text_len + video, S), torch.arange(0, text_len), torch.arange(text_len, text_len + video)])
                 self._orders[key] = order
+        if cp is not None:
+            segments = (text_len, S - text_len) if position == "first" else (S - text_len, text_len)
+            key = ("cp", cp, segments)
+            gathered = self._orders.get(key)
+            if gathered is None:
+                gathered = gathered_positions([n for n in segments if n], cp)
+                if torch.equal(gathered, torch.arange(S)):
+                    gathered = _IDENTITY
+                self._orders[key] = gathered
+            if gathered is not _IDENTITY:
+                order = gathered if order is None else gathered[order]
         if extra and position != "first":
             position = "last"
         side = text_len + extra
@@ -873,7 +898,13 @@ class PatchState:
         if ctx is None or ctx.info is None:
             return Decision(ctx.reason if ctx is not None and ctx.reason else REASON_NO_GRID, None, None)
         B, H, S, D = query.shape
-        found = self.geometry_and_order(B, S, H, D)
+        cp = ulysses_slice(self.modules[layer])  # raises for ring attention
+        if cp is not None and self.observer is not None:
+            raise ValueError(
+                "sparse-dit: profiling under context parallelism is not supported (each rank sees a slice of the heads); "
+                "profile on one GPU, then patch the context-parallel model with the profile"
+            )
+        found = self.geometry_and_order(B, S, H, D, cp)
         if found is None:
             return Decision(REASON_NO_GRID, None, None)
         geometry, order = found
@@ -894,6 +925,16 @@ class PatchState:
             return Decision(REASON_WARMUP, None, None)
         source = self.plan_source if self.plan_source_at is None else self.plan_source_at(geometry.grid)
         plan = source(layer, ctx.info.timestep, ctx.step)
+        if plan is not None and cp is not None:  # this rank's heads (diffusers' contiguous Ulysses slicing)
+            start, end = cp.heads(len(plan))
+            if end - start != H:
+                raise ValueError(
+                    f"sparse-dit: layer {layer} on Ulysses rank {cp.rank} of {cp.degree} should attend heads {start}..{end - 1} "
+                    f"of the plan's {len(plan)} but the call has {H} heads; patch with a plan for the whole model's heads"
+                )
+            plan = plan[start:end]
+            with self._lock:
+                self.head_range = (start, end)
         if plan is None or all(spec.name == "dense" for spec in plan):
             return Decision(REASON_PLAN, None, None)
         if len(plan) != H:
@@ -967,6 +1008,7 @@ class PatchState:
 
 
 _MISSING = object()
+_IDENTITY = object()  # a cached token order that changes nothing
 _NO_BACKEND = object()  # marks a processor without diffusers' `_attention_backend` setting
 
 
@@ -1113,6 +1155,7 @@ def patch(
     installs = []
     clocks = ThreadClocks()  # shared by the pipeline's transformers
     for transformer, adapter in targets:  # everything is checked before anything is changed
+        check_parallel_config(transformer.__dict__.get("_parallel_config"))
         modules = adapter.self_attention(transformer)
         size = int(block_size or 128)
         plan_source_at = None

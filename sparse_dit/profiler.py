@@ -523,6 +523,7 @@ def build_profile(
     model_class: str = "",
     model_id: str = "",
     calibration: dict[str, Any] | None = None,
+    balance_ranks: int = 1,
 ) -> Profile:
     """Turn calibration statistics into a `Profile` under one budget knob (give exactly one).
 
@@ -532,6 +533,9 @@ def build_profile(
     it (or the nearest measured one); the first ``dense_layers`` layers stay dense everywhere.
     target_density: one mean density for all buckets together, or one per bucket (per-bucket budgets).
     cost_model: per-pattern cost table (`sparse_dit.costmodel`; default: a FLOP estimate for this geometry).
+    balance_ranks: for Ulysses context parallelism over this many ranks, even out the cost of each layer's rank
+    slices of heads afterwards (`context_parallel.balance_choices`: swaps between heads of different slices, density
+    never above the budget, a layer's error at most 10% higher); the header's ``balance`` says before and after.
     """
     from sparse_dit import costmodel
 
@@ -593,6 +597,16 @@ def build_profile(
         choice = allocate_error(err_a.reshape(-1, C), costs.reshape(-1, C), max_error)
         budget = {"max_error": max_error}
     choice = choice.reshape(num_buckets, L, H)
+    balance = None
+    if balance_ranks > 1:
+        from sparse_dit.context_parallel import balance_choices, imbalance
+
+        def step_imbalance(ch: torch.Tensor) -> float:
+            return round(float(imbalance(costs.gather(-1, ch[..., None]).squeeze(-1), balance_ranks).mean()), 4)
+
+        before = step_imbalance(choice)
+        choice = balance_choices(choice, err_a, dens_a, costs, balance_ranks)
+        balance = {"ranks": balance_ranks, "imbalance_before": before, "imbalance_after": step_imbalance(choice)}
     plan = [
         [[HeadChoice(cands[int(choice[b, l, h])], float(err[b, l, h, choice[b, l, h]]), float(dens[b, l, h, choice[b, l, h]])) for h in range(H)] for l in range(L)]
         for b in range(num_buckets)
@@ -623,6 +637,8 @@ def build_profile(
         "library_version": sparse_dit.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if balance is not None:
+        header["balance"] = balance
     profile = Profile(header, buckets, plan)
     chosen = costs.gather(-1, choice[..., None]).squeeze(-1)  # (buckets, L, H)
     profile.header["cost"] = costmodel.expected_speedup(profile, cost_model)

@@ -10,6 +10,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile file (.json) or the name of a shipped profile")
     p.add_argument("--plot", metavar="PNG", help="write a pattern map: one panel per bucket, layers x heads (.png)")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="also report how unevenly the plan's cost spreads over N Ulysses context-parallel ranks")
 
 
 def expected_cost(profile) -> dict | None:
@@ -53,6 +55,18 @@ def summary_lines(profile) -> list[str]:
             names = " ".join(short_label(c.spec) for c in heads)
             lines.append(f"  {layer:5d}  {dens:7.3f}  {err:6.4f}  {names}")
     return lines
+
+
+def rank_balance_line(profile, ranks: int) -> str:
+    """One line: the imbalance of the plan's attention cost over ``ranks`` Ulysses ranks (`context_parallel.rank_imbalance`)."""
+    from sparse_dit.context_parallel import rank_imbalance
+
+    r = rank_imbalance(profile, ranks)
+    b, layer, worst = r["worst"]
+    balanced = (profile.header.get("balance") or {}).get("ranks")
+    note = f"; the profiler balanced it for {balanced} ranks" if balanced else "; `build_profile(..., balance_ranks=N)` evens it out"
+    return (f"ranks      over {ranks} Ulysses ranks the slowest rank's attention takes {r['step_slowdown']:.3f}x a balanced "
+            f"split (mean per layer {r['mean']:.3f}x, worst: bucket {b} layer {layer} {worst:.3f}x){note}")
 
 
 def short_label(spec) -> str:
@@ -128,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError('--plot needs matplotlib: pip install "sparse-dit[plot]"') from None
+    if args.ranks is not None:
+        require(args.ranks >= 1, f"--ranks must be >= 1; got {args.ranks}")
     profile = load_profile_arg(args.profile)
     print("\n".join(summary_lines(profile)))
+    if args.ranks is not None:
+        print(rank_balance_line(profile, args.ranks))
     if args.plot:
         existed = write_plot(profile, args.plot)
         print(f"wrote {args.plot}" + (" (replaced the previous file)" if existed else ""))
