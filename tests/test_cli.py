@@ -350,9 +350,8 @@ def _declared_distributions() -> set[str]:
 # import name -> distribution, where they differ (PIL comes with imageio, which depends on pillow)
 DISTRIBUTION = {"sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "imageio", "imageio_ffmpeg": "imageio-ffmpeg"}
 LOCAL_MODULES = {"sparse_dit", "conftest", "model_builders", "tiny_pipelines", "_common", "_setup"}
-# imported only where present, the tests that need them skip without them: flash_attn (the `fa4` extra, GPU only),
-# cache_dit (a third-party cache users may combine with sparse-dit; not a dependency of ours)
-OPTIONAL = {"triton", "flash_attn", "cache_dit"}
+# imported only where present, the tests that need them skip without them: flash_attn (the `fa4` extra, GPU only)
+OPTIONAL = {"triton", "flash_attn"}
 
 
 def test_every_package_tests_and_examples_import_is_declared():
