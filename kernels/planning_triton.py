@@ -70,40 +70,84 @@ def _block_sizes(D: int) -> tuple[int, int, int]:
     return 64, 64, bd
 
 
+@triton.jit
+def _centroid_kernel(
+    SUMS, COUNTS, CENT, CENT_LP, CSQ, SIZES, NC,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, UPDATE: tl.constexpr,
+):
+    """BLOCK_R centroids per program. UPDATE: the new centroid is its cluster's mean (the old one where the cluster
+    is empty), written in place over CENT (fp32); the cluster sizes go to SIZES and SUMS/COUNTS are zeroed for the
+    next assignment. Always: the centroids rounded to x's dtype (CENT_LP, what the distance GEMM reads) and their
+    squared norms (CSQ, of the rounded values). One launch replaces ~10 small torch ops per Lloyd iteration."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = rows < NC
+    ok = r_ok[:, None] & (offs_d[None, :] < D)
+    ptr = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    cent = tl.load(CENT + ptr, mask=ok, other=0.0)
+    if UPDATE:
+        cnt = tl.load(COUNTS + rows, mask=r_ok, other=0)
+        sums = tl.load(SUMS + ptr, mask=ok, other=0.0)
+        mean = sums / tl.maximum(cnt, 1).to(tl.float32)[:, None]
+        cent = tl.where(cnt[:, None] > 0, mean, cent)
+        tl.store(CENT + ptr, cent, mask=ok)
+        tl.store(SIZES + rows, cnt, mask=r_ok)
+        tl.store(COUNTS + rows, tl.zeros_like(cnt), mask=r_ok)
+        tl.store(SUMS + ptr, tl.zeros_like(sums), mask=ok)
+    lp = cent.to(CENT_LP.dtype.element_ty)
+    tl.store(CENT_LP + ptr, lp, mask=ok)
+    lpf = lp.to(tl.float32)
+    tl.store(CSQ + rows, tl.sum(lpf * lpf, 1), mask=r_ok)
+
+
+def _centroids(sums, counts, cent, cent_lp, csq, sizes, update: bool) -> None:
+    n, D = cent.shape[0] * cent.shape[1], cent.shape[2]
+    bd = max(16, triton.next_power_of_2(D))
+    br = 16
+    _centroid_kernel[(triton.cdiv(n, br),)](sums, counts, cent, cent_lp, csq, sizes, n, D=D, BLOCK_D=bd, BLOCK_R=br, UPDATE=update)
+
+
+def _lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` Lloyd iterations, 1 + 2 * iters launches: x (B, S, h, D), init (N, C, D) (not modified)."""
+    B, S, h, D = x.shape
+    N, C, Dc = init.shape
+    if N != B * h or Dc != D:
+        raise ValueError(f"kmeans_step: centroids {tuple(init.shape)} do not fit x {tuple(x.shape)}")
+    dev = x.device
+    cent = torch.empty(N, C, D, dtype=torch.float32, device=dev)
+    cent.copy_(init)  # updated in place
+    cent_lp = torch.empty(N, C, D, dtype=x.dtype, device=dev)
+    csq = torch.empty(N, C, dtype=torch.float32, device=dev)
+    labels = torch.empty(N, S, dtype=torch.int32, device=dev)
+    sums = torch.zeros(N, C, D, dtype=torch.float32, device=dev)
+    counts = torch.zeros(N, C, dtype=torch.int32, device=dev)
+    sizes = torch.empty(N, C, dtype=torch.int32, device=dev)
+    bs, bc, bd = _block_sizes(D)
+    grid = (triton.cdiv(S, bs), N)
+    strides = x.stride()
+    _centroids(sums, counts, cent, cent_lp, csq, sizes, False)
+    for _ in range(max(1, int(iters))):
+        _assign_accumulate_kernel[grid](x, cent_lp, csq, labels, sums, counts, S, C, h, *strides, D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd)
+        _centroids(sums, counts, cent, cent_lp, csq, sizes, True)
+    return cent, labels, sizes
+
+
 def kmeans_step(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Lloyd iteration of B * h problems: x (B, S, h, D) any strides/dtype, centroids (B * h, C, D) float32.
+    """One Lloyd iteration of B * h problems: x (B, S, h, D) any strides/dtype, centroids (B * h, C, D).
 
     Returns (new centroids (N, C, D) float32 -- the means of the new clusters, the old centroid where a cluster is
     empty --, labels (N, S) int32, sizes (N, C) int32). The distance GEMM runs in x's dtype (bf16 distances only
     decide near-ties; the means are accumulated in fp32)."""
-    B, S, h, D = x.shape
-    N, C, Dc = centroids.shape
-    if N != B * h or Dc != D:
-        raise ValueError(f"kmeans_step: centroids {tuple(centroids.shape)} do not fit x {tuple(x.shape)}")
-    cent = centroids.to(x.dtype).contiguous()
-    csq = (cent.float() * cent.float()).sum(-1).contiguous()  # of the rounded centroids the GEMM sees
-    labels = torch.empty(N, S, dtype=torch.int32, device=x.device)
-    sums = torch.zeros(N, C, D, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(N, C, dtype=torch.int32, device=x.device)
-    bs, bc, bd = _block_sizes(D)
-    grid = (triton.cdiv(S, bs), N)
-    _assign_accumulate_kernel[grid](
-        x, cent, csq, labels, sums, counts, S, C, h, *x.stride(),
-        D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd,
-    )
-    means = sums / counts.clamp(min=1)[..., None].to(torch.float32)
-    new = torch.where(counts[..., None] > 0, means, centroids.float())
-    return new, labels, counts
+    return _lloyd(x, centroids, 1)
 
 
 def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iters`` Lloyd iterations from ``init`` (N, C, D): x (B, S, h, D). A fixed count, no convergence test (that
-    test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C)."""
-    cent = init.float()
-    labels = sizes = None
-    for _ in range(max(1, int(iters))):
-        cent, labels, sizes = kmeans_step(x, cent)
-    return cent, labels, sizes
+    test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C).
+    Per iteration two launches (assignment + sums, then the centroid update that also zeroes the sums for the next
+    one), plus one to round the initial centroids; no other torch op runs between iterations."""
+    return _lloyd(x, init, iters)
 
 
 # --------------------------------------------------------------------------------------------------- prune
