@@ -241,6 +241,90 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
 
 
 # ------------------------------------------------------------------------------------- kernel chunk tables
+@triton.jit
+def _cover_tables_kernel(
+    COVER, COUNT, SEG_S, SEG_E, NFULL, FULL, NPART, PS, PE,
+    NC, V, G, CF,
+    ALIGN: tl.constexpr, BN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_F: tl.constexpr,
+    TABLES: tl.constexpr,
+):
+    """One program per (problem, query block) row of ``COVER`` (rows, NC) bool, the ALIGN-token chunks of the key
+    order that row attends. Writes its segments (runs of kept chunks: count, start, end in tokens, zero past the
+    count) and the attention kernel's chunk tables for BLOCK_N = BN (BN divides ALIGN): every BN-chunk of a kept
+    chunk that ends by V is a full chunk, in ascending order; the one possible tail is the end of the order."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < NC
+    base = COVER + r * NC
+    kept = tl.load(base + offs, mask=ok, other=0).to(tl.int32)
+    prev = tl.load(base + offs - 1, mask=ok & (offs > 0), other=0).to(tl.int32)
+    nxt = tl.load(base + offs + 1, mask=(offs + 1) < NC, other=0).to(tl.int32)
+    is_s = kept * (1 - prev)
+    is_e = kept * (1 - nxt)
+    rank_s = tl.cumsum(is_s, 0) - 1
+    rank_e = tl.cumsum(is_e, 0) - 1
+    count = tl.sum(is_s, 0)
+    tl.store(SEG_S + r * G + rank_s, offs * ALIGN, mask=is_s > 0)
+    tl.store(SEG_E + r * G + rank_e, tl.minimum((offs + 1) * ALIGN, V), mask=is_e > 0)
+    og = tl.arange(0, BLOCK_G)
+    zero_g = (og >= count) & (og < G)
+    tl.store(SEG_S + r * G + og, tl.zeros_like(og), mask=zero_g)
+    tl.store(SEG_E + r * G + og, tl.zeros_like(og), mask=zero_g)
+    tl.store(COUNT + r, count)
+    if TABLES:
+        # full BN-chunks: chunk j holds (min(V, (j + 1) * ALIGN) - j * ALIGN) // BN of them
+        nf = kept * ((tl.minimum((offs + 1) * ALIGN, V) - offs * ALIGN) // BN)
+        first = tl.cumsum(nf, 0) - nf
+        n_full = tl.sum(nf, 0)
+        for i in tl.static_range(ALIGN // BN):
+            tl.store(FULL + r * CF + first + i, offs * ALIGN + i * BN, mask=(i < nf) & ok)
+        for f0 in range(0, CF, BLOCK_F):
+            of = f0 + tl.arange(0, BLOCK_F)
+            tl.store(FULL + r * CF + of, tl.zeros_like(of), mask=(of >= n_full) & (of < CF))
+        tl.store(NFULL + r, n_full)
+        last_kept = tl.load(base + NC - 1).to(tl.int32)
+        tail = tl.where(V % BN != 0, last_kept, 0)
+        tl.store(NPART + r, tail)
+        tl.store(PS + r, tail * ((V // BN) * BN))
+        tl.store(PE + r, tail * V)
+
+
+def cover_tables(cover: torch.Tensor, seq: int, align: int, block_n: int | None) -> tuple:
+    """Segments and (when ``block_n`` divides ``align``) the attention kernel's chunk tables of chunk-snapped key
+    selections, in one launch: cover (..., NQ, NC) bool, chunk c = tokens [c * align, min(seq, (c + 1) * align)).
+
+    Returns (count (..., NQ), start, end (..., NQ, G) int32 with G = ceil(NC / 2), chunk tables or None): the same
+    segments as ``patterns.kmeans._aligned_segments_fixed`` and the same tables as `chunk_tables` (full-chunk width
+    ``max(1, seq // block_n)``, one tail), all int32, with no temporary beyond the outputs. The key order must hold
+    no padding slot (every full chunk is clean: ``n_clean`` is ``n_full``)."""
+    *lead, NC = cover.shape
+    R = math.prod(lead)
+    G = max(1, (NC + 1) // 2)
+    dev = cover.device
+    bn = block_n if block_n is not None and align % block_n == 0 else align
+    with_tables = bn == block_n
+    CF = max(1, seq // bn)
+    i32 = dict(dtype=torch.int32, device=dev)
+    count, n_full, n_part = (torch.empty(R, **i32) for _ in range(3))
+    seg_s, seg_e = torch.empty(R, G, **i32), torch.empty(R, G, **i32)
+    if with_tables:
+        full, ps, pe = torch.empty(R, CF, **i32), torch.empty(R, 1, **i32), torch.empty(R, 1, **i32)
+    else:  # segments only (TABLES=False: the table pointers are not touched)
+        full = ps = pe = n_full
+    if R:
+        _cover_tables_kernel[(R,)](
+            cover.contiguous(), count, seg_s, seg_e, n_full, full, n_part, ps, pe,
+            NC, seq, G, CF,
+            ALIGN=align, BN=bn, BLOCK_C=max(16, triton.next_power_of_2(NC)), BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_F=1024,
+            TABLES=with_tables,
+        )
+    segs = (count.view(*lead), seg_s.view(*lead, G), seg_e.view(*lead, G))
+    if not with_tables:
+        return (*segs, None)
+    nf = n_full.view(*lead)
+    return (*segs, (nf, nf, full.view(*lead, CF), n_part.view(*lead), ps.view(*lead, 1), pe.view(*lead, 1)))
+
+
 def chunk_tables(
     layout, block_n: int, device: torch.device | str | None = None, max_tails: int | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -289,6 +373,14 @@ def chunk_tables(
         n_clean = (valid & ~dirty).sum(-1)
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+
+
+def attention_block_n(block_q: int, dtype: torch.dtype, head_dim: int) -> int:
+    """The attention kernel's default BLOCK_N for layouts of ``block_q``-row query blocks (the key it caches chunk
+    tables under)."""
+    from .triton_attention import default_config
+
+    return int(default_config(head_dim, max(16, triton.next_power_of_2(block_q)), dtype)["BLOCK_N"])
 
 
 def prime_chunk_tables(

@@ -275,6 +275,28 @@ def _chunk_cover(keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tenso
     return cover.cumsum(-1)[..., :NC] > 0
 
 
+def _chunk_cover_fixed(keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int) -> torch.Tensor:
+    """`_chunk_cover` with less memory (the fused planner's): clusters sit in the key order in cluster order, so the
+    clusters meeting chunk j are the run ``c_lo(j) .. c_hi(j)`` (found by searchsorted on the cluster ends, per
+    problem, not per query block) and chunk j is kept when that run holds a kept non-empty cluster: a prefix count
+    over clusters read at two points. Temporaries: one (N, NQ, Ck) prefix in int16 (int32 past 32767 clusters) and
+    (N, NQ, NC) gathers, instead of int32 weights, an int32 difference array and its int64 cumsum."""
+    N, NQ, Ck = keep.shape
+    NC = -(-V // align)
+    kept = keep & (k_sizes > 0)[:, None, :]
+    k_end = (k_start + k_sizes).contiguous()
+    first_tok = torch.arange(NC, device=keep.device) * align
+    last_tok = (first_tok + align).clamp(max=V) - 1
+    lo = torch.searchsorted(k_end, first_tok.expand(N, NC).contiguous(), right=True).clamp(max=Ck - 1)
+    hi = torch.searchsorted(k_end, last_tok.expand(N, NC).contiguous(), right=True).clamp(max=Ck - 1)
+    dt = torch.int16 if Ck < 2**15 else torch.int32
+    prefix = kept.cumsum(-1, dtype=dt)  # (N, NQ, Ck): kept clusters up to and including c
+    lo, hi = lo[:, None, :].expand(N, NQ, NC), hi[:, None, :].expand(N, NQ, NC)
+    n = prefix.gather(-1, hi) - prefix.gather(-1, lo)
+    del prefix
+    return (n + kept.gather(-1, lo).to(dt)) > 0
+
+
 def _aligned_segments(
     keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -427,9 +449,13 @@ def build(
         NQ = -(-V // block_q)
         q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int64, device=q.device)
         q_perm[:, :V] = q_order + v0
-        member = torch.zeros(N, NQ, Cq, dtype=torch.float32, device=q.device)
+        # 0/1 products summed: any dtype keeps a positive count positive; the fused path uses the activations'
+        # (half the fp32 (N, NQ, Ck) product at bf16)
+        mdt = q.dtype if fused and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        member = torch.zeros(N, NQ, Cq, dtype=mdt, device=q.device)
         member.view(N, -1).scatter_(1, (arange_v // block_q) * Cq + q_sorted_lab, 1.0)
-        keep_block = torch.bmm(member, keep.float()) > 0  # (N, NQ, Ck)
+        keep_block = torch.bmm(member, keep.to(mdt)) > 0  # (N, NQ, Ck)
+        del member
     else:
         padded = -(-qs // block_q) * block_q  # (N, Cq)
         p_end = padded.cumsum(-1)
@@ -450,9 +476,19 @@ def build(
         keep_block &= has_rows[..., None]
 
     align = p["kv_align"] or block_q
-    if align > 1:
-        segments = _aligned_segments_fixed if fused else _aligned_segments
-        count, seg_s, seg_e = segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
+    tables = None
+    if align > 1 and fused:  # segments and the kernel's chunk tables in one launch, from the chunk cover
+        from sparse_dit.kernels.planning_triton import attention_block_n, cover_tables
+
+        cover = _chunk_cover_fixed(keep_block, k_start, ks, V, align)
+        del keep_block
+        block_n = attention_block_n(block_q, q.dtype, D)
+        count, seg_s, seg_e, tables = cover_tables(cover, V, align, block_n)
+        del cover
+        if tables is not None:  # (N, NQ, ...) -> the layout's (B, h, NQ, ...)
+            tables = tuple(t.view(B, h, *t.shape[1:]) for t in tables)
+    elif align > 1:
+        count, seg_s, seg_e = _aligned_segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
     elif fused:
         count, seg_s, seg_e = _cluster_segments_fixed(keep_block, k_start, ks)
     else:
@@ -478,7 +514,9 @@ def build(
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
     lay = lay.to(device)
-    if fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
+    if tables is not None and lay.device == q.device:
+        lay.cached(("triton_chunks", block_n, str(lay.device)), lambda: tables)
+    elif fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
         from sparse_dit.kernels.planning_triton import prime_chunk_tables
 
         prime_chunk_tables(lay, q.dtype, D, align=align if align > 1 else None)

@@ -397,3 +397,53 @@ def test_uniform_layer_is_not_copied_by_stack_heads(gen):
     assert flipped is not lay and torch.equal(flipped.to_dense_mask(), lay.to_dense_mask())
     with pytest.raises(ValueError, match="every head"):
         Layout.stack_heads([lay, lay], heads=[[0, 1, 2], [2, 3, 4]])
+
+
+# ------------------------------------------------------------------------------- low-memory fused table builders
+@pytest.mark.parametrize("V,align", [(84, 16), (100, 32), (96, 16), (7, 4)])
+def test_chunk_cover_fixed_equals_chunk_cover(gen, V, align):
+    """The prefix-count cover equals the difference-array one, with empty clusters (also first and last)."""
+    N, NQ, Ck = 3, 4, 9
+    sizes = torch.randint(0, 3, (N, Ck), generator=gen)
+    sizes[:, 0] = 0
+    sizes[:, -1] = 0
+    sizes[:, 1] += V - sizes.sum(-1)  # every problem's clusters hold exactly V keys
+    assert (sizes >= 0).all()
+    start = torch.nn.functional.pad(sizes.cumsum(-1), (1, 0))[:, :-1]
+    keep = torch.rand(N, NQ, Ck, generator=gen) < 0.4
+    keep[0, 0] = True  # a row keeping every cluster (empty ones included)
+    keep[1, 1] = False  # and one keeping none
+    ref = km._chunk_cover(keep & (sizes > 0)[:, None, :], start, sizes, V, align)
+    assert torch.equal(km._chunk_cover_fixed(keep, start, sizes, V, align), ref)
+
+
+@pytest.mark.parametrize("V,align,block_n", [(84, 16, 16), (100, 32, 16), (96, 32, 32), (130, 64, 16), (100, 16, 32)])
+def test_cover_tables_equal_segments_and_chunk_tables(gen, V, align, block_n):
+    """One launch gives the segments `_aligned_segments_fixed` gives and the chunk tables `chunk_tables` builds from
+    them (when block_n divides align; else segments only)."""
+    from sparse_dit.kernels.planning_triton import chunk_tables, cover_tables
+    from sparse_dit.kernels.triton_attention import _build_chunk_tables
+    from sparse_dit.layout import Layout
+
+    L, H, NQ = 2, 3, 5
+    NC = -(-V // align)
+    cover = torch.rand(L, H, NQ, NC, generator=gen) < 0.5
+    cover[0, 0, 0] = True
+    cover[0, 0, 1] = False
+    cover[1, 2, 3, -1] = True  # the tail chunk
+    count, seg_s, seg_e, tables = cover_tables(cover, V, align, block_n)
+    assert count.dtype == seg_s.dtype == torch.int32 and seg_s.shape[-1] == max(1, (NC + 1) // 2)
+    # reference: the run-scatter of the fixed-width torch builder, on the same cover
+    prev = torch.nn.functional.pad(cover, (1, 0))[..., :-1]
+    nxt = torch.nn.functional.pad(cover, (0, 1))[..., 1:]
+    chunk = torch.arange(NC)
+    r_count, r_s, r_e = km._scatter_runs(cover & ~prev, cover & ~nxt, chunk * align, ((chunk + 1) * align).clamp(max=V))
+    assert torch.equal(count.long(), r_count) and torch.equal(seg_s.long(), r_s) and torch.equal(seg_e.long(), r_e)
+    if align % block_n:
+        assert tables is None
+        return
+    lay = Layout(V, -(-V // NQ), count, seg_s, seg_e, None, torch.arange(V).expand(L, H, V))
+    _assert_tables_equal(tables, _build_chunk_tables(lay, block_n, torch.device("cpu")))
+    ref = chunk_tables(lay, block_n, max_tails=1)
+    for got, want in zip(tables, ref):
+        assert got.dtype == torch.int32 and torch.equal(got, want)
