@@ -225,6 +225,9 @@ def inertia(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------------- selection
+_SELECT_BUDGET = 1 << 22  # (query cluster, key cluster) pairs per selection chunk: ~40 B each of temporaries
+
+
 def select_clusters(
     q_centroids: torch.Tensor,
     k_centroids: torch.Tensor,
@@ -236,22 +239,41 @@ def select_clusters(
     """Key clusters kept per query cluster: (N, Cq, D), (N, Ck, D), (N, Ck) -> keep (N, Cq, Ck) bool.
 
     p ∝ size * exp(score); clusters in decreasing p until the mass before them reaches ``top_p`` and the
-    keys before them reach ``min_fraction`` of all keys. Empty clusters are never kept."""
-    nonempty = k_sizes > 0
+    keys before them reach ``min_fraction`` of all keys. Empty clusters are never kept. Problems are taken a few at
+    a time so the sort's temporaries (~40 bytes per (query cluster, key cluster) pair) stay within
+    ``_SELECT_BUDGET`` pairs (~160 MB; at Wan 720p, 40 heads x 295 x 1181 pairs, that is 4 chunks instead of
+    ~560 MB at once); each problem's result does not depend on the chunking."""
+    N, Cq, Ck = q_centroids.shape[0], q_centroids.shape[1], k_centroids.shape[1]
     if top_p >= 1.0:
-        return nonempty[:, None, :].expand(-1, q_centroids.shape[1], -1).clone()
-    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2)) * scale
-    logits = logits + torch.log(k_sizes.float().clamp(min=1e-30))[:, None, :]
-    logits = logits.masked_fill(~nonempty[:, None, :], float("-inf"))
+        return (k_sizes > 0)[:, None, :].expand(-1, Cq, -1).clone()
+    step = max(1, _SELECT_BUDGET // max(1, Cq * Ck))
+    if step >= N:
+        return _select(q_centroids, k_centroids, k_sizes, top_p, min_fraction, scale)
+    keep = torch.empty(N, Cq, Ck, dtype=torch.bool, device=q_centroids.device)
+    for n0 in range(0, N, step):
+        sl = slice(n0, n0 + step)
+        keep[sl] = _select(q_centroids[sl], k_centroids[sl], k_sizes[sl], top_p, min_fraction, scale)
+    return keep
+
+
+def _select(q_centroids, k_centroids, k_sizes, top_p: float, min_fraction: float, scale: float) -> torch.Tensor:
+    nonempty = k_sizes > 0
+    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2)).mul_(scale)
+    logits.add_(torch.log(k_sizes.float().clamp(min=1e-30))[:, None, :])
+    logits.masked_fill_(~nonempty[:, None, :], float("-inf"))
     p = torch.softmax(logits, -1)
+    del logits
     p_sorted, order = p.sort(-1, descending=True)
-    mass_before = p_sorted.cumsum(-1) - p_sorted
-    sizes_sorted = k_sizes[:, None, :].expand_as(p).gather(-1, order)
-    keys_before = sizes_sorted.cumsum(-1) - sizes_sorted
+    del p
+    keep_sorted = p_sorted.cumsum(-1).sub_(p_sorted) < top_p  # mass before each cluster
+    del p_sorted
+    sizes_sorted = k_sizes.to(torch.int32)[:, None, :].expand(-1, order.shape[1], -1).gather(-1, order)
+    keys_before = sizes_sorted.cumsum(-1, dtype=torch.int32).sub_(sizes_sorted)
     total = k_sizes.sum(-1)[:, None, None].float()
-    keep_sorted = (mass_before < top_p) | (keys_before.float() < min_fraction * total)
+    keep_sorted |= keys_before.float() < min_fraction * total
+    del keys_before
     keep_sorted &= sizes_sorted > 0
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def _cluster_counts(V: int, p: dict) -> tuple[int, int]:
@@ -369,6 +391,8 @@ def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torc
     found = [state.get(b, {}).get(key) for b in range(B)]
     if any(c is None or tuple(c.shape) != shape for c in found):
         return None
+    if B == 1:  # no copy: both planners copy their init before updating it
+        return found[0].to(device)
     return torch.cat([c.to(device) for c in found], 0)
 
 

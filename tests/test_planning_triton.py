@@ -404,11 +404,8 @@ def test_uniform_layer_is_not_copied_by_stack_heads(gen):
 def test_chunk_cover_fixed_equals_chunk_cover(gen, V, align):
     """The prefix-count cover equals the difference-array one, with empty clusters (also first and last)."""
     N, NQ, Ck = 3, 4, 9
-    sizes = torch.randint(0, 3, (N, Ck), generator=gen)
-    sizes[:, 0] = 0
-    sizes[:, -1] = 0
-    sizes[:, 1] += V - sizes.sum(-1)  # every problem's clusters hold exactly V keys
-    assert (sizes >= 0).all()
+    labels = torch.randint(1, Ck - 1, (N, V), generator=gen)  # clusters 0 and Ck - 1 (and maybe more) empty
+    sizes = torch.zeros(N, Ck, dtype=torch.int64).scatter_add_(1, labels, torch.ones_like(labels))
     start = torch.nn.functional.pad(sizes.cumsum(-1), (1, 0))[:, :-1]
     keep = torch.rand(N, NQ, Ck, generator=gen) < 0.4
     keep[0, 0] = True  # a row keeping every cluster (empty ones included)
