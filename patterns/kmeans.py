@@ -386,6 +386,33 @@ def _cluster_segments_fixed(
     )
 
 
+def fused_plan_bytes(
+    B: int, h: int, V: int, D: int, block_q: int, act_bytes: int, Cq: int, Ck: int, align: int, block_n: int
+) -> dict:
+    """Memory of one warm fused k-means plan (``planner="triton"``, ``q_mode="union"``, ``align`` a multiple of
+    ``block_n``), from the shapes alone: ``layout`` (kept until the attention call: int32 q/kv orders, segment
+    table of fixed width ceil(NC / 2), chunk tables of width V // block_n), ``state`` (fp32 centroids kept for the
+    next call) and ``transient``, an upper bound on the other tensors alive at once during planning (the peak
+    phase: the Lloyd buffers, the cluster selection in chunks of ``_SELECT_BUDGET`` pairs, the union product and
+    the prefix-count cover; tests/test_planning_triton.py measures the real peak against it). Bytes."""
+    N = B * h
+    NQ, NC = -(-V // block_q), -(-V // align)
+    G, CF = max(1, (NC + 1) // 2), max(1, V // block_n)
+    E = N * NQ * Ck  # (block, key cluster) pairs
+    P = min(N, max(1, _SELECT_BUDGET // max(1, Cq * Ck))) * Cq * Ck
+    layout = 4 * (N * NQ * block_q + N * V + N * NQ * (1 + 2 * G)) + 4 * N * NQ * (CF + 4)
+    state = 4 * N * D * (Cq + Ck)
+    labels = 4 * N * V * 2 + 8 * N * (Cq + Ck) * 2  # both label sets and sizes, alive to the end
+    lloyd = N * Ck * D * (8 + act_bytes) + 4 * N * V + 16 * N * Ck
+    select = 24 * P + N * Cq * Ck
+    orders = 8 * N * V * 5 + 8 * N * NQ * block_q  # sorts (values + indices), kv_perm, q_perm before int32
+    union = act_bytes * (N * NQ * Cq + N * Cq * Ck + E) + E + N * Cq * Ck
+    cover = E * (1 + 1 + 2) + N * NQ * NC * (2 * 3 + 1) + 16 * N * NC
+    # the Lloyd buffers are counted throughout (freed after clustering on a GPU; the interpreter keeps them longer)
+    transient = labels + lloyd + max(select, orders + union, orders + cover + layout)
+    return {"layout": layout, "state": state, "transient": transient}
+
+
 def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
     """(B * h, C, D) centroids of the previous call when every batch element has them in this shape."""
     found = [state.get(b, {}).get(key) for b in range(B)]
