@@ -211,6 +211,41 @@ def _prune_scores_kernel(
     tl.store(OUT + n.to(tl.int64) * V + offs_k, tl.sum(p, 0) * inv_m, mask=k_ok)
 
 
+@triton.jit
+def _prune_combine_kernel(MAX, SUM, OUT_MAX, OUT_SUM, nkb, M, BLOCK_M: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """One program per problem: the (nkb, M) partial softmax statistics of pass 1 folded into each sampled row's
+    max and sum (online rescaling), so pass 2 reads M values instead of a torch amax / exp2 / sum chain."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, nkb, BLOCK_KB):
+        offs_k = k0 + tl.arange(0, BLOCK_KB)
+        ok = (offs_k[:, None] < nkb) & m_ok[None, :]
+        ptr = (n * nkb + offs_k[:, None]) * M + offs_m[None, :]
+        mx = tl.load(MAX + ptr, mask=ok, other=float("-inf"))
+        sm = tl.load(SUM + ptr, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(mx, 0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(sm * tl.exp2(mx - safe[None, :]), 0)
+        run_max = new_max
+    tl.store(OUT_MAX + n * M + offs_m, run_max, mask=m_ok)
+    tl.store(OUT_SUM + n * M + offs_m, run_sum, mask=m_ok)
+
+
+_ROWS: dict = {}
+
+
+def _sample_rows(V: int, m: int, device: torch.device) -> torch.Tensor:
+    """The reference's evenly strided sample rows, built once per (V, m, device) (three torch ops per call before)."""
+    key = (V, m, str(device))
+    rows = _ROWS.get(key)
+    if rows is None:
+        rows = _ROWS[key] = torch.linspace(0, V - 1, m, device=device).round().to(torch.int32)
+    return rows
+
+
 def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> torch.Tensor:
     """AT-EDM-style key importance ``mean_i softmax_j(q_i . k_j / sqrt(D))`` over ``sample_queries`` evenly strided
     queries: q, k (B, V, h, D) video tokens, any strides -> (B, h, V) float32. Two passes over the keys (row
@@ -218,7 +253,7 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
     B, V, h, D = k.shape
     N = B * h
     m = min(int(sample_queries), V)
-    rows = torch.linspace(0, V - 1, m, device=q.device).round().to(torch.int32)  # same rows as the reference
+    rows = _sample_rows(V, m, q.device)  # same rows as the reference
     bm = max(16, triton.next_power_of_2(m))
     if bm > 128:
         raise ValueError(f"prune_scores: sample_queries up to 128 in the Triton path; got {sample_queries}")
@@ -230,11 +265,12 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
     psum = torch.empty(N, nkb, m, dtype=torch.float32, device=q.device)
     args = (*q.stride(), *k.stride())
     _prune_stats_kernel[(nkb, N)](q, k, rows, pmax, psum, V, m, h, nkb, qk_scale, *args, D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
-    row_max = pmax.amax(1)  # (N, m): combine the partial softmax statistics (small: N * nkb * m)
-    row_sum = (psum * torch.exp2(pmax - row_max[:, None, :])).sum(1)
+    row_max = torch.empty(N, m, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty(N, m, dtype=torch.float32, device=q.device)
+    _prune_combine_kernel[(N,)](pmax, psum, row_max, row_sum, nkb, m, BLOCK_M=bm, BLOCK_KB=32)
     out = torch.empty(N, V, dtype=torch.float32, device=q.device)
     _prune_scores_kernel[(nkb, N)](
-        q, k, rows, row_max.contiguous(), row_sum.contiguous(), out, V, m, h, qk_scale, 1.0 / m, *args,
+        q, k, rows, row_max, row_sum, out, V, m, h, qk_scale, 1.0 / m, *args,
         D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
     )
     return out.view(B, h, V)
@@ -373,6 +409,20 @@ def chunk_tables(
         n_clean = (valid & ~dirty).sum(-1)
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+
+
+def single_segment_tables(L: int, H: int, NQ: int, K: int, block_n: int, device) -> tuple[torch.Tensor, ...]:
+    """`chunk_tables` of a layout where every query block attends the one segment ``[0, K)`` of a key order without
+    padding (prune's), from host integers: six small fills instead of the generic builder's ~40 ops."""
+    n_full, tail = K // block_n, K % block_n
+    cf = max(1, K // block_n)
+    i32 = dict(dtype=torch.int32, device=device)
+    full = torch.full((L, H, NQ), n_full, **i32)
+    starts = (torch.arange(cf, **i32) * block_n) if n_full else torch.zeros(1, **i32)
+    part = torch.full((L, H, NQ), 1 if tail else 0, **i32)
+    ps = torch.full((L, H, NQ, 1), n_full * block_n if tail else 0, **i32)
+    pe = torch.full((L, H, NQ, 1), K if tail else 0, **i32)
+    return full, full, starts.expand(L, H, NQ, cf).contiguous(), part, ps, pe
 
 
 def attention_block_n(block_q: int, dtype: torch.dtype, head_dim: int) -> int:

@@ -536,3 +536,42 @@ def test_fused_kmeans_memory_within_the_analytic_bound(gen, quiet_kernels, h, gr
         out = V * h_ * 128 * 2
         assert b["layout"] + b["state"] + b["transient"] < out
         assert b["layout"] + b["state"] < frac * out
+
+
+# ------------------------------------------------------------------------------------------------- prune
+@pytest.mark.parametrize("K,block_n", [(100, 16), (96, 32), (5, 16), (64, 64)])
+def test_single_segment_tables_equal_chunk_tables(K, block_n):
+    from sparse_dit.kernels.planning_triton import chunk_tables, single_segment_tables
+    from sparse_dit.layout import Layout
+
+    L, H, S, bq = 2, 3, 200, 32
+    NQ = -(-S // bq)
+    count = torch.ones(L, H, NQ, dtype=torch.int32)
+    start = torch.zeros(L, H, NQ, 1, dtype=torch.int32)
+    end = torch.full((L, H, NQ, 1), K, dtype=torch.int32)
+    lay = Layout(S, bq, count, start, end, None, torch.arange(K).expand(L, H, K))
+    got = single_segment_tables(L, H, NQ, K, block_n, "cpu")
+    for g, want in zip(got, chunk_tables(lay, block_n)):
+        assert g.dtype == torch.int32 and g.is_contiguous() and torch.equal(g, want)
+
+
+def test_prune_auto_planner_rule(gen, monkeypatch):
+    """"auto" scores with Triton only from TRITON_SCORE_MIN (batch x head x key) entries up; both prime the kernel's
+    chunk tables (whose equality with the builder's is tested above); top-k ties may break apart, so only the
+    layouts' shape of selection is compared here (test_prune_layout_equals_reference compares the choice)."""
+    calls = []
+    monkeypatch.setattr(km, "triton_available", lambda x: True)  # as on a GPU
+    ref_scores = pr.key_scores
+    monkeypatch.setattr(pr, "key_scores", lambda *a, **kw: calls.append("torch") or ref_scores(*a, **kw))
+    B, h, D = 1, 2, 16
+    geo = _geometry(B, h, D, (2, 4, 6), 0)
+    q, k = ints(gen, B, geo.seq_len, h, D), ints(gen, B, geo.seq_len, h, D)
+    lays = []
+    for threshold in (B * h * geo.video_len + 1, B * h * geo.video_len):
+        monkeypatch.setattr(pr, "TRITON_SCORE_MIN", threshold)
+        lays.append(pr.build(geo, h, 16, "cpu", q=q, k=k, state={}, keep_ratio=0.3))
+        assert any(key[0] == "triton_chunks" for key in lays[-1]._derived if isinstance(key, tuple))
+    assert calls == ["torch"]  # below the threshold only
+    assert torch.equal(lays[0].kv_count, lays[1].kv_count) and torch.equal(lays[0].kv_end, lays[1].kv_end)
+    for lay in lays:
+        lay.validate()
