@@ -491,14 +491,14 @@ def build(
 
     arange_v = torch.arange(V, device=q.device)
     k_order = torch.sort(kl, dim=-1, stable=True).indices  # (N, V) raster index, sorted by cluster
-    kv_perm = k_order + v0
+    kv_perm = (k_order + v0).to(torch.int32) if fused else k_order + v0  # the layout's dtype, no int64 copy kept
     k_start = torch.nn.functional.pad(ks.cumsum(-1), (1, 0))[:, :-1]  # (N, Ck)
     q_sorted_lab, q_order = torch.sort(ql, dim=-1, stable=True)
     q_sorted_lab = q_sorted_lab.long()
 
     if p["q_mode"] == "union":
         NQ = -(-V // block_q)
-        q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int64, device=q.device)
+        q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int32 if fused else torch.int64, device=q.device)
         q_perm[:, :V] = q_order + v0
         # 0/1 products summed: any dtype keeps a positive count positive; the fused path uses the activations'
         # (half the fp32 (N, NQ, Ck) product at bf16)
@@ -564,7 +564,9 @@ def build(
         state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
-    lay = lay.to(device)
+    dev = torch.device(device)
+    if dev.type != lay.device.type or (dev.index is not None and dev.index != lay.device.index):
+        lay = lay.to(device)  # (a second Layout, only when the device differs)
     if tables is not None and lay.device == q.device:
         lay.cached(("triton_chunks", block_n, str(lay.device)), lambda: tables)
     elif fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
