@@ -7,7 +7,9 @@ the sparse attention kernel time at 10% / 20% density, and peak memory vs dense 
 Shapes (B = 1 per CFG branch, bf16, D = 128, no text in Wan's self-attention): Wan2.1-1.3B 480p (H = 12, grid 21x30x52,
 S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and density:
 
-- patterns: ``kmeans`` (defaults: 2 warm Lloyd steps), ``kmeans-w1`` (``warm_iters=1``, first planner only), ``prune``;
+- patterns: ``kmeans`` (defaults: 2 warm Lloyd steps), ``kmeans-w1`` (``warm_iters=1``, first planner only), ``prune``
+  (planner ``triton`` / ``torch`` = the scorer; both fill the kernel's chunk tables without a sync on a GPU; ``auto``
+  picks by ``prune.TRITON_SCORE_MIN``, to be re-checked against these rows);
 - ``plan_ms`` (and ``plan_gpu_ms``, timed with the host queued ahead, see `timed`): one warm re-plan (centroids of the previous call kept, as every step after the first), CUDA-event
   median; prune with ``keep_ratio`` = density; k-means with ``top_p`` = 0.05 and ``min_fraction`` found by bisection
   on the warm plan (`pin_kmeans`) so the measured density lands on the target (chunk snapping and the query-block
