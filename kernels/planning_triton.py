@@ -70,40 +70,84 @@ def _block_sizes(D: int) -> tuple[int, int, int]:
     return 64, 64, bd
 
 
+@triton.jit
+def _centroid_kernel(
+    SUMS, COUNTS, CENT, CENT_LP, CSQ, SIZES, NC,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, UPDATE: tl.constexpr,
+):
+    """BLOCK_R centroids per program. UPDATE: the new centroid is its cluster's mean (the old one where the cluster
+    is empty), written in place over CENT (fp32); the cluster sizes go to SIZES and SUMS/COUNTS are zeroed for the
+    next assignment. Always: the centroids rounded to x's dtype (CENT_LP, what the distance GEMM reads) and their
+    squared norms (CSQ, of the rounded values). One launch replaces ~10 small torch ops per Lloyd iteration."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = rows < NC
+    ok = r_ok[:, None] & (offs_d[None, :] < D)
+    ptr = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    cent = tl.load(CENT + ptr, mask=ok, other=0.0)
+    if UPDATE:
+        cnt = tl.load(COUNTS + rows, mask=r_ok, other=0)
+        sums = tl.load(SUMS + ptr, mask=ok, other=0.0)
+        mean = sums / tl.maximum(cnt, 1).to(tl.float32)[:, None]
+        cent = tl.where(cnt[:, None] > 0, mean, cent)
+        tl.store(CENT + ptr, cent, mask=ok)
+        tl.store(SIZES + rows, cnt, mask=r_ok)
+        tl.store(COUNTS + rows, tl.zeros_like(cnt), mask=r_ok)
+        tl.store(SUMS + ptr, tl.zeros_like(sums), mask=ok)
+    lp = cent.to(CENT_LP.dtype.element_ty)
+    tl.store(CENT_LP + ptr, lp, mask=ok)
+    lpf = lp.to(tl.float32)
+    tl.store(CSQ + rows, tl.sum(lpf * lpf, 1), mask=r_ok)
+
+
+def _centroids(sums, counts, cent, cent_lp, csq, sizes, update: bool) -> None:
+    n, D = cent.shape[0] * cent.shape[1], cent.shape[2]
+    bd = max(16, triton.next_power_of_2(D))
+    br = 16
+    _centroid_kernel[(triton.cdiv(n, br),)](sums, counts, cent, cent_lp, csq, sizes, n, D=D, BLOCK_D=bd, BLOCK_R=br, UPDATE=update)
+
+
+def _lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` Lloyd iterations, 1 + 2 * iters launches: x (B, S, h, D), init (N, C, D) (not modified)."""
+    B, S, h, D = x.shape
+    N, C, Dc = init.shape
+    if N != B * h or Dc != D:
+        raise ValueError(f"kmeans_step: centroids {tuple(init.shape)} do not fit x {tuple(x.shape)}")
+    dev = x.device
+    cent = torch.empty(N, C, D, dtype=torch.float32, device=dev)
+    cent.copy_(init)  # updated in place
+    cent_lp = torch.empty(N, C, D, dtype=x.dtype, device=dev)
+    csq = torch.empty(N, C, dtype=torch.float32, device=dev)
+    labels = torch.empty(N, S, dtype=torch.int32, device=dev)
+    sums = torch.zeros(N, C, D, dtype=torch.float32, device=dev)
+    counts = torch.zeros(N, C, dtype=torch.int32, device=dev)
+    sizes = torch.empty(N, C, dtype=torch.int32, device=dev)
+    bs, bc, bd = _block_sizes(D)
+    grid = (triton.cdiv(S, bs), N)
+    strides = x.stride()
+    _centroids(sums, counts, cent, cent_lp, csq, sizes, False)
+    for _ in range(max(1, int(iters))):
+        _assign_accumulate_kernel[grid](x, cent_lp, csq, labels, sums, counts, S, C, h, *strides, D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd)
+        _centroids(sums, counts, cent, cent_lp, csq, sizes, True)
+    return cent, labels, sizes
+
+
 def kmeans_step(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Lloyd iteration of B * h problems: x (B, S, h, D) any strides/dtype, centroids (B * h, C, D) float32.
+    """One Lloyd iteration of B * h problems: x (B, S, h, D) any strides/dtype, centroids (B * h, C, D).
 
     Returns (new centroids (N, C, D) float32 -- the means of the new clusters, the old centroid where a cluster is
     empty --, labels (N, S) int32, sizes (N, C) int32). The distance GEMM runs in x's dtype (bf16 distances only
     decide near-ties; the means are accumulated in fp32)."""
-    B, S, h, D = x.shape
-    N, C, Dc = centroids.shape
-    if N != B * h or Dc != D:
-        raise ValueError(f"kmeans_step: centroids {tuple(centroids.shape)} do not fit x {tuple(x.shape)}")
-    cent = centroids.to(x.dtype).contiguous()
-    csq = (cent.float() * cent.float()).sum(-1).contiguous()  # of the rounded centroids the GEMM sees
-    labels = torch.empty(N, S, dtype=torch.int32, device=x.device)
-    sums = torch.zeros(N, C, D, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(N, C, dtype=torch.int32, device=x.device)
-    bs, bc, bd = _block_sizes(D)
-    grid = (triton.cdiv(S, bs), N)
-    _assign_accumulate_kernel[grid](
-        x, cent, csq, labels, sums, counts, S, C, h, *x.stride(),
-        D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd,
-    )
-    means = sums / counts.clamp(min=1)[..., None].to(torch.float32)
-    new = torch.where(counts[..., None] > 0, means, centroids.float())
-    return new, labels, counts
+    return _lloyd(x, centroids, 1)
 
 
 def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iters`` Lloyd iterations from ``init`` (N, C, D): x (B, S, h, D). A fixed count, no convergence test (that
-    test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C)."""
-    cent = init.float()
-    labels = sizes = None
-    for _ in range(max(1, int(iters))):
-        cent, labels, sizes = kmeans_step(x, cent)
-    return cent, labels, sizes
+    test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C).
+    Per iteration two launches (assignment + sums, then the centroid update that also zeroes the sums for the next
+    one), plus one to round the initial centroids; no other torch op runs between iterations."""
+    return _lloyd(x, init, iters)
 
 
 # --------------------------------------------------------------------------------------------------- prune
@@ -167,6 +211,41 @@ def _prune_scores_kernel(
     tl.store(OUT + n.to(tl.int64) * V + offs_k, tl.sum(p, 0) * inv_m, mask=k_ok)
 
 
+@triton.jit
+def _prune_combine_kernel(MAX, SUM, OUT_MAX, OUT_SUM, nkb, M, BLOCK_M: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """One program per problem: the (nkb, M) partial softmax statistics of pass 1 folded into each sampled row's
+    max and sum (online rescaling), so pass 2 reads M values instead of a torch amax / exp2 / sum chain."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, nkb, BLOCK_KB):
+        offs_k = k0 + tl.arange(0, BLOCK_KB)
+        ok = (offs_k[:, None] < nkb) & m_ok[None, :]
+        ptr = (n * nkb + offs_k[:, None]) * M + offs_m[None, :]
+        mx = tl.load(MAX + ptr, mask=ok, other=float("-inf"))
+        sm = tl.load(SUM + ptr, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(mx, 0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(sm * tl.exp2(mx - safe[None, :]), 0)
+        run_max = new_max
+    tl.store(OUT_MAX + n * M + offs_m, run_max, mask=m_ok)
+    tl.store(OUT_SUM + n * M + offs_m, run_sum, mask=m_ok)
+
+
+_ROWS: dict = {}
+
+
+def _sample_rows(V: int, m: int, device: torch.device) -> torch.Tensor:
+    """The reference's evenly strided sample rows, built once per (V, m, device) (three torch ops per call before)."""
+    key = (V, m, str(device))
+    rows = _ROWS.get(key)
+    if rows is None:
+        rows = _ROWS[key] = torch.linspace(0, V - 1, m, device=device).round().to(torch.int32)
+    return rows
+
+
 def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> torch.Tensor:
     """AT-EDM-style key importance ``mean_i softmax_j(q_i . k_j / sqrt(D))`` over ``sample_queries`` evenly strided
     queries: q, k (B, V, h, D) video tokens, any strides -> (B, h, V) float32. Two passes over the keys (row
@@ -174,7 +253,7 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
     B, V, h, D = k.shape
     N = B * h
     m = min(int(sample_queries), V)
-    rows = torch.linspace(0, V - 1, m, device=q.device).round().to(torch.int32)  # same rows as the reference
+    rows = _sample_rows(V, m, q.device)  # same rows as the reference
     bm = max(16, triton.next_power_of_2(m))
     if bm > 128:
         raise ValueError(f"prune_scores: sample_queries up to 128 in the Triton path; got {sample_queries}")
@@ -186,17 +265,102 @@ def prune_scores(q: torch.Tensor, k: torch.Tensor, sample_queries: int = 64) -> 
     psum = torch.empty(N, nkb, m, dtype=torch.float32, device=q.device)
     args = (*q.stride(), *k.stride())
     _prune_stats_kernel[(nkb, N)](q, k, rows, pmax, psum, V, m, h, nkb, qk_scale, *args, D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
-    row_max = pmax.amax(1)  # (N, m): combine the partial softmax statistics (small: N * nkb * m)
-    row_sum = (psum * torch.exp2(pmax - row_max[:, None, :])).sum(1)
+    row_max = torch.empty(N, m, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty(N, m, dtype=torch.float32, device=q.device)
+    _prune_combine_kernel[(N,)](pmax, psum, row_max, row_sum, nkb, m, BLOCK_M=bm, BLOCK_KB=32)
     out = torch.empty(N, V, dtype=torch.float32, device=q.device)
     _prune_scores_kernel[(nkb, N)](
-        q, k, rows, row_max.contiguous(), row_sum.contiguous(), out, V, m, h, qk_scale, 1.0 / m, *args,
+        q, k, rows, row_max, row_sum, out, V, m, h, qk_scale, 1.0 / m, *args,
         D=D, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
     )
     return out.view(B, h, V)
 
 
 # ------------------------------------------------------------------------------------- kernel chunk tables
+@triton.jit
+def _cover_tables_kernel(
+    COVER, COUNT, SEG_S, SEG_E, NFULL, FULL, NPART, PS, PE,
+    NC, V, G, CF,
+    ALIGN: tl.constexpr, BN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_F: tl.constexpr,
+    TABLES: tl.constexpr,
+):
+    """One program per (problem, query block) row of ``COVER`` (rows, NC) bool, the ALIGN-token chunks of the key
+    order that row attends. Writes its segments (runs of kept chunks: count, start, end in tokens, zero past the
+    count) and the attention kernel's chunk tables for BLOCK_N = BN (BN divides ALIGN): every BN-chunk of a kept
+    chunk that ends by V is a full chunk, in ascending order; the one possible tail is the end of the order."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < NC
+    base = COVER + r * NC
+    kept = tl.load(base + offs, mask=ok, other=0).to(tl.int32)
+    prev = tl.load(base + offs - 1, mask=ok & (offs > 0), other=0).to(tl.int32)
+    nxt = tl.load(base + offs + 1, mask=(offs + 1) < NC, other=0).to(tl.int32)
+    is_s = kept * (1 - prev)
+    is_e = kept * (1 - nxt)
+    rank_s = tl.cumsum(is_s, 0) - 1
+    rank_e = tl.cumsum(is_e, 0) - 1
+    count = tl.sum(is_s, 0)
+    tl.store(SEG_S + r * G + rank_s, offs * ALIGN, mask=is_s > 0)
+    tl.store(SEG_E + r * G + rank_e, tl.minimum((offs + 1) * ALIGN, V), mask=is_e > 0)
+    og = tl.arange(0, BLOCK_G)
+    zero_g = (og >= count) & (og < G)
+    tl.store(SEG_S + r * G + og, tl.zeros_like(og), mask=zero_g)
+    tl.store(SEG_E + r * G + og, tl.zeros_like(og), mask=zero_g)
+    tl.store(COUNT + r, count)
+    if TABLES:
+        # full BN-chunks: chunk j holds (min(V, (j + 1) * ALIGN) - j * ALIGN) // BN of them
+        nf = kept * ((tl.minimum((offs + 1) * ALIGN, V) - offs * ALIGN) // BN)
+        first = tl.cumsum(nf, 0) - nf
+        n_full = tl.sum(nf, 0)
+        for i in tl.static_range(ALIGN // BN):
+            tl.store(FULL + r * CF + first + i, offs * ALIGN + i * BN, mask=(i < nf) & ok)
+        for f0 in range(0, CF, BLOCK_F):
+            of = f0 + tl.arange(0, BLOCK_F)
+            tl.store(FULL + r * CF + of, tl.zeros_like(of), mask=(of >= n_full) & (of < CF))
+        tl.store(NFULL + r, n_full)
+        last_kept = tl.load(base + NC - 1).to(tl.int32)
+        tail = tl.where(V % BN != 0, last_kept, 0)
+        tl.store(NPART + r, tail)
+        tl.store(PS + r, tail * ((V // BN) * BN))
+        tl.store(PE + r, tail * V)
+
+
+def cover_tables(cover: torch.Tensor, seq: int, align: int, block_n: int | None) -> tuple:
+    """Segments and (when ``block_n`` divides ``align``) the attention kernel's chunk tables of chunk-snapped key
+    selections, in one launch: cover (..., NQ, NC) bool, chunk c = tokens [c * align, min(seq, (c + 1) * align)).
+
+    Returns (count (..., NQ), start, end (..., NQ, G) int32 with G = ceil(NC / 2), chunk tables or None): the same
+    segments as ``patterns.kmeans._aligned_segments_fixed`` and the same tables as `chunk_tables` (full-chunk width
+    ``max(1, seq // block_n)``, one tail), all int32, with no temporary beyond the outputs. The key order must hold
+    no padding slot (every full chunk is clean: ``n_clean`` is ``n_full``)."""
+    *lead, NC = cover.shape
+    R = math.prod(lead)
+    G = max(1, (NC + 1) // 2)
+    dev = cover.device
+    bn = block_n if block_n is not None and align % block_n == 0 else align
+    with_tables = bn == block_n
+    CF = max(1, seq // bn)
+    i32 = dict(dtype=torch.int32, device=dev)
+    count, n_full, n_part = (torch.empty(R, **i32) for _ in range(3))
+    seg_s, seg_e = torch.empty(R, G, **i32), torch.empty(R, G, **i32)
+    if with_tables:
+        full, ps, pe = torch.empty(R, CF, **i32), torch.empty(R, 1, **i32), torch.empty(R, 1, **i32)
+    else:  # segments only (TABLES=False: the table pointers are not touched)
+        full = ps = pe = n_full
+    if R:
+        _cover_tables_kernel[(R,)](
+            cover.contiguous(), count, seg_s, seg_e, n_full, full, n_part, ps, pe,
+            NC, seq, G, CF,
+            ALIGN=align, BN=bn, BLOCK_C=max(16, triton.next_power_of_2(NC)), BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_F=1024,
+            TABLES=with_tables,
+        )
+    segs = (count.view(*lead), seg_s.view(*lead, G), seg_e.view(*lead, G))
+    if not with_tables:
+        return (*segs, None)
+    nf = n_full.view(*lead)
+    return (*segs, (nf, nf, full.view(*lead, CF), n_part.view(*lead), ps.view(*lead, 1), pe.view(*lead, 1)))
+
+
 def chunk_tables(
     layout, block_n: int, device: torch.device | str | None = None, max_tails: int | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -245,6 +409,28 @@ def chunk_tables(
         n_clean = (valid & ~dirty).sum(-1)
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+
+
+def single_segment_tables(L: int, H: int, NQ: int, K: int, block_n: int, device) -> tuple[torch.Tensor, ...]:
+    """`chunk_tables` of a layout where every query block attends the one segment ``[0, K)`` of a key order without
+    padding (prune's), from host integers: six small fills instead of the generic builder's ~40 ops."""
+    n_full, tail = K // block_n, K % block_n
+    cf = max(1, K // block_n)
+    i32 = dict(dtype=torch.int32, device=device)
+    full = torch.full((L, H, NQ), n_full, **i32)
+    starts = (torch.arange(cf, **i32) * block_n) if n_full else torch.zeros(1, **i32)
+    part = torch.full((L, H, NQ), 1 if tail else 0, **i32)
+    ps = torch.full((L, H, NQ, 1), n_full * block_n if tail else 0, **i32)
+    pe = torch.full((L, H, NQ, 1), K if tail else 0, **i32)
+    return full, full, starts.expand(L, H, NQ, cf).contiguous(), part, ps, pe
+
+
+def attention_block_n(block_q: int, dtype: torch.dtype, head_dim: int) -> int:
+    """The attention kernel's default BLOCK_N for layouts of ``block_q``-row query blocks (the key it caches chunk
+    tables under)."""
+    from .triton_attention import default_config
+
+    return int(default_config(head_dim, max(16, triton.next_power_of_2(block_q)), dtype)["BLOCK_N"])
 
 
 def prime_chunk_tables(

@@ -51,10 +51,22 @@ Planners (``build(..., planner=)``, not a pattern parameter). On a CUDA GPU with
 ``sparse_dit.kernels.planning_triton`` plan without a host synchronisation: one kernel per Lloyd iteration does the
 distance GEMM, the argmin and the centroid sums (atomics, so the centroids' last bits vary run to run) straight from
 the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matrix; warm calls run exactly
-``warm_iters`` iterations (``tol`` is not tested: that would read a value on the host); segment tables and the
-attention kernel's chunk tables have fixed, data-independent widths (``Layout.compact`` trims layouts kept for
-``replan_every > 1``). The PyTorch functions below are the reference and the CPU path; with ``tol=0`` both give the
-same layout (tests/test_planning_triton.py). Cold starts (k-means++) run in PyTorch on both.
+``warm_iters`` iterations (``tol`` is not tested: that would read a value on the host), two launches per iteration
+(assignment + sums, then the centroid update); segment tables and the attention kernel's chunk tables have fixed,
+data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). With chunk-snapped keys
+(the default ``kv_align``) the chunk cover is a prefix count over clusters (`_chunk_cover_fixed`) and one launch
+(``planning_triton.cover_tables``) writes the segments and the kernel's chunk tables from it, all int32.
+
+Memory of the fused plan (`fused_plan_bytes`, checked op by op in tests/test_planning_triton.py): what the layout
+keeps is int32 orders (8 bytes per video token and head), the segment table (width ceil(NC / 2), NC = key chunks)
+and the full-chunk table (width V / BLOCK_N): at Wan 480p (12 heads) 9.0 MiB, 9% of the 96 MiB attention output,
+and at Wan 720p (40 heads) 130 MiB, 18% of 738 MiB; the fp32 centroids kept for the warm start add 3.8 / 28.8
+MiB. Planning's transients (bounded at 51 / 563 MiB) stay below the attention output, so the call peaks at output +
+layout + state: <= 1.13x dense at 480p and <= 1.22x at 720p by the bound (measured before these changes on an
+H200: 1.19x and 2.36x, the generic chunk-table builder's int64 (blocks x chunks) temporaries). The remaining
+excess is the fixed table widths: a row attends a data-dependent number of chunks, and trimming to it needs the
+host sync `Layout.compact` does. The PyTorch functions below are the reference and the CPU path; with ``tol=0``
+both give the same layout (tests/test_planning_triton.py). Cold starts (k-means++) run in PyTorch on both.
 """
 
 from __future__ import annotations
@@ -225,6 +237,9 @@ def inertia(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------------- selection
+_SELECT_BUDGET = 1 << 22  # (query cluster, key cluster) pairs per selection chunk: ~40 B each of temporaries
+
+
 def select_clusters(
     q_centroids: torch.Tensor,
     k_centroids: torch.Tensor,
@@ -236,22 +251,41 @@ def select_clusters(
     """Key clusters kept per query cluster: (N, Cq, D), (N, Ck, D), (N, Ck) -> keep (N, Cq, Ck) bool.
 
     p ∝ size * exp(score); clusters in decreasing p until the mass before them reaches ``top_p`` and the
-    keys before them reach ``min_fraction`` of all keys. Empty clusters are never kept."""
-    nonempty = k_sizes > 0
+    keys before them reach ``min_fraction`` of all keys. Empty clusters are never kept. Problems are taken a few at
+    a time so the sort's temporaries (~40 bytes per (query cluster, key cluster) pair) stay within
+    ``_SELECT_BUDGET`` pairs (~160 MB; at Wan 720p, 40 heads x 295 x 1181 pairs, that is 4 chunks instead of
+    ~560 MB at once); each problem's result does not depend on the chunking."""
+    N, Cq, Ck = q_centroids.shape[0], q_centroids.shape[1], k_centroids.shape[1]
     if top_p >= 1.0:
-        return nonempty[:, None, :].expand(-1, q_centroids.shape[1], -1).clone()
-    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2)) * scale
-    logits = logits + torch.log(k_sizes.float().clamp(min=1e-30))[:, None, :]
-    logits = logits.masked_fill(~nonempty[:, None, :], float("-inf"))
+        return (k_sizes > 0)[:, None, :].expand(-1, Cq, -1).clone()
+    step = max(1, _SELECT_BUDGET // max(1, Cq * Ck))
+    if step >= N:
+        return _select(q_centroids, k_centroids, k_sizes, top_p, min_fraction, scale)
+    keep = torch.empty(N, Cq, Ck, dtype=torch.bool, device=q_centroids.device)
+    for n0 in range(0, N, step):
+        sl = slice(n0, n0 + step)
+        keep[sl] = _select(q_centroids[sl], k_centroids[sl], k_sizes[sl], top_p, min_fraction, scale)
+    return keep
+
+
+def _select(q_centroids, k_centroids, k_sizes, top_p: float, min_fraction: float, scale: float) -> torch.Tensor:
+    nonempty = k_sizes > 0
+    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2)).mul_(scale)
+    logits.add_(torch.log(k_sizes.float().clamp(min=1e-30))[:, None, :])
+    logits.masked_fill_(~nonempty[:, None, :], float("-inf"))
     p = torch.softmax(logits, -1)
+    del logits
     p_sorted, order = p.sort(-1, descending=True)
-    mass_before = p_sorted.cumsum(-1) - p_sorted
-    sizes_sorted = k_sizes[:, None, :].expand_as(p).gather(-1, order)
-    keys_before = sizes_sorted.cumsum(-1) - sizes_sorted
+    del p
+    keep_sorted = p_sorted.cumsum(-1).sub_(p_sorted) < top_p  # mass before each cluster
+    del p_sorted
+    sizes_sorted = k_sizes.to(torch.int32)[:, None, :].expand(-1, order.shape[1], -1).gather(-1, order)
+    keys_before = sizes_sorted.cumsum(-1, dtype=torch.int32).sub_(sizes_sorted)
     total = k_sizes.sum(-1)[:, None, None].float()
-    keep_sorted = (mass_before < top_p) | (keys_before.float() < min_fraction * total)
+    keep_sorted |= keys_before.float() < min_fraction * total
+    del keys_before
     keep_sorted &= sizes_sorted > 0
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def _cluster_counts(V: int, p: dict) -> tuple[int, int]:
@@ -273,6 +307,28 @@ def _chunk_cover(keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tenso
     cover = torch.zeros(N, NQ, NC + 1, dtype=torch.int32, device=keep.device)
     cover.scatter_add_(-1, first, weight).scatter_add_(-1, last, -weight)
     return cover.cumsum(-1)[..., :NC] > 0
+
+
+def _chunk_cover_fixed(keep: torch.Tensor, k_start: torch.Tensor, k_sizes: torch.Tensor, V: int, align: int) -> torch.Tensor:
+    """`_chunk_cover` with less memory (the fused planner's): clusters sit in the key order in cluster order, so the
+    clusters meeting chunk j are the run ``c_lo(j) .. c_hi(j)`` (found by searchsorted on the cluster ends, per
+    problem, not per query block) and chunk j is kept when that run holds a kept non-empty cluster: a prefix count
+    over clusters read at two points. Temporaries: one (N, NQ, Ck) prefix in int16 (int32 past 32767 clusters) and
+    (N, NQ, NC) gathers, instead of int32 weights, an int32 difference array and its int64 cumsum."""
+    N, NQ, Ck = keep.shape
+    NC = -(-V // align)
+    kept = keep & (k_sizes > 0)[:, None, :]
+    k_end = (k_start + k_sizes).contiguous()
+    first_tok = torch.arange(NC, device=keep.device) * align
+    last_tok = (first_tok + align).clamp(max=V) - 1
+    lo = torch.searchsorted(k_end, first_tok.expand(N, NC).contiguous(), right=True).clamp(max=Ck - 1)
+    hi = torch.searchsorted(k_end, last_tok.expand(N, NC).contiguous(), right=True).clamp(max=Ck - 1)
+    dt = torch.int16 if Ck < 2**15 else torch.int32
+    prefix = kept.cumsum(-1, dtype=dt)  # (N, NQ, Ck): kept clusters up to and including c
+    lo, hi = lo[:, None, :].expand(N, NQ, NC), hi[:, None, :].expand(N, NQ, NC)
+    n = prefix.gather(-1, hi) - prefix.gather(-1, lo)
+    del prefix
+    return (n + kept.gather(-1, lo).to(dt)) > 0
 
 
 def _aligned_segments(
@@ -342,11 +398,40 @@ def _cluster_segments_fixed(
     )
 
 
+def fused_plan_bytes(
+    B: int, h: int, V: int, D: int, block_q: int, act_bytes: int, Cq: int, Ck: int, align: int, block_n: int
+) -> dict:
+    """Memory of one warm fused k-means plan (``planner="triton"``, ``q_mode="union"``, ``align`` a multiple of
+    ``block_n``), from the shapes alone: ``layout`` (kept until the attention call: int32 q/kv orders, segment
+    table of fixed width ceil(NC / 2), chunk tables of width V // block_n), ``state`` (fp32 centroids kept for the
+    next call) and ``transient``, an upper bound on the other tensors alive at once during planning (the peak
+    phase: the Lloyd buffers, the cluster selection in chunks of ``_SELECT_BUDGET`` pairs, the union product and
+    the prefix-count cover; tests/test_planning_triton.py measures the real peak against it). Bytes."""
+    N = B * h
+    NQ, NC = -(-V // block_q), -(-V // align)
+    G, CF = max(1, (NC + 1) // 2), max(1, V // block_n)
+    E = N * NQ * Ck  # (block, key cluster) pairs
+    P = min(N, max(1, _SELECT_BUDGET // max(1, Cq * Ck))) * Cq * Ck
+    layout = 4 * (N * NQ * block_q + N * V + N * NQ * (1 + 2 * G)) + 4 * N * NQ * (CF + 4)
+    state = 4 * N * D * (Cq + Ck)
+    labels = 4 * N * V * 2 + 8 * N * (Cq + Ck) * 2  # both label sets and sizes, alive to the end
+    lloyd = N * Ck * D * (8 + act_bytes) + 4 * N * V + 16 * N * Ck
+    select = 24 * P + N * Cq * Ck
+    orders = 8 * N * V * 5 + 8 * N * NQ * block_q  # sorts (values + indices), kv_perm, q_perm before int32
+    union = act_bytes * (N * NQ * Cq + N * Cq * Ck + E) + E + N * Cq * Ck
+    cover = E * (1 + 1 + 2) + N * NQ * NC * (2 * 3 + 1) + 16 * N * NC
+    # the Lloyd buffers are counted throughout (freed after clustering on a GPU; the interpreter keeps them longer)
+    transient = labels + lloyd + max(select, orders + union, orders + cover + layout)
+    return {"layout": layout, "state": state, "transient": transient}
+
+
 def _warm(state: dict, B: int, key: str, shape: tuple[int, ...], device) -> torch.Tensor | None:
     """(B * h, C, D) centroids of the previous call when every batch element has them in this shape."""
     found = [state.get(b, {}).get(key) for b in range(B)]
     if any(c is None or tuple(c.shape) != shape for c in found):
         return None
+    if B == 1:  # no copy: both planners copy their init before updating it
+        return found[0].to(device)
     return torch.cat([c.to(device) for c in found], 0)
 
 
@@ -418,18 +503,22 @@ def build(
 
     arange_v = torch.arange(V, device=q.device)
     k_order = torch.sort(kl, dim=-1, stable=True).indices  # (N, V) raster index, sorted by cluster
-    kv_perm = k_order + v0
+    kv_perm = (k_order + v0).to(torch.int32) if fused else k_order + v0  # the layout's dtype, no int64 copy kept
     k_start = torch.nn.functional.pad(ks.cumsum(-1), (1, 0))[:, :-1]  # (N, Ck)
     q_sorted_lab, q_order = torch.sort(ql, dim=-1, stable=True)
     q_sorted_lab = q_sorted_lab.long()
 
     if p["q_mode"] == "union":
         NQ = -(-V // block_q)
-        q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int64, device=q.device)
+        q_perm = torch.full((N, NQ * block_q), -1, dtype=torch.int32 if fused else torch.int64, device=q.device)
         q_perm[:, :V] = q_order + v0
-        member = torch.zeros(N, NQ, Cq, dtype=torch.float32, device=q.device)
+        # 0/1 products summed: any dtype keeps a positive count positive; the fused path uses the activations'
+        # (half the fp32 (N, NQ, Ck) product at bf16)
+        mdt = q.dtype if fused and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        member = torch.zeros(N, NQ, Cq, dtype=mdt, device=q.device)
         member.view(N, -1).scatter_(1, (arange_v // block_q) * Cq + q_sorted_lab, 1.0)
-        keep_block = torch.bmm(member, keep.float()) > 0  # (N, NQ, Ck)
+        keep_block = torch.bmm(member, keep.to(mdt)) > 0  # (N, NQ, Ck)
+        del member
     else:
         padded = -(-qs // block_q) * block_q  # (N, Cq)
         p_end = padded.cumsum(-1)
@@ -450,9 +539,19 @@ def build(
         keep_block &= has_rows[..., None]
 
     align = p["kv_align"] or block_q
-    if align > 1:
-        segments = _aligned_segments_fixed if fused else _aligned_segments
-        count, seg_s, seg_e = segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
+    tables = None
+    if align > 1 and fused:  # segments and the kernel's chunk tables in one launch, from the chunk cover
+        from sparse_dit.kernels.planning_triton import attention_block_n, cover_tables
+
+        cover = _chunk_cover_fixed(keep_block, k_start, ks, V, align)
+        del keep_block
+        block_n = attention_block_n(block_q, q.dtype, D)
+        count, seg_s, seg_e, tables = cover_tables(cover, V, align, block_n)
+        del cover
+        if tables is not None:  # (N, NQ, ...) -> the layout's (B, h, NQ, ...)
+            tables = tuple(t.view(B, h, *t.shape[1:]) for t in tables)
+    elif align > 1:
+        count, seg_s, seg_e = _aligned_segments(keep_block & (ks > 0)[:, None, :], k_start, ks, V, align)
     elif fused:
         count, seg_s, seg_e = _cluster_segments_fixed(keep_block, k_start, ks)
     else:
@@ -477,8 +576,12 @@ def build(
         state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
-    lay = lay.to(device)
-    if fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
+    dev = torch.device(device)
+    if dev.type != lay.device.type or (dev.index is not None and dev.index != lay.device.index):
+        lay = lay.to(device)  # (a second Layout, only when the device differs)
+    if tables is not None and lay.device == q.device:
+        lay.cached(("triton_chunks", block_n, str(lay.device)), lambda: tables)
+    elif fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
         from sparse_dit.kernels.planning_triton import prime_chunk_tables
 
         prime_chunk_tables(lay, q.dtype, D, align=align if align > 1 else None)

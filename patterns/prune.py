@@ -18,9 +18,14 @@ The layout is per batch element (L = B). ``state[b]`` receives ``kept`` (h, n_ke
 indices and ``scores`` (h, V) for inspection. (Reusing query rows from the previous step, which
 ToMe-style caching allows, is not done here.)
 
-On a CUDA GPU with triton, ``score="attn"`` runs as two fused kernel passes (``planning_triton.prune_scores``: row
-softmax statistics, then normalised column sums) that never store the (samples x keys) logits, and the layout is
-built without a host synchronisation (``build(..., planner=)`` chooses; ``key_scores`` is the reference).
+On a CUDA GPU with triton, ``score="attn"`` can run as fused kernel passes (``planning_triton.prune_scores``: row
+softmax statistics, their combination, then normalised column sums) that never store the (samples x keys) logits
+(``build(..., planner=)`` chooses; ``key_scores`` is the reference). ``planner="auto"`` (the default) takes the
+Triton scorer only from ``TRITON_SCORE_MIN`` scored (batch x head x key) entries up: below it the PyTorch scorer
+was as fast on the GPU and cheaper on the host (H200, benchmarks/results/planning.md: Wan 480p, 12 x 32760 = 0.39M
+entries, 0.49 vs 0.55 ms GPU and 0.7 vs 3.1 ms per call; Wan 720p, 40 x 75600 = 3.0M, Triton 1.7x faster). Either
+way, on a GPU the attention kernel's chunk tables are filled here from host integers (one segment per query
+block), so the plan and the attention call read nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from sparse_dit.layout import Layout
 from ._tiling import text_ranges
 
 NAME = "prune"
+TRITON_SCORE_MIN = 1 << 20  # (batch x heads x video keys) from which "auto" scores with Triton (see above)
 STATIC = False
 SCORES = ("attn", "norm")
 
@@ -92,14 +98,17 @@ def build(
     ``planner`` (not a pattern parameter): ``"triton"`` scores keys with the fused two-pass kernel of
     ``sparse_dit.kernels.planning_triton`` (no (samples x keys) fp32 matrix, no host sync), ``"torch"`` with the
     reference, ``None``/``"auto"`` Triton on CUDA when triton is importable. ``score="norm"`` is one torch op either way."""
-    from .kmeans import _planner
+    from .kmeans import _planner, triton_available
 
     p = check_params(geometry, keep_ratio=keep_ratio, score=score, sample_queries=sample_queries)
-    fused = _planner(planner, q) == "triton" and p["score"] == "attn" and p["sample_queries"] <= 128
     B, S, h, D = k.shape
     if S != geometry.seq_len or h != num_heads:
         raise ValueError(f"prune pattern: k has shape {tuple(k.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
     V, v0 = geometry.video_len, geometry.video_start
+    chosen = _planner(planner, q)
+    if planner in (None, "auto") and B * h * V < TRITON_SCORE_MIN:
+        chosen = "torch"
+    fused = chosen == "triton" and p["score"] == "attn" and p["sample_queries"] <= 128
     if fused:
         from sparse_dit.kernels.planning_triton import prune_scores
 
@@ -115,9 +124,14 @@ def build(
     for b in range(B):
         state[b] = {"kept": kept[b], "scores": scores[b]}
     # topk gives n_keep distinct in-range indices by construction: the bounds check (a host sync) is skipped
-    lay = Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True).to(device)
-    if fused:
-        from sparse_dit.kernels.planning_triton import prime_chunk_tables
+    lay = Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True)
+    dev = torch.device(device)
+    if dev.type != lay.device.type or (dev.index is not None and dev.index != lay.device.index):
+        lay = lay.to(device)
+    if chosen == "triton" or triton_available(q):  # sync-free chunk tables, whichever scorer ran
+        from sparse_dit.kernels.planning_triton import attention_block_n, single_segment_tables
 
-        prime_chunk_tables(lay, q.dtype, D)
+        bn = attention_block_n(block_q, q.dtype, D)
+        tables = single_segment_tables(B, h, NQ, n_keep, bn, lay.device)
+        lay.cached(("triton_chunks", bn, str(lay.device)), lambda: tables)
     return lay
