@@ -152,14 +152,12 @@ def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch
 
 # --------------------------------------------------------------------------------------------------- prune
 @triton.jit
-def _prune_stats_kernel(
-    Q, K, ROWS, MAX, SUM,
-    V, M, h, nkb, qk_scale,
-    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d,
+def _sampled_logits(
+    Q, K, ROWS, V, M, h, qk_scale, sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Pass 1, one program per (key block, problem): each sampled query's max logit and sum of exp over these keys
-    (base 2), written to (N, nkb, M) partials; the logits are never stored."""
+    """The program's (key block, problem) tile: (BLOCK_M, BLOCK_K) base-2 logits of the sampled queries against
+    BLOCK_K keys, with the problem index, the sampled-row offsets and both validity masks."""
     kb = tl.program_id(0)
     n = tl.program_id(1)
     b = n // h
@@ -174,6 +172,21 @@ def _prune_stats_kernel(
     q = tl.load(Q + b.to(tl.int64) * sq_b + head * sq_h + rows[:, None] * sq_s + offs_d[None, :] * sq_d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k = tl.load(K + b.to(tl.int64) * sk_b + head * sk_h + offs_k[:, None].to(tl.int64) * sk_s + offs_d[None, :] * sk_d, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
+    return s, n, kb, offs_m, offs_k, m_ok, k_ok
+
+
+@triton.jit
+def _prune_stats_kernel(
+    Q, K, ROWS, MAX, SUM,
+    V, M, h, nkb, qk_scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 1, one program per (key block, problem): each sampled query's max logit and sum of exp over these keys
+    (base 2), written to (N, nkb, M) partials; the logits are never stored."""
+    s, n, kb, offs_m, offs_k, m_ok, k_ok = _sampled_logits(
+        Q, K, ROWS, V, M, h, qk_scale, sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, D, BLOCK_M, BLOCK_K, BLOCK_D
+    )
     s = tl.where(k_ok[None, :], s, float("-inf"))
     mx = tl.max(s, 1)
     sm = tl.sum(tl.exp2(s - mx[:, None]), 1)
@@ -190,22 +203,11 @@ def _prune_scores_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2: score_j = mean_i exp2(s_ij - max_i) / sum_i over the sampled queries i, for BLOCK_K keys."""
-    kb = tl.program_id(0)
-    n = tl.program_id(1)
-    b = n // h
-    head = n % h
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < M
-    k_ok = offs_k < V
-    d_ok = offs_d < D
-    rows = tl.load(ROWS + offs_m, mask=m_ok, other=0).to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * sq_b + head * sq_h + rows[:, None] * sq_s + offs_d[None, :] * sq_d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k = tl.load(K + b.to(tl.int64) * sk_b + head * sk_h + offs_k[:, None].to(tl.int64) * sk_s + offs_d[None, :] * sk_d, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    s, n, kb, offs_m, offs_k, m_ok, k_ok = _sampled_logits(
+        Q, K, ROWS, V, M, h, qk_scale, sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, D, BLOCK_M, BLOCK_K, BLOCK_D
+    )
     mx = tl.load(MAX + n * M + offs_m, mask=m_ok, other=0.0)
     ls = tl.load(LSUM + n * M + offs_m, mask=m_ok, other=1.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.exp2(s - mx[:, None]) / ls[:, None]
     p = tl.where(m_ok[:, None], p, 0.0)
     tl.store(OUT + n.to(tl.int64) * V + offs_k, tl.sum(p, 0) * inv_m, mask=k_ok)
