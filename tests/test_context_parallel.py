@@ -232,11 +232,11 @@ def ranks(tmp_path_factory) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["tile", "radial", "profile"])
+# radial keeps every key of a query's own frame, so on one-frame images (Flux, QwenImage) it is dense and an equality
+# would prove nothing: it is checked on video only
+@pytest.mark.parametrize("family,name", [(f, n) for f in FAMILIES for n in ("tile", "radial", "profile")
+                                         if f == "wan" or n != "radial"])
 def test_sparse_under_ulysses_equals_one_process(ranks, family, name):
-    if family != "wan" and name == "radial":
-        pytest.skip("radial keeps every key of a query's own frame: dense on one-frame images")
     for res in ranks:
         r = res[family]
         assert r[f"{name}_vs_dense_one"] > 1e-3, "the pattern must change the output, or the comparison says nothing"
