@@ -52,6 +52,10 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
+# int32 work space of `Layout.rows_key_mask` (512 MiB): heads are processed in chunks that fit it
+ROWS_MASK_WORK_ENTRIES = 1 << 27
+
+
 @dataclass(frozen=True, eq=False)
 class Layout:
     """Block/segment sparsity of one attention call (all heads of a layer).
@@ -632,7 +636,8 @@ class Layout:
 
     def rows_key_mask(self, l: int, rows: torch.Tensor) -> torch.Tensor:
         """(H, len(rows), S) bool: which original keys the original query tokens ``rows`` attend, every head of
-        batch element ``l`` at once (the profiler's sampled rows). No host synchronisation; memory H x rows x S."""
+        batch element ``l`` at once (the profiler's sampled rows). No host synchronisation; memory H x rows x S plus
+        int32 work space of at most ``ROWS_MASK_WORK_ENTRIES`` entries (one head at least)."""
         rows = rows.long().to(self.device)
         H, S, K = self.heads, self.seq_len, self.kv_order_len
         n = rows.numel()
@@ -645,26 +650,30 @@ class Layout:
             position.scatter_(1, torch.where(perm >= 0, perm, S), slots)  # padded slots land in the spare column
             blocks = position[:, rows] // self.block_q
         blocks = blocks.clamp(min=0)  # rows the permutation leaves out: as the kernel, they take block 0's keys
-        count = self.kv_count[l].long().gather(1, blocks)  # (H, n)
         G = self.kv_start.shape[-1]
-        idx = blocks[..., None].expand(H, n, G)
-        starts = self.kv_start[l].long().gather(1, idx)  # (H, n, G)
-        ends = self.kv_end[l].long().gather(1, idx)
-        used = torch.arange(G, device=self.device) < count[..., None]
-        ones = used.to(torch.int32)
-        diff = torch.zeros(H, n, K + 1, dtype=torch.int32, device=self.device)
-        diff.scatter_add_(2, torch.where(used, starts, K), ones)
-        diff.scatter_add_(2, torch.where(used, ends, K), -ones)
-        in_order = diff[..., :K].cumsum(-1) > 0
-        del diff
-        if self.kv_perm is None:
-            mask = in_order
-        else:
-            perm = self.kv_perm[l].long()  # (H, K) original key at each permuted slot, -1 for padding
-            target = torch.where(perm >= 0, perm, S)[:, None, :].expand(H, n, K)
-            mask = torch.zeros(H, n, S + 1, dtype=torch.bool, device=self.device)
-            mask.scatter_(2, target, in_order)
-            mask = mask[..., :S]
+        mask = torch.zeros(H, n, S + 1, dtype=torch.bool, device=self.device)
+        # heads in chunks: the segment-boundary counts are int32 of (heads, rows, K), 4x the mask's bytes
+        step = max(1, ROWS_MASK_WORK_ENTRIES // max(1, n * (K + 1)))
+        for h0 in range(0, H, step):
+            hs = slice(h0, min(H, h0 + step))
+            blk = blocks[hs]
+            count = self.kv_count[l, hs].long().gather(1, blk)  # (h, n)
+            idx = blk[..., None].expand(-1, -1, G)
+            starts = self.kv_start[l, hs].long().gather(1, idx)  # (h, n, G)
+            ends = self.kv_end[l, hs].long().gather(1, idx)
+            used = torch.arange(G, device=self.device) < count[..., None]
+            ones = used.to(torch.int32)
+            diff = torch.zeros(blk.shape[0], n, K + 1, dtype=torch.int32, device=self.device)
+            diff.scatter_add_(2, torch.where(used, starts, K), ones)
+            diff.scatter_add_(2, torch.where(used, ends, K), -ones)
+            in_order = diff[..., :K].cumsum(-1) > 0
+            del diff
+            if self.kv_perm is None:
+                mask[hs, :, :K] = in_order
+            else:
+                perm = self.kv_perm[l, hs].long()  # (h, K) original key at each permuted slot, -1 for padding
+                mask[hs].scatter_(2, torch.where(perm >= 0, perm, S)[:, None, :].expand(-1, n, -1), in_order)
+        mask = mask[..., :S]
         if self.text_kv is not None:
             mask[..., self.text_kv[0] : self.text_kv[1]] = True
         if self.dense_q is not None:

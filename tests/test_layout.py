@@ -118,8 +118,14 @@ def test_stack_and_take_heads_preserve_per_head_masks():
 
 
 @pytest.mark.parametrize("perm,text,dense", [(False, None, False), (True, None, False), (True, (48, 61), False), (True, (0, 9), True)])
-def test_row_key_mask_matches_token_mask(perm, text, dense):
-    """The profiler's row mask equals the rows of the dense token mask, for sampled, unsorted, repeated rows."""
+@pytest.mark.parametrize("work", [None, 1])
+def test_row_key_mask_matches_token_mask(perm, text, dense, work, monkeypatch):
+    """The profiler's row mask equals the rows of the dense token mask, for sampled, unsorted, repeated rows; also
+    with the work space so small that every head is a chunk of its own."""
+    if work is not None:
+        import sparse_dit.layout as layout_module
+
+        monkeypatch.setattr(layout_module, "ROWS_MASK_WORK_ENTRIES", work)
     S, H, L = 61, 3, 2
     lay = random_segment_layout(S, H, L, 16, seed=11, perm=perm, text=text, dense_q=text if dense else None)
     full = lay.to_dense_mask()
