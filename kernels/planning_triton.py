@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_attention import _build_chunk_tables
+
 __all__ = ["kmeans_step", "kmeans_lloyd", "prune_scores"]
 
 
@@ -373,44 +375,9 @@ def chunk_tables(
     for segments snapped to multiples of block_n, whose only possible tail is the end of the key order). Entries
     past the counts are 0, as there."""
     device = layout.device if device is None else torch.device(device)
-    count = layout.kv_count.to(device).long()
-    start = layout.kv_start.to(device).long()
-    end = layout.kv_end.to(device).long()
-    G = start.shape[-1]
-    K = layout.kv_order_len
-    used = torch.arange(G, device=device) < count[..., None]
-    length = torch.where(used, end - start, 0).clamp(min=0)
-    nfull = length // block_n
-    has_tail = (length - nfull * block_n) > 0
-    n_full = nfull.sum(-1)
-    n_part = has_tail.sum(-1)
-    cf = max(1, K // block_n)
-    cum = nfull.cumsum(-1).contiguous()
-    c = torch.arange(cf, device=device).expand(*cum.shape[:-1], cf).contiguous()
-    g = torch.searchsorted(cum, c, right=True).clamp(max=G - 1)  # segment holding full chunk c
-    first = (cum - nfull).gather(-1, g)
-    valid = c < n_full[..., None]
-    full_start = torch.where(valid, start.gather(-1, g) + (c - first) * block_n, 0)
-    order = torch.sort((~has_tail).to(torch.int8), dim=-1, stable=True).indices  # segments with a tail first
-    keep = torch.arange(G, device=device) < n_part[..., None]
-    part_start = torch.where(keep, (start + nfull * block_n).gather(-1, order), 0)
-    part_end = torch.where(keep, end.gather(-1, order), 0)
-    if max_tails is not None and max_tails < G:
-        part_start, part_end = part_start[..., : max(1, max_tails)], part_end[..., : max(1, max_tails)]
-    n_clean = n_full
-    if layout.kv_perm is not None:  # full chunks holding padding slots (-1) go last (the kernel masks them)
-        kv_perm = layout.kv_perm.to(device)
-        L, H = kv_perm.shape[:2]
-        prefix = torch.nn.functional.pad((kv_perm < 0).long().cumsum(-1), (1, 0))  # (L, H, K + 1)
-        NQ = full_start.shape[2]
-        flat = prefix[:, :, None, :].expand(L, H, NQ, prefix.shape[-1])
-        n_pad = flat.gather(-1, (full_start + block_n).clamp(max=prefix.shape[-1] - 1)) - flat.gather(-1, full_start)
-        dirty = valid & (n_pad > 0)
-        rank = torch.where(valid, dirty.long(), 2)
-        full_start = full_start.gather(-1, torch.sort(rank, dim=-1, stable=True).indices)
-        n_clean = (valid & ~dirty).sum(-1)
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return i32(n_full), i32(n_clean), i32(full_start), i32(n_part), i32(part_start), i32(part_end)
+    G = layout.kv_start.shape[-1]
+    tails = G if max_tails is None or max_tails >= G else max(1, max_tails)
+    return _build_chunk_tables(layout, block_n, device, full_width=max(1, layout.kv_order_len // block_n), tail_width=tails)
 
 
 def single_segment_tables(L: int, H: int, NQ: int, K: int, block_n: int, device) -> tuple[torch.Tensor, ...]:

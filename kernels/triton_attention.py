@@ -512,10 +512,14 @@ def _permute_rows(
 # ------------------------------------------------------------------------------------------ chunk tables
 
 
-def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _build_chunk_tables(
+    layout: Layout, block_n: int, device: torch.device, full_width: int | None = None, tail_width: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Per (l, h, query block): the full BLOCK_N-chunks of its segments as one flat start table, and the
     partial tail chunk of each segment as (start, end); full chunks without kv_perm padding slots
-    ("clean", ``n_clean`` of them) come first. Returns (n_full, n_clean, full_start, n_part, part_start, part_end)."""
+    ("clean", ``n_clean`` of them) come first. Returns (n_full, n_clean, full_start, n_part, part_start, part_end).
+    full_width / tail_width: the tables' widths; None reads the largest counts back to the host (one sync), a
+    planner that knows bounds passes them and builds without one (entries past the counts are 0)."""
     count = layout.kv_count.to(device).long()
     start = layout.kv_start.to(device).long()
     end = layout.kv_end.to(device).long()
@@ -526,8 +530,8 @@ def _build_chunk_tables(layout: Layout, block_n: int, device: torch.device) -> t
     has_tail = (length - nfull * block_n) > 0
     n_full = nfull.sum(-1)
     n_part = has_tail.sum(-1)
-    cf = max(1, int(n_full.max()) if n_full.numel() else 1)
-    cp = max(1, int(n_part.max()) if n_part.numel() else 1)
+    cf = full_width if full_width is not None else max(1, int(n_full.max()) if n_full.numel() else 1)
+    cp = tail_width if tail_width is not None else max(1, int(n_part.max()) if n_part.numel() else 1)
     cum = nfull.cumsum(-1).contiguous()
     c = torch.arange(cf, device=device).expand(*cum.shape[:-1], cf).contiguous()
     g = torch.searchsorted(cum, c, right=True).clamp(max=G - 1)
