@@ -86,6 +86,11 @@ Q_MODES = ("union", "pad")
 _ELEMS_BUDGET = 1 << 26  # distance-matrix elements per assignment chunk (256 MiB in fp32, 128 MiB in bf16)
 
 
+# parameters that only choose clusters from the clustering (not the clustering itself): calibration candidates that
+# differ only in these share one warm-start state
+SELECTION_PARAMS = ("top_p", "min_fraction")
+
+
 def check_params(
     geometry: Geometry | None,
     q_clusters: int | None = None,

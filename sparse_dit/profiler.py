@@ -200,14 +200,11 @@ def output_projection(module: torch.nn.Module) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-# Parameters that only select from a dynamic pattern's state, not shape it: candidates differing only in these share
-# one warm-start state, so k-means candidates of several top_p cluster once per call (then a few warm Lloyd steps
-# each) instead of each clustering from scratch: the clustering dominated calibration time.
-_SELECTION_ONLY_PARAMS = {"kmeans": ("top_p", "min_fraction")}
-
-
 def _state_key(spec: PatternSpec) -> tuple:
-    drop = _SELECTION_ONLY_PARAMS.get(spec.name, ())
+    """The warm-start state a dynamic candidate uses: candidates differing only in parameters that select from the
+    state without shaping it (a pattern module's ``SELECTION_PARAMS``) share one, so k-means candidates of several
+    top_p cluster once per call (then a few warm Lloyd steps each) instead of each from scratch."""
+    drop = getattr(spec.module, "SELECTION_PARAMS", ())
     return (spec.name, tuple(sorted((k, repr(v)) for k, v in spec.params.items() if k not in drop)))
 
 
