@@ -21,9 +21,11 @@ ToMe-style caching allows, is not done here.)
 On a CUDA GPU with triton, ``score="attn"`` can run as fused kernel passes (``planning_triton.prune_scores``: row
 softmax statistics, their combination, then normalised column sums) that never store the (samples x keys) logits
 (``build(..., planner=)`` chooses; ``key_scores`` is the reference). ``planner="auto"`` (the default) takes the
-Triton scorer only from ``TRITON_SCORE_MIN`` scored (batch x head x key) entries up: below it the PyTorch scorer
-was as fast on the GPU and cheaper on the host (H200, benchmarks/results/planning.md: Wan 480p, 12 x 32760 = 0.39M
-entries, 0.49 vs 0.55 ms GPU and 0.7 vs 3.1 ms per call; Wan 720p, 40 x 75600 = 3.0M, Triton 1.7x faster). Either
+Triton scorer from ``TRITON_SCORE_MIN`` scored (batch x head x key) entries up, which covers every video shape: with
+the host work cut to 28 ops per plan it is the faster of the two at both Wan shapes (H200, 2026-12-03 15:03 UTC,
+benchmarks/results/planning.md: Wan 480p, 12 x 32760 = 0.39M entries, 0.27 vs 0.50 ms GPU and 0.58 vs 0.85 ms per
+call; Wan 720p, 40 x 75600 = 3.0M, 1.03 vs 3.13 ms GPU) and holds 1.01x dense peak memory against 1.36x (480p).
+Toy shapes below the threshold keep the PyTorch scorer (one launch beats four there). Either
 way, on a GPU the attention kernel's chunk tables are filled here from host integers (one segment per query
 block), so the plan and the attention call read nothing back from the GPU.
 """
@@ -40,7 +42,7 @@ from sparse_dit.layout import Layout
 from ._tiling import text_ranges
 
 NAME = "prune"
-TRITON_SCORE_MIN = 1 << 20  # (batch x heads x video keys) from which "auto" scores with Triton (see above)
+TRITON_SCORE_MIN = 1 << 16  # (batch x heads x video keys) from which "auto" scores with Triton (see above)
 STATIC = False
 SCORES = ("attn", "norm")
 
