@@ -308,6 +308,7 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
                 per_step = (layers - 1 if cache == "fbc" else layers) * len(inputs)  # FirstBlockCache runs the first block
                 row["schedule_confirmed"] = stats["skipped_calls"] == (args.steps - computed) * per_step
             rows.append(row)
+            getattr(args, "flush", lambda: None)()
             log(f"{row['case']}: computed {computed}/{args.steps} steps, {total:.1f} s ({dense_total / total:.2f}x), "
                 f"peak {peak / 2**30:.2f} GiB")
     results["speed"]["fastest_dense_total_s"] = fastest_total
@@ -369,6 +370,7 @@ def quality_part(args: argparse.Namespace, results: dict) -> None:
                        schedule_computed=sum(computes(cache, i, args) for i in range(args.steps)),
                        psnr_per_clip=[round(x[0], 2) for x in per])
             rows.append(row)
+            getattr(args, "flush", lambda: None)()
             log(f"quality {row['case']}: PSNR {row['psnr_mean']:.2f} dB (min {row['psnr_min']:.2f}), SSIM {row['ssim_mean']:.4f}, "
                 f"computed {row['computed']}/{args.steps} steps")
     probe.handle.remove()
@@ -539,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / f"{stem}.md").write_text(to_markdown(results) + "\n")
 
+    args.flush = write  # parts rewrite the results after every case: a run cut short keeps what it finished
     for part in args.parts:
         {"speed": speed_part, "quality": quality_part, "offload": offload_part}[part](args, results)
         write()
