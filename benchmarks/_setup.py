@@ -1,4 +1,4 @@
-"""Make ``sparse_dit`` (with its mapped sub-packages) importable on a machine where it is not installed,
+"""Make ``sparse_dit`` importable on a machine where it is not installed,
 such as a fresh GPU machine: a temporary ``sparse_dit/`` that links to this checkout's files."""
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ def ensure_sparse_dit() -> None:
     pkg.mkdir()
     for entry in (REPO / "sparse_dit").iterdir():
         (pkg / entry.name).symlink_to(entry)
-    for sub in ("kernels", "patterns", "pipelines", "profiles"):
-        if not (pkg / sub).exists() and (REPO / sub).exists():
-            (pkg / sub).symlink_to(REPO / sub)
     sys.path.insert(0, str(root))
     for name in [m for m in sys.modules if m == "sparse_dit" or m.startswith("sparse_dit.")]:
         del sys.modules[name]

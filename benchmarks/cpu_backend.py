@@ -1,4 +1,4 @@
-"""CPU benchmark of the PyTorch backend (kernels/reference.py): dense SDPA vs the masked path vs the gather path.
+"""CPU benchmark of the PyTorch backend (sparse_dit/kernels/reference.py): dense SDPA vs the masked path vs the gather path.
 
     python benchmarks/cpu_backend.py                                   # reference-model shapes, 2 threads
     python benchmarks/cpu_backend.py --grids 16x16x16 --repeats 7 --out benchmarks/results/cpu_backend.md

@@ -1,7 +1,7 @@
 """Per-head profiles vs uniform single patterns at equal attention density, on the reference model (CPU).
 
     python benchmarks/fidelity.py --out benchmarks/results/fidelity.json \\
-        --save-profile profiles/reference.json --save-density 0.25
+        --save-profile sparse_dit/profiles/reference.json --save-density 0.25
 
 1. Calibrate once, exactly as ``sparse-dit profile --model reference`` does with the same options
    (prompts ``sample_scene(10_000 + i)``, seeds ``seed + i``, the same frames/size/steps/guidance), and time it.

@@ -1,4 +1,4 @@
-"""GPU check and benchmark of the fused block-sparse attention kernel (kernels/triton_attention.py).
+"""GPU check and benchmark of the fused block-sparse attention kernel (sparse_dit/kernels/triton_attention.py).
 
     python benchmarks/kernel.py --out /tmp/kernel_bench            # everything
     python benchmarks/kernel.py --sections correct,bench --shapes wan480p --densities 0.1,0.5
@@ -12,7 +12,7 @@ Sections (comma-separated, in this order):
            kernel, cuDNN SDPA dense, and compiled FlexAttention with the same block mask.
   perm     permutation overhead at 10% density: identity vs fused gather vs separate permute (and, with
            flash-attn-4, the FA4 engine's gathers around its kernel).
-  fa4      FlashAttention-4 engine (kernels/fa4.py) vs the Triton kernel vs masked SDPA, bf16 and fp16, head dims
+  fa4      FlashAttention-4 engine (sparse_dit/kernels/fa4.py) vs the Triton kernel vs masked SDPA, bf16 and fp16, head dims
            64 and 128, block masks plain / permuted / text+dense rows / per batch (max abs and relative error),
            and FA4 dense vs cuDNN dense. Skipped with a message when flash_attn.cute is not importable.
 
@@ -23,7 +23,7 @@ it those columns are NaN and a line says why. Wan shapes with FA4 (each well und
     python benchmarks/kernel.py --sections fa4,bench --shapes wan480p --densities 0.1,0.2,0.3,0.5 --no-flex
     python benchmarks/kernel.py --sections bench,perm --shapes wan720p --densities 0.1,0.2,0.3,0.5 --no-flex
 
-Experimental kernel variants (config flags, see kernels/triton_attention.py), instead of the sections:
+Experimental kernel variants (config flags, see sparse_dit/kernels/triton_attention.py), instead of the sections:
 
     python benchmarks/kernel.py --variants --out $OUT          # GPU: Wan 480p B=1, densities 0.1 and 0.3
     TRITON_INTERPRET=1 python benchmarks/kernel.py --variants --smoke   # CPU: tiny shapes, launch/syntax only

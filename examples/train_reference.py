@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _setup import ensure_sparse_dit  # noqa: E402
 
-ensure_sparse_dit()  # run from a checkout without installing (links the mapped sub-packages)
+ensure_sparse_dit()  # run from a checkout without installing
 
 from sparse_dit.reference import model as refmodel  # noqa: E402
 from sparse_dit.reference.text import PromptEncoder  # noqa: E402

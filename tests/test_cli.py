@@ -265,8 +265,8 @@ def test_demo_reading_is_one_line():
 def test_shipped_name_never_resolves_outside_the_shipped_folder(tmp_path, monkeypatch):
     shipped = tmp_path / "pkg" / "sub" / "profiles"
     shipped.mkdir(parents=True)
-    (shipped / "reference.json").write_text((ROOT / "profiles" / "reference.json").read_text())
-    (tmp_path / "pkg" / "x.json").write_text((ROOT / "profiles" / "reference.json").read_text())  # shipped/../../x.json
+    (shipped / "reference.json").write_text((ROOT / "sparse_dit" / "profiles" / "reference.json").read_text())
+    (tmp_path / "pkg" / "x.json").write_text((ROOT / "sparse_dit" / "profiles" / "reference.json").read_text())  # shipped/../../x.json
     import sparse_dit.profile as profile_module
 
     monkeypatch.setattr(profile_module, "_shipped_dir", lambda: shipped)
@@ -290,7 +290,7 @@ def test_python_api_resolves_profile_names_as_the_cli_does(tmp_path, monkeypatch
     from sparse_dit.profile import Profile
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "x.json").write_text((ROOT / "profiles" / "reference.json").read_text())
+    (tmp_path / "x.json").write_text((ROOT / "sparse_dit" / "profiles" / "reference.json").read_text())
     sub = tmp_path / "a" / "b"
     sub.mkdir(parents=True)
     monkeypatch.chdir(sub)

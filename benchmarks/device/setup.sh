@@ -5,9 +5,8 @@ set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-mkdir -p /tmp/sdpkg/sparse_dit
-for e in sparse_dit/*; do ln -sfn "$PWD/$e" /tmp/sdpkg/sparse_dit/; done
-for sub in kernels patterns pipelines profiles; do ln -sfn "$PWD/$sub" /tmp/sdpkg/sparse_dit/$sub; done
+mkdir -p /tmp/sdpkg
+ln -sfn "$PWD/sparse_dit" /tmp/sdpkg/sparse_dit
 export PYTHONPATH=/tmp/sdpkg:$PYTHONPATH
 (cd /tmp && python3 -c "import torch, diffusers, triton, sparse_dit; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())")
 set +e

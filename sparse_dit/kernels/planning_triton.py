@@ -1,7 +1,7 @@
 """Fused Triton kernels for the dynamic patterns' planning (k-means assignment + centroid sums, prune key scores).
 
 Everything here is launched without a host synchronisation: shapes depend only on the inputs' shapes, never on
-values, and results stay on the device. The PyTorch functions in ``patterns/kmeans.py`` and ``patterns/prune.py``
+values, and results stay on the device. The PyTorch functions in ``sparse_dit/patterns/kmeans.py`` and ``sparse_dit/patterns/prune.py``
 are the reference these kernels are tested against (tests/test_planning_triton.py, under the interpreter).
 
 Inputs are read in place from diffusers' ``(B, S, h, D)`` layout (any strides), so planning makes no fp32 copy of
