@@ -421,6 +421,31 @@ def test_planning_benchmark_smoke(tmp_path):
     assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
 
 
+def test_planning_benchmark_compares_the_centroid_updates():
+    """The GPU-only parts of --kmeans-update / --lloyd-blocks, run here under the interpreter on the tiny shape:
+    kmeans-seg rows next to the fused kmeans ones, and one Lloyd step per update and tile, all in agreement."""
+    import importlib.util
+    from pathlib import Path
+
+    import sparse_dit.kernels.planning_triton as pt
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "planning.py"
+    spec = importlib.util.spec_from_file_location("planning_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.run_shape("tiny", [0.2], torch.device("cpu"), 1, ["triton"], None, ("atomic", "segment"))
+    assert [c["pattern"] for c in row["cases"]] == ["kmeans", "kmeans-w1", "kmeans-seg", "prune"]
+    assert pt.CENTROID_UPDATE == "atomic"  # restored after the kmeans-seg rows
+    geo = _geometry(1, 2, 16, (2, 4, 16), 0)
+    q, k = (torch.randn(1, geo.seq_len, 2, 16) for _ in range(2))
+    lloyd = bench.lloyd_times(geo, q, k, torch.device("cpu"), 1, ("atomic", "segment"), ((64, 64, 4), (128, 32, 8)))
+    assert [(r["tokens"], r["update"], r["block_s"]) for r in lloyd] == [
+        (t, u, b) for t in ("q", "k") for u in ("atomic", "segment") for b in (64, 128)
+    ]
+    assert all(r["agree"] == 1.0 and r["sizes_equal"] and r["max_cent_diff"] < 1e-5 for r in lloyd)
+    assert "| k | 2 | segment | 128x32x8 |" in bench.markdown([dict(row, lloyd=lloyd)], {k_: "-" for k_ in ("device", "command", "date", "torch", "triton")})
+
+
 # ------------------------------------------------------------------------------------------------- mixed
 def test_mixed_stack_equals_per_pattern_layouts_and_carries_chunk_tables(gen):
     """A mixed layer (tile, dense, k-means, prune heads interleaved) stacked in one pass equals the per-pattern
