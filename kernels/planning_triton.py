@@ -80,6 +80,8 @@ def _assign_accumulate_kernel(
         tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :])
         tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
     else:
+        # a token held by several threads (the argmin's slice layout) gets its one atomic's result on every copy only
+        # since triton broadcasts it (triton-lang/triton#7460, 3.5+); the benchmark's lloyd rows check the ranks
         rank = tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
         tl.store(RANKS + n.to(tl.int64) * S + offs_s, rank, mask=s_ok)
 
@@ -258,7 +260,8 @@ def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch
     """``iters`` Lloyd iterations from ``init`` (N, C, D): x (B, S, h, D). A fixed count, no convergence test (that
     test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C).
     Per iteration two launches (assignment + sums, then the centroid update that also zeroes the sums for the next
-    one), plus one to round the initial centroids; no other torch op runs between iterations."""
+    one), plus one to round the initial centroids; with `CENTROID_UPDATE` = "segment" four (assignment + counts,
+    a device prefix sum, the scatter by cluster, the per-cluster sums + update). No value is read on the host."""
     return _lloyd(x, init, iters)
 
 
