@@ -3,6 +3,8 @@ the sparse attention kernel time at 10% / 20% density, and peak memory vs dense 
 
     python3 benchmarks/planning.py --out $OUT            # H200/H100, torch + triton; no diffusers needed (< 3 min)
     python3 benchmarks/planning.py --out /tmp/p --tiny   # CPU smoke run of the script (tests/test_benchmarks.py)
+    python3 benchmarks/planning.py --out $OUT --shapes wan1.3b-480p --planners triton --no-profile \
+        --kmeans-update atomic,segment --lloyd-blocks 64x64x4,128x64x8,128x128x8   # the two centroid updates
 
 Shapes (B = 1 per CFG branch, bf16, D = 128, no text in Wan's self-attention): Wan2.1-1.3B 480p (H = 12, grid 21x30x52,
 S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and density:
@@ -22,7 +24,11 @@ S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and
 - ``share``: plan_ms / (plan_ms + attn_ms), the planning overhead of a sparse attention call with replan_every=1;
 - ``sync_free``: True when a warm plan plus the attention launch runs under ``torch.cuda.set_sync_debug_mode("error")``,
   else the first line of the error (the torch planner syncs by design);
-- ``peak_mib``: peak allocated memory of plan + attention beyond q/k/v/out, vs the same for dense SDPA.
+- ``peak_mib``: peak allocated memory of plan + attention beyond q/k/v/out, vs the same for dense SDPA;
+- ``--kmeans-update atomic,segment``: adds ``kmeans-seg`` rows (the fused planner with
+  ``planning_triton.CENTROID_UPDATE = "segment"``) and, per update path and ``--lloyd-blocks`` tile
+  (BLOCK_S x BLOCK_C x num_warps of the assignment GEMM), the GPU time of one Lloyd step alone on q and on k
+  (``lloyd`` rows, host queued ahead) with its agreement with the atomic path at the default tile.
 
 q/k are synthetic with cluster structure (a low-rank smooth signal plus noise) since real activations are not
 available here; the next call's inputs are the previous ones plus small noise (a denoising step's drift). Writes
@@ -32,6 +38,7 @@ planning.json and planning.md under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -148,7 +155,8 @@ def pin_kmeans(geo: Geometry, H: int, block: int, device, q, k, q2, k2, planner:
 
 
 def run_shape(
-    name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str], profile_dir: Path | None = None
+    name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str], profile_dir: Path | None = None,
+    updates: tuple[str, ...] = ("atomic",), lloyd_blocks: tuple[tuple[int, int, int], ...] = (),
 ) -> dict:
     spec = SHAPES[name]
     H, grid = spec["heads"], spec["grid"]
@@ -177,79 +185,135 @@ def run_shape(
         blk = random_block_layout(B, H, S, block, max(0.0, (d * nb - 1) / max(1, nb - 1)), device, gen)
         with torch.no_grad():
             attn_bm = timed(lambda: attend(q, k, v, blk), device, repeats)
-        for pattern in ("kmeans", "kmeans-w1", "prune"):
+        extra = ("kmeans-seg",) if "segment" in updates and "triton" in planners else ()
+        for pattern in ("kmeans", "kmeans-w1", *extra, "prune"):
             module = prune if pattern == "prune" else kmeans
             base = {"keep_ratio": d} if pattern == "prune" else {"top_p": 0.05, "min_fraction": d}
             if pattern == "kmeans-w1":  # one warm Lloyd step instead of two: half the arithmetic floor
                 base["warm_iters"] = 1
             for planner in planners:
-                if pattern == "kmeans-w1" and planner != planners[0]:
+                if (pattern == "kmeans-w1" and planner != planners[0]) or (pattern == "kmeans-seg" and planner != "triton"):
                     continue
-                params = dict(base)
-                if pattern != "prune":
-                    params, _ = pin_kmeans(geo, H, block, device, q, k, q2, k2, planner, base, d)
-                state: dict = {}
-                t0 = time.perf_counter()
-                module.build(geo, H, block, device, q=q, k=k, state=state, planner=planner, **params)  # cold start
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                cold_ms = (time.perf_counter() - t0) * 1e3
-                box: dict = {}
+                with centroid_update("segment" if pattern == "kmeans-seg" else None):
+                    params = dict(base)
+                    if pattern != "prune":
+                        params, _ = pin_kmeans(geo, H, block, device, q, k, q2, k2, planner, base, d)
+                    state: dict = {}
+                    t0 = time.perf_counter()
+                    module.build(geo, H, block, device, q=q, k=k, state=state, planner=planner, **params)  # cold start
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    cold_ms = (time.perf_counter() - t0) * 1e3
+                    box: dict = {}
 
-                def plan() -> Layout:
-                    box["lay"] = module.build(geo, H, block, device, q=q2, k=k2, state=state, planner=planner, **params)
-                    return box["lay"]
+                    def plan() -> Layout:
+                        box["lay"] = module.build(geo, H, block, device, q=q2, k=k2, state=state, planner=planner, **params)
+                        return box["lay"]
 
-                sync_free = None
-                if device.type == "cuda":  # does a warm plan + the attention launch synchronise with the host?
-                    torch.cuda.synchronize()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        with torch.no_grad():
-                            attend(q, k, v, plan())
-                        sync_free = True
-                    except RuntimeError as err:
-                        sync_free = str(err).splitlines()[0][:200]
-                    finally:
-                        torch.cuda.set_sync_debug_mode(0)
-                plan_ms = timed(plan, device, repeats)
-                plan_gpu_ms = timed(plan, device, repeats, warmup=0, ahead=True) if device.type == "cuda" else plan_ms
-                lay = box["lay"]
-                with torch.no_grad():
-                    attn_ms = timed(lambda: attend(q, k, v, lay), device, repeats)
-                    eq = random_block_layout(B, H, S, block, max(0.0, (lay.density * nb - 1) / max(1, nb - 1)), device, gen)
-                    attn_eq = timed(lambda: attend(q, k, v, eq), device, repeats)
+                    sync_free = None
+                    if device.type == "cuda":  # does a warm plan + the attention launch synchronise with the host?
+                        torch.cuda.synchronize()
+                        torch.cuda.set_sync_debug_mode("error")
+                        try:
+                            with torch.no_grad():
+                                attend(q, k, v, plan())
+                            sync_free = True
+                        except RuntimeError as err:
+                            sync_free = str(err).splitlines()[0][:200]
+                        finally:
+                            torch.cuda.set_sync_debug_mode(0)
+                    plan_ms = timed(plan, device, repeats)
+                    plan_gpu_ms = timed(plan, device, repeats, warmup=0, ahead=True) if device.type == "cuda" else plan_ms
+                    lay = box["lay"]
+                    with torch.no_grad():
+                        attn_ms = timed(lambda: attend(q, k, v, lay), device, repeats)
+                        eq = random_block_layout(B, H, S, block, max(0.0, (lay.density * nb - 1) / max(1, nb - 1)), device, gen)
+                        attn_eq = timed(lambda: attend(q, k, v, eq), device, repeats)
 
-                    def plan_and_attend():
-                        return attend(q, k, v, plan())
+                        def plan_and_attend():
+                            return attend(q, k, v, plan())
 
-                    peak = peak_extra_mib(plan_and_attend, device)
-                case = {
-                    "pattern": pattern, "planner": planner, "target_density": d, "density": round(lay.density, 4),
-                    "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "plan_gpu_ms": round(plan_gpu_ms, 3),
-                    "attn_ms": round(attn_ms, 3), "share_gpu": round(plan_gpu_ms / (plan_gpu_ms + attn_ms), 4),
-                    "attn_blockmask_ms": round(attn_bm, 3), "min_fraction": params.get("min_fraction"),
-                    "attn_eq_ms": round(attn_eq, 3), "eq_density": round(eq.density, 4),
-                    "attn_vs_blockmask": round(attn_ms / attn_eq, 3), "share": round(plan_ms / (plan_ms + attn_ms), 4),
-                    "peak_mib": None if peak is None else round(peak, 1), "sync_free": sync_free,
-                    "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
-                }
-                if pattern != "prune":  # arithmetic floor: distance GEMMs of warm_iters Lloyd steps vs attention's
-                    cq, ck = kmeans._cluster_counts(geo.video_len, kmeans.check_params(geo, **params))
-                    plan_flop = 2 * B * H * geo.video_len * D * (cq + ck) * kmeans.check_params(geo, **params)["warm_iters"]
-                else:  # two passes of m=64 sampled queries against every key
-                    plan_flop = 2 * 2 * B * H * 64 * geo.video_len * D
-                attn_flop = 4 * B * H * S * S * D * lay.density
-                case["flop_ratio"] = round(plan_flop / attn_flop, 4)
-                row["cases"].append(case)
-                print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms (GPU alone {plan_gpu_ms:8.3f}), attn {attn_ms:7.3f} ms "
-                      f"(block mask {attn_bm:7.3f}, at equal density {attn_eq:7.3f}), share {case['share']:.1%}, density {case['density']:.3f}, "
-                      f"peak {case['peak_mib']} MiB (dense {row['dense_peak_mib']})", flush=True)
+                        peak = peak_extra_mib(plan_and_attend, device)
+                    case = {
+                        "pattern": pattern, "planner": planner, "target_density": d, "density": round(lay.density, 4),
+                        "cold_ms": round(cold_ms, 2), "plan_ms": round(plan_ms, 3), "plan_gpu_ms": round(plan_gpu_ms, 3),
+                        "attn_ms": round(attn_ms, 3), "share_gpu": round(plan_gpu_ms / (plan_gpu_ms + attn_ms), 4),
+                        "attn_blockmask_ms": round(attn_bm, 3), "min_fraction": params.get("min_fraction"),
+                        "attn_eq_ms": round(attn_eq, 3), "eq_density": round(eq.density, 4),
+                        "attn_vs_blockmask": round(attn_ms / attn_eq, 3), "share": round(plan_ms / (plan_ms + attn_ms), 4),
+                        "peak_mib": None if peak is None else round(peak, 1), "sync_free": sync_free,
+                        "peak_vs_dense": None if peak is None or not row["dense_peak_mib"] else round(peak / row["dense_peak_mib"], 3),
+                    }
+                    if pattern != "prune":  # arithmetic floor: distance GEMMs of warm_iters Lloyd steps vs attention's
+                        cq, ck = kmeans._cluster_counts(geo.video_len, kmeans.check_params(geo, **params))
+                        plan_flop = 2 * B * H * geo.video_len * D * (cq + ck) * kmeans.check_params(geo, **params)["warm_iters"]
+                    else:  # two passes of m=64 sampled queries against every key
+                        plan_flop = 2 * 2 * B * H * 64 * geo.video_len * D
+                    attn_flop = 4 * B * H * S * S * D * lay.density
+                    case["flop_ratio"] = round(plan_flop / attn_flop, 4)
+                    row["cases"].append(case)
+                    print(f"  {pattern:6s} {planner:6s} @{d:.2f}: plan {plan_ms:8.3f} ms (GPU alone {plan_gpu_ms:8.3f}), attn {attn_ms:7.3f} ms "
+                          f"(block mask {attn_bm:7.3f}, at equal density {attn_eq:7.3f}), share {case['share']:.1%}, density {case['density']:.3f}, "
+                          f"peak {case['peak_mib']} MiB (dense {row['dense_peak_mib']})", flush=True)
+    if lloyd_blocks and "triton" in planners and device.type == "cuda":
+        row["lloyd"] = lloyd_times(geo, q2, k2, device, repeats, updates, lloyd_blocks)
     if "triton" in planners and "torch" in planners:
         row["agreement"] = agreement(geo, H, block, device, q, k, q2, k2)
     if profile_dir is not None and device.type == "cuda":
         row["profile"] = str(profile_planning(geo, H, block, device, q, k, q2, k2, densities[0], profile_dir / f"profile_{name}.txt"))
     return row
+
+
+@contextlib.contextmanager
+def centroid_update(update: str | None):
+    """Run the body with ``planning_triton.CENTROID_UPDATE = update`` (None: leave it), restored afterwards."""
+    if update is None:
+        yield
+        return
+    from sparse_dit.kernels import planning_triton
+
+    saved = planning_triton.CENTROID_UPDATE
+    planning_triton.CENTROID_UPDATE = update
+    try:
+        yield
+    finally:
+        planning_triton.CENTROID_UPDATE = saved
+
+
+def lloyd_times(geo: Geometry, q, k, device, repeats: int, updates, blocks) -> list[dict]:
+    """GPU time (host queued ahead) of one fused Lloyd step on q (Cq clusters) and k (Ck), per centroid update and
+    assignment tile (BLOCK_S, BLOCK_C, num_warps), from centroids drawn among the tokens. Against the first
+    configuration timed (the atomic path at the first tile when ``updates`` starts with it): ``agree``, the fraction
+    of equal labels, ``sizes_equal`` and ``max_cent_diff`` (fp32 rounding only, when the labels agree) -- a wrong
+    rank from the segment path's counting atomics would show here."""
+    from sparse_dit.kernels.planning_triton import _lloyd
+
+    B, S, h, D = q.shape
+    V, v0 = geo.video_len, geo.video_start
+    cq, ck = kmeans._cluster_counts(V, kmeans.check_params(geo))
+    gen = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for name, x, C in (("q", q, cq), ("k", k, ck)):
+        video = x[:, v0 : v0 + V]
+        pick = torch.randint(0, V, (B * h, C), generator=gen, device=device)
+        flat = video.float().permute(0, 2, 1, 3).reshape(B * h, V, D)
+        init = flat.gather(1, pick[..., None].expand(-1, -1, D))
+        ref = None
+        for update in updates:
+            for bs, bc, warps in blocks:
+                fn = lambda: _lloyd(video, init, 1, update=update, block_s=bs, block_c=bc, num_warps=warps)  # noqa: E731
+                cent, labels, sizes = fn()
+                if ref is None:
+                    ref = (cent, labels, sizes)
+                agree = float((labels == ref[1]).float().mean())
+                diff = float((cent - ref[0]).abs().max()) if agree == 1.0 else None
+                ms = timed(fn, device, repeats, ahead=True)
+                out.append({"tokens": name, "clusters": C, "update": update, "block_s": bs, "block_c": bc, "num_warps": warps,
+                            "ms": round(ms, 4), "agree": agree, "sizes_equal": bool(torch.equal(sizes, ref[2])),
+                            "max_cent_diff": diff})
+                print(f"  lloyd {name} C={C} {update:7s} {bs}x{bc}x{warps}: {ms:.4f} ms, labels agree {agree:.5f}, "
+                      f"sizes equal {out[-1]['sizes_equal']}, max centroid diff {diff}", flush=True)
+    return out
 
 
 def profile_planning(geo: Geometry, H: int, block: int, device, q, k, q2, k2, density: float, path: Path) -> Path:
@@ -314,6 +378,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          f"{c['plan_gpu_ms']} | {c['attn_ms']} | {c['attn_blockmask_ms']} | {c['attn_eq_ms']} ({c['eq_density']}) | "
                          f"{c['attn_vs_blockmask']} | {c['share']:.1%} | {c['share_gpu']:.1%} | {c['flop_ratio']:.1%} | "
                          f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} | {c['sync_free']} |")
+        if r.get("lloyd"):
+            lines += ["", "One Lloyd step alone (GPU time, host ahead), per centroid update and assignment tile:", "",
+                      "| tokens | clusters | update | BLOCK_S x BLOCK_C x warps | ms | labels = first row's | sizes equal | max centroid diff |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for c in r["lloyd"]:
+                lines.append(f"| {c['tokens']} | {c['clusters']} | {c['update']} | {c['block_s']}x{c['block_c']}x{c['num_warps']} | "
+                             f"{c['ms']} | {c['agree']:.5f} | {c['sizes_equal']} | {c['max_cent_diff']} |")
         if "agreement" in r:
             lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]
         lines.append("")
@@ -327,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--densities", default="0.1,0.2")
     ap.add_argument("--planners", default="triton,torch")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kmeans-update", default="atomic",
+                    help="comma list of centroid updates of the fused k-means (atomic, segment); segment adds kmeans-seg rows")
+    ap.add_argument("--lloyd-blocks", default="",
+                    help="comma list of BLOCK_SxBLOCK_CxWARPS assignment tiles to time one Lloyd step with, per update "
+                         "(e.g. 64x64x4,128x64x8); empty: no lloyd rows")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables (profile_<shape>.txt)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny shape, torch planner, 1 repeat")
     args = ap.parse_args(argv)
@@ -338,6 +414,15 @@ def main(argv: list[str] | None = None) -> None:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
     densities = [float(x) for x in args.densities.split(",")]
+    updates = tuple(u for u in args.kmeans_update.split(",") if u)
+    if any(u not in ("atomic", "segment") for u in updates):
+        ap.error(f"--kmeans-update: atomic and/or segment, got {args.kmeans_update!r}")
+    try:
+        lloyd_blocks = tuple(tuple(int(v) for v in b.split("x")) for b in args.lloyd_blocks.split(",") if b)
+    except ValueError:
+        ap.error(f"--lloyd-blocks: BLOCK_SxBLOCK_CxWARPS, got {args.lloyd_blocks!r}")
+    if any(len(b) != 3 for b in lloyd_blocks):
+        ap.error(f"--lloyd-blocks: BLOCK_SxBLOCK_CxWARPS, got {args.lloyd_blocks!r}")
     try:
         import triton
 
@@ -349,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python3 benchmarks/planning.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_shape(s, densities, device, repeats, planners, None if args.no_profile else args.out) for s in shapes]
+    rows = [run_shape(s, densities, device, repeats, planners, None if args.no_profile else args.out, updates, lloyd_blocks)
+            for s in shapes]
     meta["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "planning.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))

@@ -34,6 +34,15 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(params=["atomic", "segment"])
+def update(request, monkeypatch) -> str:
+    """Runs a test once per centroid update of the fused Lloyd step, through the module default `_lloyd` reads."""
+    import sparse_dit.kernels.planning_triton as pt
+
+    monkeypatch.setattr(pt, "CENTROID_UPDATE", request.param)
+    return request.param
+
+
 def ints(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(-2, 3, shape, generator=gen).float()
 
@@ -46,7 +55,7 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ k-means
 @pytest.mark.parametrize("B,S,h,D,C", [(1, 37, 1, 16, 5), (2, 100, 3, 32, 7), (1, 130, 2, 64, 70)])
-def test_kmeans_step_equals_reference_with_ties_and_empty_clusters(gen, B, S, h, D, C):
+def test_kmeans_step_equals_reference_with_ties_and_empty_clusters(gen, update, B, S, h, D, C):
     x = ints(gen, B, S, h, D)
     cent = ints(gen, B * h, C, D)
     cent[:, -1] = 50.0  # far from every point: an empty cluster, which keeps its centroid
@@ -61,7 +70,7 @@ def test_kmeans_step_equals_reference_with_ties_and_empty_clusters(gen, B, S, h,
     torch.testing.assert_close(new, ref_cent, rtol=1e-6, atol=1e-6)
 
 
-def test_kmeans_step_reads_strided_fp16_views(gen):
+def test_kmeans_step_reads_strided_fp16_views(gen, update):
     """q as a strided slice of a fused projection in fp16: no copy needed, same labels where the margin is real."""
     B, S, h, D, C = 2, 90, 2, 32, 9
     big = torch.randn(B, S + 7, 3, h, D, generator=gen).half()
@@ -78,7 +87,7 @@ def test_kmeans_step_reads_strided_fp16_views(gen):
     assert torch.equal(sizes.sum(-1), torch.full((B * h,), S, dtype=torch.int32))
 
 
-def test_kmeans_lloyd_equals_reference_iterations(gen):
+def test_kmeans_lloyd_equals_reference_iterations(gen, update):
     B, S, h, D, C = 2, 80, 2, 16, 6
     x = ints(gen, B, S, h, D)
     init = ints(gen, B * h, C, D)
@@ -88,6 +97,77 @@ def test_kmeans_lloyd_equals_reference_iterations(gen):
     assert it == 3
     assert torch.equal(labels.long(), ref_l) and torch.equal(sizes.long(), ref_s)
     torch.testing.assert_close(cent, ref_c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "B,S,h,D,C,iters,blocks",
+    [
+        (1, 37, 1, 16, 5, 1, {}),
+        (2, 130, 3, 32, 7, 2, {"block_s": 128, "block_c": 64, "num_warps": 8, "block_m": 16}),
+        (3, 77, 2, 64, 70, 1, {"block_s": 128, "block_c": 64, "num_warps": 8}),
+        (2, 201, 2, 16, 6, 3, {"block_s": 64, "block_c": 16, "block_m": 8}),  # clusters of ~40 rows: 5+ gather steps
+    ],
+)
+def test_segment_update_equals_reference(gen, B, S, h, D, C, iters, blocks):
+    """The segment path (ragged S, several problems, other tile sizes) against the PyTorch Lloyd iterations, on
+    integer tokens (exact sums): first and last cluster empty (far away: they keep their centroid), cluster 2 a
+    copy of cluster 1 (ties go to the lower index, so it starts empty). The atomic path gives the same."""
+    from sparse_dit.kernels.planning_triton import _lloyd
+
+    x = ints(gen, B, S, h, D)
+    init = ints(gen, B * h, C, D)
+    init[:, 0] = 40.0
+    init[:, -1] = -40.0
+    init[:, 2] = init[:, 1]
+    cent, labels, sizes = _lloyd(x, init, iters, update="segment", **blocks)
+    ref_c, ref_l, ref_s, _ = km.kmeans(flat(x), C, iters=iters, tol=-1.0, init=init)
+    assert labels.dtype == sizes.dtype == torch.int32 and cent.dtype == torch.float32
+    assert torch.equal(labels.long(), ref_l) and torch.equal(sizes.long(), ref_s)
+    torch.testing.assert_close(cent, ref_c, rtol=1e-6, atol=1e-6)
+    assert (sizes[:, 0] == 0).all() and (sizes[:, -1] == 0).all()
+    assert torch.equal(cent[:, 0], init[:, 0]) and torch.equal(cent[:, -1], init[:, -1])
+    if iters == 1:
+        assert (sizes[:, 2] == 0).all()
+    atomic = _lloyd(x, init, iters, update="atomic", **{k: v for k, v in blocks.items() if k != "block_m"})
+    for got, want in zip((cent, labels, sizes), atomic):
+        assert torch.equal(got, want)  # integer sums: exact on both paths, whatever the order of addition
+
+
+@pytest.mark.parametrize("blocks", [{}, {"block_s": 128, "num_warps": 8, "block_m": 16}])
+def test_segment_update_reads_strided_fp16_views(gen, blocks):
+    """A strided fp16 slice of a fused projection (storage offset, non-unit token and head strides), continuous
+    values: the segment path's means are the reference means of its own labels, and both update paths agree --
+    labels and sizes exactly after one step (same assignment kernel and centroids), centroids within fp32
+    rounding (different order of addition)."""
+    from sparse_dit.kernels.planning_triton import _lloyd
+
+    B, S, h, D, C = 2, 93, 3, 32, 6
+    big = torch.randn(B, S + 9, 2, h, D, generator=gen).half()
+    x = big[:, 4 : 4 + S, 1]
+    assert not x.is_contiguous()
+    init = torch.randn(B * h, C, D, generator=gen)
+    init[:, 3] = 30.0  # empty
+    cent, labels, sizes = _lloyd(x, init, 1, update="segment", **blocks)
+    ref_c, ref_s = km.update(flat(x.float()), labels.long(), init)
+    assert torch.equal(sizes.long(), ref_s) and (sizes[:, 3] == 0).all()
+    torch.testing.assert_close(cent, ref_c, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cent[:, 3], init[:, 3])
+    a_cent, a_labels, a_sizes = _lloyd(x, init, 1, update="atomic")
+    assert torch.equal(labels, a_labels) and torch.equal(sizes, a_sizes)
+    torch.testing.assert_close(cent, a_cent, rtol=1e-5, atol=1e-6)
+    # two more steps: the centroids differ by rounding only, so the labels agree where the margin is real
+    cent3, labels3, _ = _lloyd(x, init, 3, update="segment", **blocks)
+    a_cent3, a_labels3, _ = _lloyd(x, init, 3, update="atomic")
+    assert (labels3 == a_labels3).float().mean() > 0.98
+    if torch.equal(labels3, a_labels3):
+        torch.testing.assert_close(cent3, a_cent3, rtol=1e-5, atol=1e-5)
+
+
+def test_lloyd_rejects_an_unknown_update():
+    from sparse_dit.kernels.planning_triton import _lloyd
+
+    with pytest.raises(ValueError, match="centroid update"):
+        _lloyd(torch.zeros(1, 8, 1, 16), torch.zeros(1, 2, 16), 1, update="sorted")
 
 
 def _geometry(B: int, h: int, D: int, grid: tuple[int, int, int], text: int) -> Geometry:
@@ -103,7 +183,7 @@ def _geometry(B: int, h: int, D: int, grid: tuple[int, int, int], text: int) -> 
         (1, 3, (2, 6, 6), 0, {"q_clusters": 6, "k_clusters": 16, "q_mode": "pad", "kv_align": 8}),
     ],
 )
-def test_kmeans_layout_equals_reference(gen, B, h, grid, text, params):
+def test_kmeans_layout_equals_reference(gen, update, B, h, grid, text, params):
     """The whole build, twice (cold start, then warm start from the kept centroids), on both planners, one Lloyd step
     per call. Equality is only defined where every token's nearest centroid is unique: with integer tokens and the
     k-means++ start (tokens themselves) distances are exact; the warm call's centroids are means, so its tokens are
@@ -236,7 +316,7 @@ def no_host_reads():
             setattr(torch.Tensor, n, f)
 
 
-def test_no_host_read_in_triton_planning(gen):
+def test_no_host_read_in_triton_planning(gen, update):
     """Warm k-means planning (and prune) through the Triton path reads nothing back; the torch path does (the check
     would catch it), so the test is not vacuous. Cold starts (k-means++) happen once per generation and are excluded."""
     B, h, D, block_q = 2, 2, 16, 16
@@ -303,7 +383,7 @@ def test_chunk_tables_equal_the_kernel_builder(gen, block_n):
     _assert_tables_equal(chunk_tables(padded, block_n), _build_chunk_tables(padded, block_n, torch.device("cpu")))
 
 
-def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen):
+def test_planned_layout_runs_the_attention_kernel_without_host_reads(gen, update):
     """Plan (warm) and attend with the Triton kernel, fp32: equal to the reference attention on the same layout; the
     kernel uses the primed chunk tables, so plan + attention read nothing back."""
     from sparse_dit.kernels.reference import reference_attention
@@ -339,6 +419,31 @@ def test_planning_benchmark_smoke(tmp_path):
     ]
     assert all(c["plan_ms"] > 0 and c["attn_ms"] > 0 and 0 < c["density"] <= 1 for c in cases)
     assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
+
+
+def test_planning_benchmark_compares_the_centroid_updates():
+    """The GPU-only parts of --kmeans-update / --lloyd-blocks, run here under the interpreter on the tiny shape:
+    kmeans-seg rows next to the fused kmeans ones, and one Lloyd step per update and tile, all in agreement."""
+    import importlib.util
+    from pathlib import Path
+
+    import sparse_dit.kernels.planning_triton as pt
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "planning.py"
+    spec = importlib.util.spec_from_file_location("planning_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.run_shape("tiny", [0.2], torch.device("cpu"), 1, ["triton"], None, ("atomic", "segment"))
+    assert [c["pattern"] for c in row["cases"]] == ["kmeans", "kmeans-w1", "kmeans-seg", "prune"]
+    assert pt.CENTROID_UPDATE == "atomic"  # restored after the kmeans-seg rows
+    geo = _geometry(1, 2, 16, (2, 4, 16), 0)
+    q, k = (torch.randn(1, geo.seq_len, 2, 16) for _ in range(2))
+    lloyd = bench.lloyd_times(geo, q, k, torch.device("cpu"), 1, ("atomic", "segment"), ((64, 64, 4), (128, 32, 8)))
+    assert [(r["tokens"], r["update"], r["block_s"]) for r in lloyd] == [
+        (t, u, b) for t in ("q", "k") for u in ("atomic", "segment") for b in (64, 128)
+    ]
+    assert all(r["agree"] == 1.0 and r["sizes_equal"] and r["max_cent_diff"] < 1e-5 for r in lloyd)
+    assert "| k | 2 | segment | 128x32x8 |" in bench.markdown([dict(row, lloyd=lloyd)], {k_: "-" for k_ in ("device", "command", "date", "torch", "triton")})
 
 
 # ------------------------------------------------------------------------------------------------- mixed
@@ -522,12 +627,12 @@ def quiet_kernels(monkeypatch):
 
             return run
 
-    for name in ("_assign_accumulate_kernel", "_centroid_kernel", "_cover_tables_kernel"):
+    for name in ("_assign_accumulate_kernel", "_centroid_kernel", "_scatter_kernel", "_segment_centroid_kernel", "_cover_tables_kernel"):
         monkeypatch.setattr(pt, name, Quiet(getattr(pt, name)))
 
 
 @pytest.mark.parametrize("h,grid,block_q,k_tokens", [(4, (4, 16, 32), 64, 16), (2, (3, 8, 20), 32, 8), (1, (2, 24, 40), 128, 64)])
-def test_fused_kmeans_memory_within_the_analytic_bound(gen, quiet_kernels, h, grid, block_q, k_tokens):
+def test_fused_kmeans_memory_within_the_analytic_bound(gen, update, quiet_kernels, h, grid, block_q, k_tokens):
     """The bytes a warm fused k-means plan allocates, measured op by op: the layout and its chunk tables are exactly
     `fused_plan_bytes`' "layout" and the peak stays under its layout + state + transient bound. The bound at Wan's
     shapes is what the docs claim: planning peaks below the attention output (so the call's peak is output + layout

@@ -23,17 +23,30 @@ __all__ = ["kmeans_step", "kmeans_lloyd", "prune_scores"]
 
 
 # ------------------------------------------------------------------------------------------------- k-means
+# How `_lloyd` forms the new centroids (the module's one default; `_lloyd(update=...)` overrides it per call):
+# "atomic": the assignment kernel adds each token's D-vector into its cluster's fp32 sum (D atomics per token);
+# "segment": it only counts (one int32 atomic per token, whose returned old count is the token's rank in its
+# cluster), then the tokens are grouped by cluster (prefix sum + scatter) and one program per cluster sums its rows.
+CENTROID_UPDATE = "atomic"
+# Assignment tile (BLOCK_S tokens x BLOCK_C centroids) and its warps; exposed to be swept on the GPU.
+ASSIGN_BLOCKS = {"block_s": 64, "block_c": 64, "num_warps": 4}
+# Rows gathered per step by the segment kernel, and its warps.
+SEGMENT_BLOCKS = {"block_m": 64, "num_warps": 4}
+
+
 @triton.jit
 def _assign_accumulate_kernel(
-    X, CENT, CSQ, LABELS, SUMS, COUNTS,
+    X, CENT, CSQ, LABELS, SUMS, COUNTS, RANKS,
     S, NUM_C, h,
     sx_b, sx_s, sx_h, sx_d,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """One program: BLOCK_S tokens of problem n = b * h + head. Nearest centroid by ``||c||^2 - 2 x.c`` (the
     ``||x||^2`` term does not change the argmin), scanning the centroids BLOCK_C at a time with a running
-    (min, argmin) so distances never leave registers; then the token is added to its cluster's sum and count
-    (atomics: clusters are scattered over the sequence, a sort would cost more than the contention)."""
+    (min, argmin) so distances never leave registers. ACCUMULATE: the token is added to its cluster's sum and count
+    (atomics: clusters are scattered over the sequence, a sort would cost more than the contention). Else only the
+    count is incremented, and the count before the increment -- unique per token of a cluster -- goes to RANKS
+    (N, S), the token's slot in its cluster's range of the grouped order (SUMS is not touched)."""
     pid_s = tl.program_id(0)
     n = tl.program_id(1)
     b = n // h
@@ -63,13 +76,75 @@ def _assign_accumulate_kernel(
         arg = tl.where(upd, a, arg)
     tl.store(LABELS + n.to(tl.int64) * S + offs_s, arg, mask=s_ok)
     slot = n.to(tl.int64) * NUM_C + arg
-    tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :])
-    tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+    if ACCUMULATE:
+        tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :])
+        tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+    else:
+        # a token held by several threads (the argmin's slice layout) gets its one atomic's result on every copy only
+        # since triton broadcasts it (triton-lang/triton#7460, 3.5+); the benchmark's lloyd rows check the ranks
+        rank = tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+        tl.store(RANKS + n.to(tl.int64) * S + offs_s, rank, mask=s_ok)
 
 
-def _block_sizes(D: int) -> tuple[int, int, int]:
-    bd = max(16, triton.next_power_of_2(D))
-    return 64, 64, bd
+@triton.jit
+def _scatter_kernel(LABELS, RANKS, ENDS, COUNTS, ORDER, S, NUM_C, BLOCK_S: tl.constexpr):
+    """BLOCK_S tokens of problem n (grid (cdiv(S, BLOCK_S), N)): token s goes to ORDER[n, start(label) + rank],
+    start = the exclusive prefix sum of the counts (ENDS inclusive minus COUNTS), so ORDER (N, S) lists the tokens
+    grouped by cluster. The ranks came from the counting atomics: no atomic here, no sort."""
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = offs_s < S
+    lab = tl.load(LABELS + n * S + offs_s, mask=ok, other=0)
+    rank = tl.load(RANKS + n * S + offs_s, mask=ok, other=0)
+    slot = n * NUM_C + lab
+    start = tl.load(ENDS + slot, mask=ok, other=0) - tl.load(COUNTS + slot, mask=ok, other=0)
+    tl.store(ORDER + n * S + start + rank, offs_s, mask=ok)
+
+
+@triton.jit
+def _segment_centroid_kernel(
+    X, ORDER, ENDS, COUNTS, CENT, CENT_LP, CSQ, SIZES,
+    S, NUM_C, h,
+    sx_b, sx_s, sx_h, sx_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (cluster c, problem n): the fp32 sum of its members' rows of x, gathered BLOCK_M at a time
+    through its range of ORDER, gives the new centroid (the mean; the old one where the cluster is empty), written
+    in place over CENT with its size to SIZES and COUNTS zeroed for the next assignment; then, as
+    `_centroid_kernel`, the copy rounded to x's dtype (CENT_LP) and its squared norm (CSQ). Each cluster's sum has
+    one owner, so no atomics; the loop runs over the cluster's own size (a large cluster is a long program)."""
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    b = n // h
+    head = n % h
+    slot = n.to(tl.int64) * NUM_C + c
+    cnt = tl.load(COUNTS + slot)
+    start = tl.load(ENDS + slot) - cnt
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x_base = X + b.to(tl.int64) * sx_b + head.to(tl.int64) * sx_h
+    order_base = ORDER + n.to(tl.int64) * S + start
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for m0 in range(0, cnt, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < cnt
+        tok = tl.load(order_base + offs_m, mask=m_ok, other=0)
+        # a bad entry (only if the ranks were wrong) must not read outside x: it shows as a wrong mean instead
+        tok = tl.minimum(tl.maximum(tok, 0), S - 1).to(tl.int64)
+        rows = tl.load(x_base + tok[:, None] * sx_s + offs_d[None, :] * sx_d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += rows.to(tl.float32)
+    sums = tl.sum(acc, 0)
+    ptr = slot * D + offs_d
+    old = tl.load(CENT + ptr, mask=d_ok, other=0.0)
+    cent = tl.where(cnt > 0, sums / tl.maximum(cnt, 1).to(tl.float32), old)
+    tl.store(CENT + ptr, cent, mask=d_ok)
+    tl.store(SIZES + slot, cnt)
+    tl.store(COUNTS + slot, cnt * 0)
+    lp = cent.to(CENT_LP.dtype.element_ty)
+    tl.store(CENT_LP + ptr, lp, mask=d_ok)
+    lpf = lp.to(tl.float32)
+    tl.store(CSQ + slot, tl.sum(lpf * lpf, 0))
 
 
 @triton.jit
@@ -110,28 +185,65 @@ def _centroids(sums, counts, cent, cent_lp, csq, sizes, update: bool) -> None:
     _centroid_kernel[(triton.cdiv(n, br),)](sums, counts, cent, cent_lp, csq, sizes, n, D=D, BLOCK_D=bd, BLOCK_R=br, UPDATE=update)
 
 
-def _lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``iters`` Lloyd iterations, 1 + 2 * iters launches: x (B, S, h, D), init (N, C, D) (not modified)."""
+def _lloyd(
+    x: torch.Tensor,
+    init: torch.Tensor,
+    iters: int,
+    update: str | None = None,
+    block_s: int | None = None,
+    block_c: int | None = None,
+    num_warps: int | None = None,
+    block_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iters`` Lloyd iterations: x (B, S, h, D), init (N, C, D) (not modified). ``update`` (default
+    `CENTROID_UPDATE`): "atomic", 1 + 2 * iters launches; "segment", 1 + 4 * iters (assign + count, prefix sum,
+    scatter, segment sums + update). The block sizes default to `ASSIGN_BLOCKS` / `SEGMENT_BLOCKS`."""
     B, S, h, D = x.shape
     N, C, Dc = init.shape
     if N != B * h or Dc != D:
         raise ValueError(f"kmeans_step: centroids {tuple(init.shape)} do not fit x {tuple(x.shape)}")
+    update = CENTROID_UPDATE if update is None else update
+    if update not in ("atomic", "segment"):
+        raise ValueError(f"kmeans: centroid update {update!r}, expected 'atomic' or 'segment'")
+    bs = ASSIGN_BLOCKS["block_s"] if block_s is None else int(block_s)
+    bc = ASSIGN_BLOCKS["block_c"] if block_c is None else int(block_c)
+    warps = ASSIGN_BLOCKS["num_warps"] if num_warps is None else int(num_warps)
+    bm = SEGMENT_BLOCKS["block_m"] if block_m is None else int(block_m)
+    bd = max(16, triton.next_power_of_2(D))
     dev = x.device
+    segment = update == "segment"
     cent = torch.empty(N, C, D, dtype=torch.float32, device=dev)
     cent.copy_(init)  # updated in place
     cent_lp = torch.empty(N, C, D, dtype=x.dtype, device=dev)
     csq = torch.empty(N, C, dtype=torch.float32, device=dev)
     labels = torch.empty(N, S, dtype=torch.int32, device=dev)
-    sums = torch.zeros(N, C, D, dtype=torch.float32, device=dev)
     counts = torch.zeros(N, C, dtype=torch.int32, device=dev)
     sizes = torch.empty(N, C, dtype=torch.int32, device=dev)
-    bs, bc, bd = _block_sizes(D)
+    if segment:  # int32 work space of 2 * N * S + N * C instead of the fp32 sums' N * C * D
+        ranks = torch.empty(N, S, dtype=torch.int32, device=dev)
+        order = torch.empty(N, S, dtype=torch.int32, device=dev)
+        ends = torch.empty(N, C, dtype=torch.int32, device=dev)
+        sums = counts  # not read: the kernel's SUMS argument is dead when ACCUMULATE is off
+    else:
+        sums = torch.zeros(N, C, D, dtype=torch.float32, device=dev)
+        ranks = labels  # likewise dead
     grid = (triton.cdiv(S, bs), N)
     strides = x.stride()
     _centroids(sums, counts, cent, cent_lp, csq, sizes, False)
     for _ in range(max(1, int(iters))):
-        _assign_accumulate_kernel[grid](x, cent_lp, csq, labels, sums, counts, S, C, h, *strides, D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd)
-        _centroids(sums, counts, cent, cent_lp, csq, sizes, True)
+        _assign_accumulate_kernel[grid](
+            x, cent_lp, csq, labels, sums, counts, ranks, S, C, h, *strides,
+            D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, ACCUMULATE=not segment, num_warps=warps,
+        )
+        if segment:
+            torch.cumsum(counts, 1, dtype=torch.int32, out=ends)  # on the device: no value reaches the host
+            _scatter_kernel[(triton.cdiv(S, 256), N)](labels, ranks, ends, counts, order, S, C, BLOCK_S=256)
+            _segment_centroid_kernel[(C, N)](
+                x, order, ends, counts, cent, cent_lp, csq, sizes, S, C, h, *strides,
+                D=D, BLOCK_M=bm, BLOCK_D=bd, num_warps=SEGMENT_BLOCKS["num_warps"],
+            )
+        else:
+            _centroids(sums, counts, cent, cent_lp, csq, sizes, True)
     return cent, labels, sizes
 
 
@@ -148,7 +260,8 @@ def kmeans_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch
     """``iters`` Lloyd iterations from ``init`` (N, C, D): x (B, S, h, D). A fixed count, no convergence test (that
     test would read a value on the host). Returns centroids (N, C, D) float32, labels (N, S) int32, sizes (N, C).
     Per iteration two launches (assignment + sums, then the centroid update that also zeroes the sums for the next
-    one), plus one to round the initial centroids; no other torch op runs between iterations."""
+    one), plus one to round the initial centroids; with `CENTROID_UPDATE` = "segment" four (assignment + counts,
+    a device prefix sum, the scatter by cluster, the per-cluster sums + update). No value is read on the host."""
     return _lloyd(x, init, iters)
 
 

@@ -52,7 +52,9 @@ Planners (``build(..., planner=)``, not a pattern parameter). On a CUDA GPU with
 distance GEMM, the argmin and the centroid sums (atomics, so the centroids' last bits vary run to run) straight from
 the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matrix; warm calls run exactly
 ``warm_iters`` iterations (``tol`` is not tested: that would read a value on the host), two launches per iteration
-(assignment + sums, then the centroid update); segment tables and the attention kernel's chunk tables have fixed,
+(assignment + sums, then the centroid update; with ``planning_triton.CENTROID_UPDATE = "segment"`` the assignment
+only counts, one int32 atomic per token instead of D fp32 ones, and a prefix sum, a scatter by cluster and one
+program per cluster form the means: four launches); segment tables and the attention kernel's chunk tables have fixed,
 data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). With chunk-snapped keys
 (the default ``kv_align``) the chunk cover is a prefix count over clusters (`_chunk_cover_fixed`) and one launch
 (``planning_triton.cover_tables``) writes the segments and the kernel's chunk tables from it, all int32.
@@ -420,7 +422,9 @@ def fused_plan_bytes(
     layout = 4 * (N * NQ * block_q + N * V + N * NQ * (1 + 2 * G)) + 4 * N * NQ * (CF + 4)
     state = 4 * N * D * (Cq + Ck)
     labels = 4 * N * V * 2 + 8 * N * (Cq + Ck) * 2  # both label sets and sizes, alive to the end
-    lloyd = N * Ck * D * (8 + act_bytes) + 4 * N * V + 16 * N * Ck
+    # fp32 + rounded centroids, labels, counts/sizes/norms; then either update's work space: the atomic one's fp32
+    # sums, or the segment one's ranks, grouped order and prefix sums (planning_triton.CENTROID_UPDATE)
+    lloyd = N * Ck * D * (4 + act_bytes) + 4 * N * V + 16 * N * Ck + max(4 * N * Ck * D, 8 * N * V + 4 * N * Ck)
     select = 24 * P + N * Cq * Ck
     orders = 8 * N * V * 5 + 8 * N * NQ * block_q  # sorts (values + indices), kv_perm, q_perm before int32
     union = act_bytes * (N * NQ * Cq + N * Cq * Ck + E) + E + N * Cq * Ck
