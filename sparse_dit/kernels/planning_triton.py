@@ -27,9 +27,14 @@ __all__ = ["kmeans_step", "kmeans_lloyd", "prune_scores"]
 # "atomic": the assignment kernel adds each token's D-vector into its cluster's fp32 sum (D atomics per token);
 # "segment": it only counts (one int32 atomic per token, whose returned old count is the token's rank in its
 # cluster), then the tokens are grouped by cluster (prefix sum + scatter) and one program per cluster sums its rows.
+# Measured on the H200 at Wan 480p (benchmarks/results/planning.md, 2026-12-03): "segment" takes 12% less GPU time
+# per warm plan (1.53 vs 1.75 ms) but 0.6 ms more host time (2 more launches per Lloyd step and their torch ops);
+# "atomic" stays the default until an end-to-end run shows which of the two a pipeline feels.
 CENTROID_UPDATE = "atomic"
-# Assignment tile (BLOCK_S tokens x BLOCK_C centroids) and its warps; exposed to be swept on the GPU.
-ASSIGN_BLOCKS = {"block_s": 64, "block_c": 64, "num_warps": 4}
+# Assignment tile (BLOCK_S tokens x BLOCK_C centroids) and its warps. 128 x 64 with 8 warps: one Lloyd step 8% faster
+# than 64 x 64 x 4 for both query (128 clusters) and key (512) tokens on the H200 at Wan 480p; wider centroid
+# tiles were 15-50% slower (planning.md, `--lloyd-blocks`).
+ASSIGN_BLOCKS = {"block_s": 128, "block_c": 64, "num_warps": 8}
 # Rows gathered per step by the segment kernel, and its warps.
 SEGMENT_BLOCKS = {"block_m": 64, "num_warps": 4}
 
