@@ -405,7 +405,7 @@ class Profile:
 
     @classmethod
     def coerce(cls, value: "str | os.PathLike | Profile") -> "Profile":
-        """A Profile, a path to a profile file, or the name of a profile shipped in ``profiles/`` (see
+        """A Profile, a path to a profile file, or the name of a profile shipped in ``sparse_dit/profiles/`` (see
         `resolve_profile_path`)."""
         if isinstance(value, Profile):
             return value
