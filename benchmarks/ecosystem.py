@@ -257,16 +257,24 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
     t_dense = reps_time(case(model, None, None, args), args.reps)
     peak_dense = torch.cuda.max_memory_allocated() if e2e.DEVICE == "cuda" else 0
     dense_total = args.steps * t_dense
-    rows.append(dict(case="dense", total_s=dense_total, speedup=1.0, computed=args.steps, step_s=t_dense, peak_gib=peak_dense / 2**30))
-    log(f"dense: step {t_dense:.3f} s, {args.steps} steps {dense_total:.1f} s, peak {peak_dense / 2**30:.2f} GiB")
     fastest_total = dense_total
+
+    def add(row: dict) -> None:  # every row is saved as it comes: a run cut short keeps what it finished
+        if "total_s" in row:
+            row["speedup_vs_fastest_dense"] = fastest_total / row["total_s"]
+        rows.append(row)
+        getattr(args, "flush", lambda: None)()
+
+    add(dict(case="dense", total_s=dense_total, speedup=1.0, computed=args.steps, step_s=t_dense, peak_gib=peak_dense / 2**30))
+    log(f"dense: step {t_dense:.3f} s, {args.steps} steps {dense_total:.1f} s, peak {peak_dense / 2**30:.2f} GiB")
     if e2e.fa4_available():  # the fastest dense a user can install: every speed-up is also reported against it
         try:
+            torch.cuda.reset_peak_memory_stats()
             with e2e.Fa4Dense():
                 t_fa4 = reps_time(case(model, None, None, args), args.reps)
-            rows.append(dict(case="dense (FA4)", total_s=args.steps * t_fa4, speedup=t_dense / t_fa4, computed=args.steps, step_s=t_fa4,
-                             peak_gib=float("nan")))
             fastest_total = min(dense_total, args.steps * t_fa4)
+            add(dict(case="dense (FA4)", total_s=args.steps * t_fa4, speedup=t_dense / t_fa4, computed=args.steps, step_s=t_fa4,
+                     peak_gib=torch.cuda.max_memory_allocated() / 2**30))
             log(f"dense (FA4): step {t_fa4:.3f} s ({t_dense / t_fa4:.2f}x cuDNN dense)")
         except Exception as err:
             log(f"dense (FA4): FAILED {type(err).__name__}: {str(err)[:300]}")
@@ -275,11 +283,16 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
     for name, (kw, density) in sparse.items():
         torch.cuda.reset_peak_memory_stats() if e2e.DEVICE == "cuda" else None
         cfg = dict(args.__dict__, warmup=0)  # time sparse steps only, compose with the dense warm-up
-        t_sparse = reps_time(case(model, None, kw, argparse.Namespace(**cfg)), args.reps)
+        try:
+            t_sparse = reps_time(case(model, None, kw, argparse.Namespace(**cfg)), args.reps)
+        except Exception as err:  # keep going: one failing case must not lose the others
+            log(f"{name}: FAILED {type(err).__name__}: {err}")
+            add(dict(case=name, error=f"{type(err).__name__}: {err}"))
+            continue
         peak = torch.cuda.max_memory_allocated() if e2e.DEVICE == "cuda" else 0
         total = args.warmup * t_dense + (args.steps - args.warmup) * t_sparse
-        rows.append(dict(case=name, density=density, total_s=total, speedup=dense_total / total, computed=args.steps,
-                         step_s=t_sparse, peak_gib=peak / 2**30))
+        add(dict(case=name, density=density, total_s=total, speedup=dense_total / total, computed=args.steps,
+                 step_s=t_sparse, peak_gib=peak / 2**30))
         log(f"{name}: density {density:.3f}, step {t_sparse:.3f} s, {args.steps} steps {total:.1f} s ({dense_total / total:.2f}x), "
             f"peak {peak / 2**30:.2f} GiB")
     # caches, alone and with each sparse config: every step of the run timed
@@ -294,7 +307,7 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
                     stats = sparse_dit.patch_state(model).stats if name else None
             except Exception as err:  # keep going: one failing case must not lose the others
                 log(f"{label(cache, name)}: FAILED {type(err).__name__}: {err}")
-                rows.append(dict(case=label(cache, name), error=f"{type(err).__name__}: {err}"))
+                add(dict(case=label(cache, name), error=f"{type(err).__name__}: {err}"))
                 continue
             peak = torch.cuda.max_memory_allocated() if e2e.DEVICE == "cuda" else 0
             kinds = [computes(cache, i, args) for i in range(len(timed))]
@@ -307,8 +320,7 @@ def speed_part(args: argparse.Namespace, results: dict) -> None:
                 row.update(sparse_calls=stats["sparse_calls"], dense_calls=stats["dense_calls"], skipped_calls=stats["skipped_calls"])
                 per_step = (layers - 1 if cache == "fbc" else layers) * len(inputs)  # FirstBlockCache runs the first block
                 row["schedule_confirmed"] = stats["skipped_calls"] == (args.steps - computed) * per_step
-            rows.append(row)
-            getattr(args, "flush", lambda: None)()
+            add(row)
             log(f"{row['case']}: computed {computed}/{args.steps} steps, {total:.1f} s ({dense_total / total:.2f}x), "
                 f"peak {peak / 2**30:.2f} GiB")
     results["speed"]["fastest_dense_total_s"] = fastest_total

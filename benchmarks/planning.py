@@ -28,7 +28,8 @@ S = 32760) and Wan2.1-14B 720p (H = 40, grid 21x45x80, S = 75600). Per shape and
 - ``--kmeans-update atomic,segment``: adds ``kmeans-seg`` rows (the fused planner with
   ``planning_triton.CENTROID_UPDATE = "segment"``) and, per update path and ``--lloyd-blocks`` tile
   (BLOCK_S x BLOCK_C x num_warps of the assignment GEMM), the GPU time of one Lloyd step alone on q and on k
-  (``lloyd`` rows, host queued ahead) with its agreement with the atomic path at the default tile.
+  (``lloyd`` rows, host queued ahead) with its agreement with the first row (the first update path at the first
+  ``--lloyd-blocks`` tile).
 
 q/k are synthetic with cluster structure (a low-rank smooth signal plus noise) since real activations are not
 available here; the next call's inputs are the previous ones plus small noise (a denoising step's drift). Writes

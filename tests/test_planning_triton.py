@@ -170,6 +170,16 @@ def test_lloyd_rejects_an_unknown_update():
         _lloyd(torch.zeros(1, 8, 1, 16), torch.zeros(1, 2, 16), 1, update="sorted")
 
 
+def test_segment_update_refused_on_a_triton_without_broadcast_atomic_results(monkeypatch):
+    """Before triton 3.5 an atomic's returned value is not broadcast to every thread holding the token, so the
+    ranks would be wrong: the segment path refuses with a message naming the fix, before any launch."""
+    import sparse_dit.kernels.planning_triton as pt
+
+    monkeypatch.setattr(pt, "_triton_version", lambda: (3, 4))
+    with pytest.raises(RuntimeError, match="triton >= 3.5.*use 'atomic'"):
+        pt._lloyd(torch.zeros(1, 8, 1, 16), torch.zeros(1, 2, 16), 1, update="segment")
+
+
 def _geometry(B: int, h: int, D: int, grid: tuple[int, int, int], text: int) -> Geometry:
     return Geometry(B, h, D, *grid, text_len=text, text_position="first" if text else "none")
 

@@ -103,8 +103,11 @@ def _scatter_kernel(LABELS, RANKS, ENDS, COUNTS, ORDER, S, NUM_C, BLOCK_S: tl.co
     lab = tl.load(LABELS + n * S + offs_s, mask=ok, other=0)
     rank = tl.load(RANKS + n * S + offs_s, mask=ok, other=0)
     slot = n * NUM_C + lab
-    start = tl.load(ENDS + slot, mask=ok, other=0) - tl.load(COUNTS + slot, mask=ok, other=0)
-    tl.store(ORDER + n * S + start + rank, offs_s, mask=ok)
+    count = tl.load(COUNTS + slot, mask=ok, other=0)
+    start = tl.load(ENDS + slot, mask=ok, other=0) - count
+    # a rank outside [0, count) could only come from a Triton that does not broadcast atomic results (refused in
+    # `_lloyd`); the mask keeps such a value from writing outside the problem's row of ORDER
+    tl.store(ORDER + n * S + start + rank, offs_s, mask=ok & (rank >= 0) & (rank < count))
 
 
 @triton.jit
@@ -190,6 +193,11 @@ def _centroids(sums, counts, cent, cent_lp, csq, sizes, update: bool) -> None:
     _centroid_kernel[(triton.cdiv(n, br),)](sums, counts, cent, cent_lp, csq, sizes, n, D=D, BLOCK_D=bd, BLOCK_R=br, UPDATE=update)
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = (triton.__version__.split(".") + ["0", "0"])[:2]
+    return int("".join(ch for ch in major if ch.isdigit()) or 0), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def _lloyd(
     x: torch.Tensor,
     init: torch.Tensor,
@@ -210,6 +218,9 @@ def _lloyd(
     update = CENTROID_UPDATE if update is None else update
     if update not in ("atomic", "segment"):
         raise ValueError(f"kmeans: centroid update {update!r}, expected 'atomic' or 'segment'")
+    if update == "segment" and _triton_version() < (3, 5):
+        raise RuntimeError(f"kmeans: the 'segment' centroid update needs triton >= 3.5 (atomic results broadcast to "
+                           f"every thread); this is {triton.__version__}: use 'atomic' or upgrade triton")
     bs = ASSIGN_BLOCKS["block_s"] if block_s is None else int(block_s)
     bc = ASSIGN_BLOCKS["block_c"] if block_c is None else int(block_c)
     warps = ASSIGN_BLOCKS["num_warps"] if num_warps is None else int(num_warps)

@@ -25,7 +25,7 @@ Triton scorer from ``TRITON_SCORE_MIN`` scored (batch x head x key) entries up, 
 the host work cut to 28 ops per plan it is the faster of the two at both Wan shapes (H200, 2026-12-03 15:03 UTC,
 benchmarks/results/planning.md: Wan 480p, 12 x 32760 = 0.39M entries, 0.27 vs 0.50 ms GPU and 0.58 vs 0.85 ms per
 call; Wan 720p, 40 x 75600 = 3.0M, 1.03 vs 3.13 ms GPU) and holds 1.01x dense peak memory against 1.36x (480p).
-Toy shapes below the threshold keep the PyTorch scorer (one launch beats four there). Either
+Toy shapes below the threshold keep the PyTorch scorer (a few torch ops beat three kernel launches there). Either
 way, on a GPU the attention kernel's chunk tables are filled here from host integers (one segment per query
 block), so the plan and the attention call read nothing back from the GPU.
 """
