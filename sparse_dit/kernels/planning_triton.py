@@ -193,9 +193,10 @@ def _centroids(sums, counts, cent, cent_lp, csq, sizes, update: bool) -> None:
     _centroid_kernel[(triton.cdiv(n, br),)](sums, counts, cent, cent_lp, csq, sizes, n, D=D, BLOCK_D=bd, BLOCK_R=br, UPDATE=update)
 
 
-def _triton_version() -> tuple[int, int]:
-    major, minor = (triton.__version__.split(".") + ["0", "0"])[:2]
-    return int("".join(ch for ch in major if ch.isdigit()) or 0), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def _triton_version() -> tuple[int, ...]:
+    from packaging.version import Version  # as calibrate.py reads diffusers' version (packaging comes with diffusers)
+
+    return Version(triton.__version__).release[:2]
 
 
 def _lloyd(
