@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new method group past this many seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reference", help="reference model folder (default: the shipped one)")
-    p.add_argument("--profiles-dir", help="write the profiles here")
+    p.add_argument("--profiles-dir", help="write the profiles here (created if missing)")
     p.add_argument("--out", required=True, help="results JSON (a list of rows); .md and _run.json go next to it")
     return p.parse_args(argv)
 
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     size = dict(frames=args.frames, height=args.height, width=args.width, guidance_scale=args.guidance)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profiles_dir:  # before the calibration: a bad path fails now, not after minutes of GPU time
+        Path(args.profiles_dir).mkdir(parents=True, exist_ok=True)
 
     # 1. calibration (dense runs of the calibration prompts, every candidate measured at every call)
     prompts = [sample_scene(10_000 + i).prompt for i in range(args.calib_prompts)]

@@ -285,6 +285,9 @@ class Decision(NamedTuple):
     # sequence positions in the order the layout is built for, when that is not diffusers' order (extra image
     # tokens moved next to the text, see `PatchState.geometry`)
     order: torch.Tensor | None = None
+    # the layout has dynamic heads (k-means, prune): planned for this call (or a few, with replan_every), so an engine
+    # that must first convert it (FA4's tables: host syncs, gathers) would pay that on every plan
+    planned: bool = False
 
 
 class CallRecord:
@@ -942,7 +945,7 @@ class PatchState:
         layout = self.build_layout(layer, plan, geometry, q, k)
         if text_valid is not None:
             layout = self._with_text_valid(layout, text_valid, geometry)
-        return Decision(None, layout, None, order)
+        return Decision(None, layout, None, order, planned=not all(spec.static for spec in plan))
 
     def _replayed(self, layer: int, occurrence: int, query: torch.Tensor) -> Decision | None:
         """The decision the forward being recomputed made at this call (the latest recorded one whose query matches)."""
@@ -1000,7 +1003,9 @@ class PatchState:
         order = decision.order
         if order is not None:  # copies in the layout's order, and the output back to diffusers' order
             q, k, v = (_in_order(t, order) for t in (q, k, v))
-        engines = self.engines if self.backend in ("auto", "fa4") else None
+        # "auto" measures Triton against FA4 only on layouts that are reused (static patterns): a planned layout would
+        # be converted to FA4's tables on every plan, a host sync in a planning path that has none (issue 16)
+        engines = self.engines if self.backend == "fa4" or (self.backend == "auto" and not decision.planned) else None
         out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))
         if order is not None:
             out = out.index_select(1, order.to(out.device).argsort())
@@ -1132,8 +1137,8 @@ def patch(
         for two-transformer pipelines (Wan 2.2) a mapping ``{"transformer": ..., "transformer_2": ...}``;
         give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
         the layouts the patterns build (default: the profile's, else 128). backend: "auto" (on a supported GPU the
-        Triton kernel, or the FA4 engine where it is installed, can express the layout and measures faster; else the
-        reference), "fa4" (FA4 wherever it can run, else as "auto"), "triton" or "reference". Dense calls run on the
+        Triton kernel, or the FA4 engine where it is installed, can express the layout and measures faster; layouts
+        of dynamic heads, planned per call, stay on Triton; else the reference), "fa4" (FA4 wherever it can run, else as "auto"), "triton" or "reference". Dense calls run on the
         user's diffusers backend if one was chosen, else the fastest dense attention available (FA4, cuDNN SDPA).
         replan_every: dynamic patterns (kmeans, prune) plan a new layout on every replan_every-th sparse denoising
         step and reuse it in between (1 = every step, as Sparse VideoGen2 does; larger trades a little fidelity for

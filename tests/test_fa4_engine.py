@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import sparse_dit.kernels as kernels
 import sparse_dit.kernels.fa4 as fa4
+import sparse_dit
 from sparse_dit import Layout
 from sparse_dit.kernels.reference import reference_attention
 
@@ -286,6 +287,40 @@ def test_engine_chooser_falls_back_to_triton(monkeypatch):
     assert ran[1:] == ["fa4", "triton", "triton"]
     with pytest.raises(ValueError, match="prefer"):
         kernels.EngineChooser(prefer="flash")
+
+
+@pytest.mark.parametrize("backend", ["auto", "fa4"])
+def test_planned_layouts_skip_the_engine_choice_under_auto(monkeypatch, backend):
+    """A patched model hands static layouts to the engine chooser; layouts of dynamic heads (planned per call) go to
+    Triton directly under "auto" (converting each plan to FA4 tables would sync the host), to the chooser under "fa4"."""
+    import sparse_dit.patching as patching
+    from conftest import make_wan_transformer, wan_inputs
+
+    seen: list[bool] = []  # per sparse call: was the engine chooser given
+
+    def run_backend(name, engines=None):
+        def run(q, k, v, layout, scale=None):
+            seen.append(engines is not None)
+            return reference_attention(q, k, v, layout, scale=scale)
+
+        return run
+
+    monkeypatch.setattr(patching, "choose_backend", lambda name, q, needs_grad: ("triton", None))
+    monkeypatch.setattr(patching, "_run_backend", run_backend)
+    model = make_wan_transformer(heads=2, head_dim=16, layers=2)
+    x, t, text = wan_inputs(frames=4, height=8, width=8)
+    expected = {"tile": True, "kmeans": backend == "fa4"}
+    for name, chooser_given in expected.items():
+        seen.clear()
+        params = {"window": (2, 2, 2)} if name == "tile" else {}
+        sparse_dit.patch(model, pattern={"name": name, **params}, block_size=16, backend=backend)
+        try:
+            with torch.no_grad():
+                model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+        finally:
+            sparse_dit.unpatch(model)
+        assert len(seen) == 2, (name, seen)  # one sparse call per layer
+        assert all(given == chooser_given for given in seen), (name, backend, seen)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
