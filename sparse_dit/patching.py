@@ -156,7 +156,9 @@ class _AttentionInterceptor(TorchFunctionMode):
 
     def __init__(self, state: "PatchState", layer: int) -> None:
         super().__init__()
-        self.state = state
+        # weak: the state owns its interceptors, and a strong reference back would make a cycle that keeps the
+        # state's caches (layouts, k-means state: GPU memory) alive after unpatch until the garbage collector runs
+        self._state = weakref.ref(state)
         self.layer = layer
         self.frames = threading.local()  # per thread: the frames of the module calls that pushed this mode
         self.attend_eagerly = _compiler_disabled(_attend_eagerly)  # one object for every layer and model
@@ -167,9 +169,15 @@ class _AttentionInterceptor(TorchFunctionMode):
             stack = self.frames.stack = []
         return stack
 
+    @property
+    def state(self) -> "PatchState | None":
+        """The patch state this interceptor serves (None once that state is gone)."""
+        return self._state()
+
     def live(self) -> bool:
         stack = self.entered()
-        return bool(stack) and self.state.installed and _on_stack(stack[-1])
+        state = self.state
+        return bool(stack) and state is not None and state.installed and _on_stack(stack[-1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,9 +198,10 @@ class _AttentionInterceptor(TorchFunctionMode):
 # FFN around it stay compiled. The mode is passed whole: reading `.layer` in traced code would add a guard
 # on it (a recompile per layer).
 def _attend_eagerly(mode: _AttentionInterceptor, args: tuple, kwargs: dict) -> torch.Tensor:
-    if not mode.live():  # left behind by an interrupted forward, or unpatched since
+    state = mode.state
+    if state is None or not mode.live():  # left behind by an interrupted forward, or unpatched since
         return _SDPA(*args, **kwargs)
-    return mode.state.attend(mode.layer, args, kwargs)
+    return state.attend(mode.layer, args, kwargs)
 
 
 def _compiler_disabled(fn: Callable) -> Callable:

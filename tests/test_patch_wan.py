@@ -60,6 +60,27 @@ def test_dense_pattern_equals_unpatched_and_unpatch_restores_bitwise(wan):
     assert all("_attention_backend" not in vars(b.attn1.processor) for b in wan.blocks)
 
 
+@pytest.mark.parametrize("pattern", [{"name": "tile", "window": (2, 2, 2)}, {"name": "kmeans"}, {"name": "prune"}])
+def test_unpatch_frees_the_patch_state_at_once(wan, pattern):
+    """What a patch caches (layouts, k-means centroids: GPU memory at real sizes) is freed when unpatch returns,
+    not at some later garbage collection: nothing in a reference cycle holds the patch state."""
+    import gc
+    import weakref
+
+    inputs = wan_inputs(frames=4, height=8, width=8)
+    gc.collect()
+    gc.disable()
+    try:
+        sparse_dit.patch(wan, pattern=pattern, block_size=16)
+        state = weakref.ref(sparse_dit.patch_state(wan))
+        run(wan, inputs)
+        assert state().stats["sparse_calls"] > 0
+        sparse_dit.unpatch(wan)
+        assert state() is None, "the patch state outlived unpatch (a reference cycle holds it)"
+    finally:
+        gc.enable()
+
+
 def test_unpatch_restores_a_user_chosen_backend(wan):
     wan.blocks[0].attn1.set_attention_backend("native")
     sparse_dit.patch(wan, pattern="dense")
