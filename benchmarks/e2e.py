@@ -451,6 +451,8 @@ def run_model(name: str, args) -> dict:
             continue
         measured = state.stats["density_sum"] / max(1, state.stats["sparse_calls"])
         engine_calls = dict(state.engines.calls)
+        # layouts of dynamic heads skip the engine choice under "auto" and run on Triton directly
+        engine_calls["triton"] += state.stats["sparse_calls"] - sum(state.engines.calls.values())
         sparse_dit.unpatch(model)
         t_sparse = statistics.mean(times)
         overhead = t_sparse - (t_dense - t_attn) - kernel
