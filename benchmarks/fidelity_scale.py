@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="targets of the profile runs with the second warm-up and the second step count")
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--slack", type=float, default=0.01)
+    p.add_argument("--schedules", default="0.3/0.1,0.35/0.2/0.1",
+                   help="method group profile-sched: per-bucket density budgets, high-noise bucket first, '/'-separated "
+                   "(one profile per schedule, as many timestep buckets as values), main warm-up and steps")
     p.add_argument("--order", default="profile,tile,radial,kmeans,prune,profile-w2,profile-steps2",
                    help="priority of the method groups: profile (main warm-up), tile/radial/kmeans/prune (uniform, "
                         "main warm-up), profile-w2 (profile, second warm-up), profile-steps2 (profile, second step count)")
@@ -149,6 +152,16 @@ def main(argv=None) -> int:
         if len(steps_list) > 1 and "profile-steps2" in methods and target in secondary:
             methods["profile-steps2"].append(("profile", {"profile": prof}, main_w, target, steps_list[1], prof.density(),
                                               prof.summary["mean_error"]))
+
+    if "profile-sched" in methods:  # where the budget goes over the timesteps, at the same mean
+        for sched in [[float(x) for x in item.split("/")] for item in args.schedules.split(",") if item]:
+            prof = build_profile(stats, target_density=sched, num_buckets=len(sched), dense_fraction=main_w,
+                                 block_size=args.block_size, model_class=type(ref.transformer).__name__,
+                                 model_id="sparse-dit reference model", calibration=calibration)
+            if args.profiles_dir:
+                prof.save(Path(args.profiles_dir) / f"profile_w{main_w:g}_sched{'-'.join(f'{x:g}' for x in sched)}.json")
+            methods["profile-sched"].append((f"profile {'/'.join(f'{x:g}' for x in sched)}", {"profile": prof}, main_w,
+                                             float(np.mean(sched)), main_steps, prof.density(), prof.summary["mean_error"]))
 
     # 3. generation: dense once per (clip, steps), then every method
     clips = [(sample_scene(20_000 + i).prompt, 100 + i) for i in range(args.clips)]

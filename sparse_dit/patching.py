@@ -1147,8 +1147,9 @@ def patch(
         give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
         the layouts the patterns build (default: the profile's, else 128). backend: "auto" (on a supported GPU the
         Triton kernel, or the FA4 engine where it is installed, can express the layout and measures faster; layouts
-        of dynamic heads, planned per call, stay on Triton; else the reference), "fa4" (FA4 wherever it can run, else as "auto"), "triton" or "reference". Dense calls run on the
-        user's diffusers backend if one was chosen, else the fastest dense attention available (FA4, cuDNN SDPA).
+        of dynamic heads, planned per call, stay on Triton; else the reference), "fa4" (FA4 wherever it can run, else
+        as "auto"), "triton" or "reference". Dense calls run on the user's diffusers backend if one was chosen, else
+        the fastest dense attention available (FA4, cuDNN SDPA).
         replan_every: dynamic patterns (kmeans, prune) plan a new layout on every replan_every-th sparse denoising
         step and reuse it in between (1 = every step, as Sparse VideoGen2 does; larger trades a little fidelity for
         much less planning time).

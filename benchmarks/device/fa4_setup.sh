@@ -3,6 +3,10 @@
 #
 #   . benchmarks/device/setup.sh && . benchmarks/device/fa4_setup.sh
 #
+# Source it as a command of its own: in a pipe (`. fa4_setup.sh | grep ...`) it runs in a subshell and its PYTHONPATH
+# is lost (FA4 then looks absent to everything after it). Its own check prints one line and hides the CuTe DSL's
+# UserWarnings, so there is nothing to filter.
+#
 # Wheels (python 3.12, x86_64): flash_attn_4, nvidia_cutlass_dsl (+ _libs_base, _libs_core, _libs_cu13),
 # quack_kernels, apache_tvm_ffi, torch_c_dlpack_ext, carried in .whl_fa4/ or any .fa4*/ folder (all are read).
 # One call carries at most 64 MiB including the tracked tree (~20 MiB), so the CUDA 13 library wheel (~92 MB)
@@ -31,7 +35,7 @@ done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FA4_SITE" /tmp/fa4whl/*.whl
 # --target does not process .pth files: add what nvidia-cutlass-dsl's .pth would add
 export PYTHONPATH=$FA4_SITE:$FA4_SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
-(cd /tmp && python3 -c "
+(cd /tmp && python3 -W ignore::UserWarning -c "
 import torch
 from flash_attn.cute.interface import flash_attn_func
 from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
