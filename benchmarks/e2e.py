@@ -209,9 +209,10 @@ def closest(specs: list[PatternSpec], geometry: Geometry, target: float, block: 
 
 def pattern_at(name: str, target: float, geometry: Geometry, block: int) -> tuple[PatternSpec, float]:
     """A pattern of family ``name`` whose density is (close to) ``target`` at ``geometry``."""
-    if name == "tile":
+    if name in ("tile", "tilepacked"):  # tilepacked: whole key blocks, no query padding (FA4 can run it)
         windows = [(t, h, w) for t in (1, 3, 5, 7, 9, 11) for h in (1, 2, 3, 4) for w in (1, 3, 5, 7)]
-        return closest([PatternSpec("tile", window=w) for w in windows], geometry, target, block)
+        extra = {"packed": True} if name == "tilepacked" else {}
+        return closest([PatternSpec("tile", window=w, **extra) for w in windows], geometry, target, block)
     if name == "radial":
         return closest([PatternSpec("radial", decay=d, sinks=0) for d in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)], geometry, target, block)
     if name == "prune":
@@ -492,7 +493,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="wan1.3b-480p", help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--patterns", default="tile,radial,kmeans,prune,mixed",
-                   help="tile, radial, kmeans, prune, mixed, profilemix, and window / random (block masks of whole "
+                   help="tile, tilepacked (tile in whole key blocks), radial, kmeans, prune, mixed, profilemix, and window / random (block masks of whole "
                    "blocks, which the FA4 engine can express; tile and radial layouts have segments it cannot)")
     p.add_argument("--densities", default="0.1,0.2,0.3")
     p.add_argument("--block", type=int, default=128)

@@ -160,8 +160,9 @@ def main(argv=None) -> int:
                                  model_id="sparse-dit reference model", calibration=calibration)
             if args.profiles_dir:
                 prof.save(Path(args.profiles_dir) / f"profile_w{main_w:g}_sched{'-'.join(f'{x:g}' for x in sched)}.json")
+            # target: the mean budget the schedule implies (buckets can hold different numbers of steps)
             methods["profile-sched"].append((f"profile {'/'.join(f'{x:g}' for x in sched)}", {"profile": prof}, main_w,
-                                             float(np.mean(sched)), main_steps, prof.density(), prof.summary["mean_error"]))
+                                             round(prof.density(), 3), main_steps, prof.density(), prof.summary["mean_error"]))
 
     # 3. generation: dense once per (clip, steps), then every method
     clips = [(sample_scene(20_000 + i).prompt, 100 + i) for i in range(args.clips)]
@@ -235,7 +236,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"# Fidelity at {meta['grid_px'][0]} x {meta['grid_px'][1]} x {meta['grid_px'][2]} px ({meta['tokens']} tokens)",
         "",
         f"Device {meta['device']}, torch {meta['torch']}, {meta['dtype']}, {meta['date']}. Command: `{meta['command']}`.",
-        f"Calibration: {meta['calibration']['seconds']} s on the GPU ({len(meta['candidates'])} candidates, "
+        f"Calibration: {meta['calibration']['seconds']} s on {meta['calibration']['device']} ({len(meta['candidates'])} candidates, "
         f"{len(meta['calibration']['prompts'])} prompts x {meta['calibration']['steps']} steps).",
         "",
         "| method | pattern | target | density | warm-up | steps | PSNR mean | PSNR min | SSIM | attn err |",

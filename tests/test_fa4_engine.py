@@ -186,6 +186,25 @@ def test_engine_equals_the_reference_around_a_stand_in(monkeypatch, kind):
     assert calls and calls[0]["sparse"] and calls[0]["shape"][1] == (1024 if kind == "perm" else S)
 
 
+def test_packed_tile_runs_on_the_engine_where_plain_tile_cannot(monkeypatch):
+    """At a grid that is not a multiple of the tile, plain tile layouts have key segments inside blocks (FA4 refuses
+    them); packed ones are whole blocks and run on the engine, equal to the reference."""
+    from sparse_dit.geometry import Geometry
+    from sparse_dit.patterns import tile
+
+    g = Geometry(1, 2, 16, 5, 10, 14)  # 700 tokens; default tile for blocks of 128 cuts at every border
+    plain = tile.build(g, 2, 128, "cpu", window=(1, 1, 2))
+    assert isinstance(fa4.fa4_blocks(plain), str)
+    lay = tile.build(g, 2, 128, "cpu", window=(1, 1, 2), packed=True)
+    blocks = fa4.fa4_blocks(lay)
+    assert isinstance(blocks, fa4.Fa4Blocks), blocks
+    assert torch.equal(blocks.to_dense_mask(g.seq_len), lay.to_dense_mask())
+    monkeypatch.setattr(fa4, "fa4_interface", lambda: stand_in([]))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, g.seq_len, 2, 16, generator=gen) for _ in range(3))
+    torch.testing.assert_close(fa4.fa4_block_sparse_attention(q, k, v, lay), reference_attention(q, k, v, lay), rtol=1e-5, atol=1e-5)
+
+
 def test_engine_refuses_what_it_cannot_express_and_needs_flash_attn(monkeypatch):
     lay = Layout.from_block_mask(random_block_mask(1, 2, 16, 0.3, seed=1), 64, 1000)
     q = torch.randn(1, 1000, 2, 16)

@@ -289,6 +289,18 @@ def test_mixed_head_patterns_one_call(gen):
     assert rel_err(out[:, :, :1], full) < 2e-3  # the dense head is plain attention
 
 
+def test_tile_layouts_plain_and_packed(gen):
+    """The tile pattern's layouts at a grid that cuts tiles at every border: padded query slots (plain) and a
+    partial last query block with whole-block key segments (packed), with text keys and rows."""
+    from sparse_dit.geometry import Geometry
+    from sparse_dit.patterns import tile
+
+    g = Geometry(2, 2, 32, 3, 5, 7, text_len=5, text_position="first")
+    q, k, v = make_qkv(gen, 2, g.seq_len, 2, 32, torch.float16)
+    for packed in (False, True):
+        check(q, k, v, tile.build(g, 2, 16, "cpu", window=(2, 1, 2), packed=packed))
+
+
 @pytest.mark.parametrize("kind", ["transposed", "fused", "padded"])
 def test_strided_views(gen, kind):
     B, S, H, D, bq = 2, 70, 2, 32, 16

@@ -89,6 +89,60 @@ def test_tile_mask(text, block, t, window):
     assert lay.q_order_len % block == 0 and lay.density < 1
 
 
+def packed_tile_mask(g: Geometry, t: tuple[int, int, int], window: tuple[int, int, int], block: int) -> torch.Tensor:
+    """The packed tile rule from its definition: video tokens in tile order (tiles in raster order, raster order
+    inside), cut into blocks of ``block``; a query block keeps a key block when some query of it has some key of it
+    in its tile's window."""
+    f, y, x, is_v = coords(g)
+    n = [-(-d // s) for d, s in zip(g.grid, t)]
+    video = torch.nonzero(is_v).squeeze(1)
+    tile_id = ((f[video] // t[0]) * n[1] + y[video] // t[1]) * n[2] + x[video] // t[2]
+    order = video[torch.sort(tile_id, stable=True).indices]  # sequence position of each packed slot
+    V, nb = len(order), -(-len(order) // block)
+    window_vv = tile_mask(g, t, window)[order][:, order]  # (V, V) in packed order
+    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    padded[:V, :V] = window_vv
+    kept = padded.view(nb, block, nb, block).any(3).any(1)  # (query block, key block)
+    blk = torch.empty(g.seq_len, dtype=torch.long)
+    blk[order] = torch.arange(V) // block
+    ok = torch.zeros(g.seq_len, g.seq_len, dtype=torch.bool)
+    ok[video[:, None], video[None, :]] = kept[blk[video]][:, blk[video]]
+    return with_text(g, ok)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize(
+    "grid,block,t,window",
+    [((5, 7, 9), 16, (1, 4, 4), (3, 1, 2)), ((5, 7, 9), 16, (2, 3, 4), (2, 3, 2)), ((4, 10, 13), 32, (2, 4, 4), (1, 2, 3)),
+     ((3, 6, 6), 16, (1, 4, 4), (3, 2, 2))],
+)
+def test_packed_tile_mask(text, grid, block, t, window):
+    """Packed: no query padding slots, whole key blocks, the windows of every tile a block overlaps (a superset of
+    the tile window, so never less accurate); equal to masked SDPA."""
+    g = geom(text, grid=grid)
+    lay = tile.build(g, 2, block, "cpu", window=window, tile=t, packed=True)
+    check(lay, packed_tile_mask(g, t, window, block))
+    got = lay.to_dense_mask()[0, 0]
+    assert bool((got | ~tile_mask(g, t, window)).all()), "the packed layout dropped keys of the tile window"
+    assert lay.q_order_len == -(-g.video_len // block) * block  # only the last block is partial
+    assert ((lay.kv_start % block == 0) | (torch.arange(lay.kv_start.shape[-1]) >= lay.kv_count[..., None])).all()
+    assert ((lay.kv_end % block == 0) | (lay.kv_end == g.video_len) | (torch.arange(lay.kv_end.shape[-1]) >= lay.kv_count[..., None])).all()
+    q, k, v = qkv(g, 2, seed=sum(grid))
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=got).transpose(1, 2)
+    torch.testing.assert_close(reference_attention(q, k, v, lay), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_tile_spec_and_label():
+    from sparse_dit.commands.inspect import short_label
+
+    assert PatternSpec("tile", window=(1, 2, 3)).key() == PatternSpec("tile", window=(1, 2, 3), packed=False).key()
+    packed = PatternSpec("tile", window=(1, 2, 3), packed=True)
+    assert packed.key() != PatternSpec("tile", window=(1, 2, 3)).key()
+    assert short_label(packed) == "tile1x2x3p"
+    with pytest.raises(ValueError, match="packed"):
+        PatternSpec("tile", window=(1, 2, 3), packed="yes")
+
+
 def test_tile_default_shape_and_blocks():
     assert default_tile(128, (21, 30, 52)) == (2, 8, 8)
     assert default_tile(16, (5, 7, 9)) == (1, 4, 4)

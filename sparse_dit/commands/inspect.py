@@ -74,7 +74,7 @@ def short_label(spec) -> str:
     kmeans0.9 (top_p), prune0.3 (keep_ratio), local1x2x2 (radius in tokens), dense. The README explains them."""
     p = spec.params
     if spec.name == "tile":
-        return "tile" + ("x".join(map(str, p["window"])) if p.get("window") else "")
+        return "tile" + ("x".join(map(str, p["window"])) if p.get("window") else "") + ("p" if p.get("packed") else "")
     if spec.name == "local":
         return "local" + "x".join(map(str, p["radius"]))
     if spec.name == "radial":

@@ -12,9 +12,17 @@ list exists. The key order is the same tile order without those padding slots, s
 never contain dead keys. Text tokens (if any) are attended by every query (``text_kv``) and attend
 every key (``dense_q``).
 
+Packed (``packed=True``): at grids that are not a multiple of the tile, the padding slots of cut tiles are
+dead query rows the kernel still computes (21 x 30 x 52, Wan 480p, with 2 x 8 x 8 tiles: 39,424 query slots for
+32,760 tokens), and the key segments start and end inside key blocks, which FlashAttention-4's block-sparse forward
+cannot express (`sparse_dit.kernels.fa4`). Packed, the queries take the key order itself (no padding slots; only the
+last block is partial), a query block attends the windows of every tile it overlaps, and each key segment is widened
+to whole blocks of ``block_q`` keys. That is a superset of the window (never less accurate, a little denser), made
+of whole blocks, so FA4 can run it.
+
 Parameters: ``window`` (int or (wt, wh, ww) in tiles; default (3, 3, 3) cut to the tile grid); ``tile``
-((t, h, w) in tokens, default from ``block_q``). An explicit window larger than the tile grid is an
-error at build time.
+((t, h, w) in tokens, default from ``block_q``); ``packed`` (bool, default False; above). An explicit window larger
+than the tile grid is an error at build time.
 """
 
 from __future__ import annotations
@@ -36,12 +44,17 @@ def check_params(
     geometry: Geometry | None,
     window: int | Sequence[int] | None = None,
     tile: int | Sequence[int] | None = None,
+    packed: bool = False,
 ) -> dict:
     """Normalise ``window`` and ``tile`` to int triples (None: defaults); raise ValueError for bad values."""
+    if not isinstance(packed, bool):
+        raise ValueError(f"tile pattern: packed must be True or False; got {packed!r}")
     out = {
         "window": None if window is None else as_triple(window, "tile pattern: window"),
         "tile": None if tile is None else as_triple(tile, "tile pattern: tile"),
     }
+    if packed:  # only when set, so the keys of existing tile specs (and profiles) are unchanged
+        out["packed"] = True
     if geometry is not None and out["tile"] is not None and out["window"] is not None:  # default tile needs block_q
         _check_fits(geometry, out["window"], out["tile"])
     return out
@@ -77,6 +90,31 @@ def tile_segments(order: TileOrder, window: tuple[int, int, int]) -> tuple[torch
     return merge_segments(start, end, torch.ones_like(start, dtype=torch.bool))
 
 
+def packed_segments(
+    order: TileOrder, block_q: int, count: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query block of the key order (blocks of ``block_q`` tokens, the last partial): the union of the key
+    segments (count (T,), start/end (T, G) per tile) of every tile the block overlaps, each widened to whole blocks of
+    ``block_q`` keys. Returns count (NQ,), start/end (NQ, G')."""
+    offsets = order.kv_offset  # (T + 1,) strictly increasing: every tile holds at least one token
+    V = int(offsets[-1])
+    NQ = -(-V // block_q)
+    device = offsets.device
+    lo = torch.arange(NQ, device=device) * block_q
+    hi = (lo + block_q).clamp(max=V)
+    first = torch.searchsorted(offsets, lo, right=True) - 1
+    last = torch.searchsorted(offsets, hi - 1, right=True) - 1
+    span = int((last - first).max()) + 1  # tiles per block at most (cut tiles at the border can be small)
+    tiles = first[:, None] + torch.arange(span, device=device)
+    overlaps = tiles <= last[:, None]
+    tiles = tiles.clamp(max=offsets.numel() - 2)
+    G = start.shape[1]
+    used = overlaps[..., None] & (torch.arange(G, device=device) < count[tiles][..., None])
+    s = torch.div(start[tiles], block_q, rounding_mode="floor") * block_q
+    e = (-torch.div(-end[tiles], block_q, rounding_mode="floor") * block_q).clamp(max=V)
+    return merge_segments(s.reshape(NQ, -1), e.reshape(NQ, -1), used.reshape(NQ, -1))
+
+
 def build(
     geometry: Geometry,
     num_heads: int,
@@ -84,8 +122,10 @@ def build(
     device: torch.device | str,
     window: int | Sequence[int] | None = None,
     tile: int | Sequence[int] | None = None,
+    packed: bool = False,
 ) -> Layout:
-    """Layout (L=1, H=num_heads): query blocks in tile order, each attending its tile's window."""
+    """Layout (L=1, H=num_heads): query blocks in tile order, each attending its tile's window (``packed``: the
+    windows of the tiles it overlaps, in whole key blocks)."""
     tile = default_tile(block_q, geometry.grid) if tile is None else as_triple(tile, "tile pattern: tile")
     if window is None:
         counts = tuple(-(-g // t) for g, t in zip(geometry.grid, tile))
@@ -94,6 +134,11 @@ def build(
     _check_fits(geometry, window, tile)
     order = TileOrder(geometry, tile, block_q, device)
     count, start, end = tile_segments(order, window)
+    if packed:
+        count, start, end = packed_segments(order, block_q, count, start, end)
+        q_perm = torch.full((count.shape[0] * block_q,), -1, dtype=torch.int64, device=order.kv_perm.device)
+        q_perm[: order.kv_perm.numel()] = order.kv_perm
+        return layout_from_segments(geometry, block_q, num_heads, count, start, end, q_perm, order.kv_perm)
     per_tile = order.slot // block_q  # query blocks per tile
     if per_tile > 1:
         count, start, end = (x.repeat_interleave(per_tile, 0) for x in (count, start, end))
