@@ -72,6 +72,7 @@ def test_permuted_layout_converts_exactly_with_gathers():
     blocks = fa4.fa4_blocks(lay)
     assert isinstance(blocks, fa4.Fa4Blocks), blocks
     assert blocks.q_gather is not None and blocks.kv_gather is not None and blocks.q_len == 1024
+    assert blocks.q_gather.shape == (1, 1024, 2)  # per-head permutations stay per head
     assert torch.equal(blocks.to_dense_mask(S), lay.to_dense_mask())
     # padded key slots after the last key: the segment ending at S ends inside a block that holds padding
     out = fa4.fa4_blocks(permuted(base, seed=0, kv_pad=24))
@@ -199,10 +200,15 @@ def test_packed_tile_runs_on_the_engine_where_plain_tile_cannot(monkeypatch):
     blocks = fa4.fa4_blocks(lay)
     assert isinstance(blocks, fa4.Fa4Blocks), blocks
     assert torch.equal(blocks.to_dense_mask(g.seq_len), lay.to_dense_mask())
+    # one token order for every head: kept as one row index, so the engine copies whole rows
+    assert blocks.q_gather.shape == (1, lay.q_order_len, 1) and blocks.kv_gather.shape == (1, g.seq_len, 1)
     monkeypatch.setattr(fa4, "fa4_interface", lambda: stand_in([]))
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, g.seq_len, 2, 16, generator=gen) for _ in range(3))
-    torch.testing.assert_close(fa4.fa4_block_sparse_attention(q, k, v, lay), reference_attention(q, k, v, lay), rtol=1e-5, atol=1e-5)
+    out, lse = fa4.fa4_block_sparse_attention(q, k, v, lay, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, lay, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_engine_refuses_what_it_cannot_express_and_needs_flash_attn(monkeypatch):

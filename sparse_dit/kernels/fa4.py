@@ -101,6 +101,7 @@ class Fa4Blocks:
     q_gather: (L, Q, H) int64 original query row of each query-order position (padding -> 0) or None;
     q_inverse: (L, S, H) int64 query-order position of each original query row, or None;
     kv_gather: (L, K, H) int64 original key of each key-order position (padding -> 0) or None.
+    A permutation that is the same for every (batch, head) is stored as (1, N, 1).
     (Sequence before heads, contiguous: the gathers then write (B, N, H, D) outputs that are contiguous.)
     """
 
@@ -170,21 +171,26 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
     count = layout.kv_count.long()
     used = torch.arange(G, device=dev) < count[..., None]
     start, end = layout.kv_start.long(), layout.kv_end.long()
-    checks = [(used & ((start % BLOCK_KV != 0) | ((end % BLOCK_KV != 0) & (end != K)))).any()]
+    false = torch.zeros((), dtype=torch.bool, device=dev)
+    checks = {"unaligned": (used & ((start % BLOCK_KV != 0) | ((end % BLOCK_KV != 0) & (end != K)))).any(),
+              "padded": false, "text_moved": false, "q_per_head": false, "kv_per_head": false}
     if layout.kv_perm is not None:
         pads = torch.nn.functional.pad((layout.kv_perm < 0).long().cumsum(-1), (1, 0))[:, :, None, :].expand(L, H, NQ, K + 1)
         padded = pads.gather(-1, end.clamp(0, K)) - pads.gather(-1, start.clamp(0, K))
-        checks.append((used & (padded > 0)).any())
+        checks["padded"] = (used & (padded > 0)).any()
         if layout.text_kv is not None:
             a, b = layout.text_kv
             want = torch.arange(a, b, device=dev, dtype=layout.kv_perm.dtype)
-            checks.append((layout.kv_perm[..., a:b] != want).any())
-    flags = torch.stack(checks).tolist()  # one sync
-    if flags[0]:
+            checks["text_moved"] = (layout.kv_perm[..., a:b] != want).any()
+        checks["kv_per_head"] = (layout.kv_perm != layout.kv_perm[:1, :1]).any()
+    if layout.q_perm is not None:
+        checks["q_per_head"] = (layout.q_perm != layout.q_perm[:1, :1]).any()
+    flags = dict(zip(checks, torch.stack(list(checks.values())).tolist()))  # one sync
+    if flags["unaligned"]:
         return f"key segments not aligned to blocks of {BLOCK_KV}"
-    if len(flags) > 1 and flags[1]:
+    if flags["padded"]:
         return "a kept key segment holds padded slots of the key order"
-    if len(flags) > 2 and flags[2]:
+    if flags["text_moved"]:
         return "text keys are not in place in the key order"
     nkb = -(-K // BLOCK_KV)
     sb = torch.where(used, start // BLOCK_KV, nkb)
@@ -205,23 +211,31 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
     pos = torch.where(mask, mask.cumsum(-1) - 1, W)
     idx = torch.zeros(L, H, NQ, W + 1, dtype=torch.int32, device=dev)
     idx.scatter_(-1, pos, torch.arange(nkb, dtype=torch.int32, device=dev).expand(L, H, NQ, nkb).contiguous())
+    # a permutation shared by every batch element and head (the tile pattern's) is kept as one (1, N, 1) index:
+    # `gather_rows` then copies whole rows (index_select) instead of gathering per head
     q_gather = q_inverse = kv_gather = None
     if layout.q_perm is not None:
         perm = layout.q_perm.long()
+        if not flags["q_per_head"]:
+            perm = perm[:1, :1]
+        Lp, Hp = perm.shape[:2]
         q_gather = perm.clamp(min=0).transpose(1, 2).contiguous()
-        inv = torch.zeros(L, H, S + 1, dtype=torch.long, device=dev)
-        positions = torch.arange(perm.shape[-1], device=dev).expand(L, H, -1)
+        inv = torch.zeros(Lp, Hp, S + 1, dtype=torch.long, device=dev)
+        positions = torch.arange(perm.shape[-1], device=dev).expand(Lp, Hp, -1)
         inv.scatter_(-1, torch.where(perm >= 0, perm, S), positions.contiguous())
         q_inverse = inv[..., :S].transpose(1, 2).contiguous()
     if layout.kv_perm is not None:
-        kv_gather = layout.kv_perm.long().clamp(min=0).transpose(1, 2).contiguous()
+        perm = layout.kv_perm.long() if flags["kv_per_head"] else layout.kv_perm[:1, :1].long()
+        kv_gather = perm.clamp(min=0).transpose(1, 2).contiguous()
     return Fa4Blocks(cnt.contiguous(), idx[..., :W].contiguous(), bq, layout.q_order_len, K, q_gather, q_inverse, kv_gather)
 
 
 # ------------------------------------------------------------------------------------------------- execution
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, M, H, D) contiguous copy of x (B, N, H, D) with row ``index[l, m, h]`` of head h at position m (index
-    (L, M, H) contiguous, L 1 or B)."""
+    (L, M, H) contiguous, L 1 or B; (1, M, 1): the same rows for every batch element and head)."""
+    if index.shape[0] == 1 and index.shape[2] == 1:
+        return x.index_select(1, index.view(-1))
     B, _, H, _ = x.shape
     idx = index.expand(B, -1, -1)
     b = torch.arange(B, device=x.device)[:, None, None]
@@ -267,7 +281,7 @@ def fa4_block_sparse_attention(
     if blocks.q_inverse is not None:
         out = gather_rows(out, blocks.q_inverse)
         if return_lse:
-            lse = lse.gather(2, blocks.q_inverse.transpose(1, 2).expand(lse.shape[0], -1, -1))
+            lse = lse.gather(2, blocks.q_inverse.transpose(1, 2).expand(lse.shape[0], lse.shape[1], -1))
     return (out, lse) if return_lse else out
 
 
