@@ -408,6 +408,25 @@ def test_kmeans_warm_start_needs_fewer_iterations():
     assert max(state[0]["iters"]) <= 2
 
 
+def test_kmeans_keeps_half_precision_centroids_for_half_activations():
+    """Between calls the warm-start centroids take the activations' bytes (fp16/bf16), not fp32; a warm call from
+    them converges as fast as from fp32 ones."""
+    g = Geometry(1, 2, 16, 4, 8, 8)
+    gen = torch.Generator().manual_seed(11)
+    centers = torch.randn(12, 16, generator=gen) * 2
+    q = centers[torch.randint(0, 12, (1, g.seq_len, 2), generator=gen)] + 0.5 * torch.randn(1, g.seq_len, 2, 16, generator=gen)
+    k = q.roll(3, 1) + 0.1
+    params = dict(q_clusters=8, k_clusters=16, iters=50, tol=0.0, warm_iters=50)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        state: dict = {}
+        kmeans.build(g, 2, 16, "cpu", q=q.to(dtype), k=k.to(dtype), state=state, **params)
+        assert state[0]["q_centroids"].dtype == state[0]["k_centroids"].dtype == dtype
+        cold = state[0]["iters"]
+        lay = kmeans.build(g, 2, 16, "cpu", q=(q + 0.01).to(dtype), k=(k + 0.01).to(dtype), state=state, **params)
+        lay.validate()
+        assert max(state[0]["iters"]) <= 3 and state[0]["iters"][0] < cold[0], (dtype, cold, state[0]["iters"])
+
+
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("align", [None, 8, 13])
 def test_kmeans_aligned_segments_cover_the_exact_selection_with_whole_chunks(text, align):

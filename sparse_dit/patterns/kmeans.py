@@ -42,7 +42,7 @@ tokens changes cluster, default 1e-3), ``warm_iters`` (max Lloyd iterations when
 it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.md), ``q_mode``,
 ``seed`` (cold-start sampling), ``kv_align`` (above), ``record``.
 
-``state[b]`` keeps the centroids (warm start) and ``iters`` (q, k). With ``record=True`` (inspection and
+``state[b]`` keeps the centroids (warm start; in the activations' dtype when it is fp16/bf16) and ``iters`` (q, k). With ``record=True`` (inspection and
 tests; off by default because per layer and branch it holds ~40 MB at 720p) it also holds the last call's
 ``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
@@ -62,7 +62,7 @@ data-independent widths (``Layout.compact`` trims layouts kept for ``replan_ever
 Memory of the fused plan (`fused_plan_bytes`, checked op by op in tests/test_planning_triton.py): what the layout
 keeps is int32 orders (8 bytes per video token and head), the segment table (width ceil(NC / 2), NC = key chunks)
 and the full-chunk table (width V / BLOCK_N): at Wan 480p (12 heads) 9.0 MiB, 9% of the 96 MiB attention output,
-and at Wan 720p (40 heads) 130 MiB, 18% of 738 MiB; the fp32 centroids kept for the warm start add 3.8 / 28.8
+and at Wan 720p (40 heads) 130 MiB, 18% of 738 MiB; the centroids kept for the warm start (bf16) add 1.9 / 14.4
 MiB. Planning's transients (bounded at 51 / 563 MiB) stay below the attention output, so the call peaks at output +
 layout + state: <= 1.13x dense at 480p and <= 1.22x at 720p by the bound (measured before these changes on an
 H200: 1.19x and 2.36x, the generic chunk-table builder's int64 (blocks x chunks) temporaries). The remaining
@@ -410,8 +410,8 @@ def fused_plan_bytes(
 ) -> dict:
     """Memory of one warm fused k-means plan (``planner="triton"``, ``q_mode="union"``, ``align`` a multiple of
     ``block_n``), from the shapes alone: ``layout`` (kept until the attention call: int32 q/kv orders, segment
-    table of fixed width ceil(NC / 2), chunk tables of width V // block_n), ``state`` (fp32 centroids kept for the
-    next call) and ``transient``, an upper bound on the other tensors alive at once during planning (the peak
+    table of fixed width ceil(NC / 2), chunk tables of width V // block_n), ``state`` (the centroids kept for the
+    next call, in the activations' dtype when it is half, else fp32) and ``transient``, an upper bound on the other tensors alive at once during planning (the peak
     phase: the Lloyd buffers, the cluster selection in chunks of ``_SELECT_BUDGET`` pairs, the union product and
     the prefix-count cover; tests/test_planning_triton.py measures the real peak against it). Bytes."""
     N = B * h
@@ -420,7 +420,7 @@ def fused_plan_bytes(
     E = N * NQ * Ck  # (block, key cluster) pairs
     P = min(N, max(1, _SELECT_BUDGET // max(1, Cq * Ck))) * Cq * Ck
     layout = 4 * (N * NQ * block_q + N * V + N * NQ * (1 + 2 * G)) + 4 * N * NQ * (CF + 4)
-    state = 4 * N * D * (Cq + Ck)
+    state = min(act_bytes, 4) * N * D * (Cq + Ck)
     labels = 4 * N * V * 2 + 8 * N * (Cq + Ck) * 2  # both label sets and sizes, alive to the end
     # fp32 + rounded centroids, labels, counts/sizes/norms; then either update's work space: the atomic one's fp32
     # sums, or the segment one's ranks, grouped order and prefix sums (planning_triton.CENTROID_UPDATE)
@@ -580,9 +580,14 @@ def build(
         # the fused path's tables are correct by construction; checking them would read a flag on the host
         _trusted=fused,
     )
+    # kept for the warm start in the activations' precision when that is half: the next call's first assignment
+    # measures distances to centroids rounded to it anyway (the fused planner rounds them first), and the update
+    # recomputes every non-empty centroid from its tokens; half the bytes held per layer and CFG branch between calls
+    # (Wan2.1-1.3B 480p: 112 instead of 225 MiB over 30 layers x 2 branches)
+    kept = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else qc.dtype
     for b in range(B):
         sl = slice(b * h, (b + 1) * h)
-        state[b] = {"q_centroids": qc[sl].detach(), "k_centroids": kc[sl].detach(), "iters": (q_it, k_it)}
+        state[b] = {"q_centroids": qc[sl].detach().to(kept), "k_centroids": kc[sl].detach().to(kept), "iters": (q_it, k_it)}
         if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
     dev = torch.device(device)
