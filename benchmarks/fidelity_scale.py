@@ -68,9 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedules", default="0.3/0.1,0.35/0.2/0.1",
                    help="method group profile-sched: per-bucket density budgets, high-noise bucket first, '/'-separated "
                    "(one profile per schedule, as many timestep buckets as values), main warm-up and steps")
+    p.add_argument("--bucket-weights", default="2/1,4/1",
+                   help="method group profile-weighted: one overall budget per --targets value, the allocation's errors "
+                   "weighted per timestep bucket (high-noise first, '/'-separated; `build_profile(bucket_weights=)`)")
     p.add_argument("--order", default="profile,tile,radial,kmeans,prune,profile-w2,profile-steps2",
                    help="priority of the method groups: profile (main warm-up), tile/radial/kmeans/prune (uniform, "
-                        "main warm-up), profile-w2 (profile, second warm-up), profile-steps2 (profile, second step count)")
+                        "main warm-up), profile-w2 (profile, second warm-up), profile-steps2 (profile, second step count); "
+                        "not by default: profile-sched (--schedules), profile-weighted (--bucket-weights)")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new method group past this many seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reference", help="reference model folder (default: the shipped one)")
@@ -163,6 +167,16 @@ def main(argv=None) -> int:
             # target: the mean budget the schedule implies (buckets can hold different numbers of steps)
             methods["profile-sched"].append((f"profile {'/'.join(f'{x:g}' for x in sched)}", {"profile": prof}, main_w,
                                              round(prof.density(), 3), main_steps, prof.density(), prof.summary["mean_error"]))
+
+    if "profile-weighted" in methods:  # the allocator moves the budget where errors weigh more
+        for weights in [[float(x) for x in item.split("/")] for item in args.bucket_weights.split(",") if item]:
+            for target in targets:
+                prof = build_profile(stats, target_density=target, num_buckets=len(weights), dense_fraction=main_w,
+                                     block_size=args.block_size, model_class=type(ref.transformer).__name__,
+                                     model_id="sparse-dit reference model", calibration=calibration, bucket_weights=weights)
+                label = f"profile w{'/'.join(f'{x:g}' for x in weights)}"
+                methods["profile-weighted"].append((label, {"profile": prof}, main_w, target, main_steps, prof.density(),
+                                                    prof.summary["mean_error"]))
 
     # 3. generation: dense once per (clip, steps), then every method
     clips = [(sample_scene(20_000 + i).prompt, 100 + i) for i in range(args.clips)]

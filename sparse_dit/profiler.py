@@ -521,6 +521,7 @@ def build_profile(
     model_id: str = "",
     calibration: dict[str, Any] | None = None,
     balance_ranks: int = 1,
+    bucket_weights: Sequence[float] | None = None,
 ) -> Profile:
     """Turn calibration statistics into a `Profile` under one budget knob (give exactly one).
 
@@ -533,6 +534,9 @@ def build_profile(
     balance_ranks: for Ulysses context parallelism over this many ranks, even out the cost of each layer's rank
     slices of heads afterwards (`context_parallel.balance_choices`: swaps between heads of different slices, density
     never above the budget, a layer's error at most 10% higher); the header's ``balance`` says before and after.
+    bucket_weights: with one overall ``target_density``, one factor per bucket (noise to clean) on the errors the
+    allocation trades against density, e.g. ``(2, 1)``: an error in the high-noise bucket counts twice, so the budget
+    moves there (errors of early steps carry through every later step); the plan's stored errors stay unweighted.
     """
     from sparse_dit import costmodel
 
@@ -544,6 +548,12 @@ def build_profile(
         raise ValueError(f"target_density must be in (0, 1]; got {target_density}")
     if not stats.err_sum:
         raise ValueError("the calibration measured no attention call")
+    if bucket_weights is not None:
+        bucket_weights = [float(w) for w in bucket_weights]
+        if per_bucket or not targets:
+            raise ValueError("bucket_weights apply to one overall target_density (per-bucket budgets already say where it goes)")
+        if len(bucket_weights) != num_buckets or not all(w > 0 and math.isfinite(w) for w in bucket_weights):
+            raise ValueError(f"bucket_weights needs {num_buckets} positive numbers (one per bucket); got {bucket_weights}")
     if cost_model is None:
         cost_model = costmodel.flop_cost_model(stats.geometry, block_size) if stats.geometry else DEFAULT_COST_MODEL
     ts = stats.all_timesteps
@@ -588,8 +598,14 @@ def build_profile(
         choice = torch.stack([allocate_density(err_a[b].reshape(-1, C), dens_a[b].reshape(-1, C), targets[b]) for b in range(num_buckets)])
         budget: dict[str, Any] = {"target_density": targets}
     elif targets:
-        choice = allocate_density(err_a.reshape(-1, C), dens_a.reshape(-1, C), targets[0])
+        weighted = err_a
+        if bucket_weights is not None:
+            w = torch.tensor(bucket_weights, dtype=err_a.dtype).view(-1, 1, 1, 1)
+            weighted = torch.where(err_a < big, err_a * w, err_a)
+        choice = allocate_density(weighted.reshape(-1, C), dens_a.reshape(-1, C), targets[0])
         budget = {"target_density": targets[0]}
+        if bucket_weights is not None:
+            budget["bucket_weights"] = bucket_weights
     else:
         choice = allocate_error(err_a.reshape(-1, C), costs.reshape(-1, C), max_error)
         budget = {"max_error": max_error}

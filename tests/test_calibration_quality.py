@@ -79,6 +79,26 @@ def test_per_bucket_budgets(wan_stats):
         build_profile(wan_stats, target_density=[0.5, 0.5, 0.5], num_buckets=2, dense_fraction=0.0)
 
 
+def test_bucket_weights_move_the_budget_to_the_weighted_bucket(wan_stats):
+    """One overall budget; weighting the high-noise bucket's errors moves density there (the mean stays within the
+    budget), the reverse weighting moves it away, and equal weights change nothing."""
+    kw = dict(target_density=0.5, num_buckets=2, dense_fraction=0.0, block_size=16)
+    plain = build_profile(wan_stats, **kw)
+    same = build_profile(wan_stats, bucket_weights=(1.0, 1.0), **kw)
+    early = build_profile(wan_stats, bucket_weights=(20.0, 1.0), **kw)
+    late = build_profile(wan_stats, bucket_weights=(1.0, 20.0), **kw)
+    assert same.summary["per_bucket_density"] == plain.summary["per_bucket_density"]
+    d_plain, d_early, d_late = (p.summary["per_bucket_density"] for p in (plain, early, late))
+    assert d_early[0] >= d_plain[0] >= d_late[0] and d_early[0] > d_late[0]
+    for p in (plain, early, late):
+        assert p.density() <= 0.5 + 1e-9
+    assert early.header["budget"] == {"target_density": 0.5, "bucket_weights": [20.0, 1.0]}
+    with pytest.raises(ValueError, match="one overall target_density"):
+        build_profile(wan_stats, target_density=[0.5, 0.5], num_buckets=2, dense_fraction=0.0, bucket_weights=(2, 1))
+    with pytest.raises(ValueError, match="2 positive numbers"):
+        build_profile(wan_stats, bucket_weights=(2, 0), **kw)
+
+
 def test_rank_study_on_the_reference_model_at_tiny_size():
     """Candidates ranked by calibration error and by held-out PSNR; every metric reports its correlation."""
     from sparse_dit.reference import load_reference_model, sample_scene
