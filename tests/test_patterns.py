@@ -132,6 +132,18 @@ def test_packed_tile_mask(text, grid, block, t, window):
     torch.testing.assert_close(reference_attention(q, k, v, lay), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grid", [(4, 8, 8), (1, 8, 16)])
+def test_packed_tile_equals_plain_tile_when_tiles_are_whole_blocks(grid):
+    """On a grid the tile divides, with one tile per query block, packing changes nothing (video and image grids)."""
+    g = geom(grid=grid)
+    t = default_tile(16, grid)
+    window = (min(3, -(-grid[0] // t[0])), 1, 1)
+    plain = tile.build(g, 2, 16, "cpu", window=window)
+    packed = tile.build(g, 2, 16, "cpu", window=window, packed=True)
+    assert torch.equal(plain.to_dense_mask(), packed.to_dense_mask())
+    assert packed.q_order_len == plain.q_order_len == g.video_len
+
+
 def test_packed_tile_spec_and_label():
     from sparse_dit.commands.inspect import short_label
 
