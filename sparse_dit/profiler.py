@@ -552,8 +552,8 @@ def build_profile(
         bucket_weights = [float(w) for w in bucket_weights]
         if per_bucket or not targets:
             raise ValueError("bucket_weights apply to one overall target_density (per-bucket budgets already say where it goes)")
-        if len(bucket_weights) != num_buckets or not all(w > 0 and math.isfinite(w) for w in bucket_weights):
-            raise ValueError(f"bucket_weights needs {num_buckets} positive numbers (one per bucket); got {bucket_weights}")
+        if not all(w > 0 and math.isfinite(w) for w in bucket_weights):
+            raise ValueError(f"bucket_weights must be positive numbers, one per bucket; got {bucket_weights}")
     if cost_model is None:
         cost_model = costmodel.flop_cost_model(stats.geometry, block_size) if stats.geometry else DEFAULT_COST_MODEL
     ts = stats.all_timesteps
@@ -564,6 +564,8 @@ def build_profile(
     num_buckets = max(1, min(num_buckets, len(rest)))
     if per_bucket and len(targets) != num_buckets:
         raise ValueError(f"{len(targets)} per-bucket target densities for {num_buckets} buckets (fewer timesteps than buckets?)")
+    if bucket_weights is not None and len(bucket_weights) != num_buckets:
+        raise ValueError(f"{len(bucket_weights)} bucket_weights for {num_buckets} buckets (fewer timesteps than buckets?)")
     groups = [rest[i * len(rest) // num_buckets : (i + 1) * len(rest) // num_buckets] for i in range(num_buckets)]
     edges = [max(dense_above, groups[0][0])] + [(g[-1] + nxt[0]) / 2 for g, nxt in zip(groups, groups[1:])] + [0.0]
     buckets = [(edges[i + 1], edges[i]) for i in range(num_buckets)]

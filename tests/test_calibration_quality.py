@@ -95,8 +95,10 @@ def test_bucket_weights_move_the_budget_to_the_weighted_bucket(wan_stats):
     assert early.header["budget"] == {"target_density": 0.5, "bucket_weights": [20.0, 1.0]}
     with pytest.raises(ValueError, match="one overall target_density"):
         build_profile(wan_stats, target_density=[0.5, 0.5], num_buckets=2, dense_fraction=0.0, bucket_weights=(2, 1))
-    with pytest.raises(ValueError, match="2 positive numbers"):
+    with pytest.raises(ValueError, match="positive numbers"):
         build_profile(wan_stats, bucket_weights=(2, 0), **kw)
+    with pytest.raises(ValueError, match="3 bucket_weights for 2 buckets"):
+        build_profile(wan_stats, bucket_weights=(3, 2, 1), **kw)
 
 
 def test_rank_study_on_the_reference_model_at_tiny_size():

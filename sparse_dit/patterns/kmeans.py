@@ -42,8 +42,9 @@ tokens changes cluster, default 1e-3), ``warm_iters`` (max Lloyd iterations when
 it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.md), ``q_mode``,
 ``seed`` (cold-start sampling), ``kv_align`` (above), ``record``.
 
-``state[b]`` keeps the centroids (warm start; in the activations' dtype when it is fp16/bf16) and ``iters`` (q, k). With ``record=True`` (inspection and
-tests; off by default because per layer and branch it holds ~40 MB at 720p) it also holds the last call's
+``state[b]`` keeps the centroids (warm start; in the activations' dtype when it is fp16/bf16) and ``iters``
+(q, k). With ``record=True`` (inspection and tests; off by default because per layer and branch it holds ~40 MB
+at 720p) it also holds the last call's
 ``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
 
@@ -411,9 +412,10 @@ def fused_plan_bytes(
     """Memory of one warm fused k-means plan (``planner="triton"``, ``q_mode="union"``, ``align`` a multiple of
     ``block_n``), from the shapes alone: ``layout`` (kept until the attention call: int32 q/kv orders, segment
     table of fixed width ceil(NC / 2), chunk tables of width V // block_n), ``state`` (the centroids kept for the
-    next call, in the activations' dtype when it is half, else fp32) and ``transient``, an upper bound on the other tensors alive at once during planning (the peak
-    phase: the Lloyd buffers, the cluster selection in chunks of ``_SELECT_BUDGET`` pairs, the union product and
-    the prefix-count cover; tests/test_planning_triton.py measures the real peak against it). Bytes."""
+    next call, in the activations' dtype when it is half, else fp32) and ``transient``, an upper bound on the other
+    tensors alive at once during planning (the peak phase: the Lloyd buffers, the cluster selection in chunks of
+    ``_SELECT_BUDGET`` pairs, the union product and the prefix-count cover; tests/test_planning_triton.py measures
+    the real peak against it). Bytes."""
     N = B * h
     NQ, NC = -(-V // block_q), -(-V // align)
     G, CF = max(1, (NC + 1) // 2), max(1, V // block_n)
