@@ -310,6 +310,7 @@ def test_engine_chooser_falls_back_to_triton(monkeypatch):
         chooser(q, q, q, lay)
     chooser(q, q, q, lay)
     assert ran[1:] == ["fa4", "triton", "triton"]
+    assert chooser.calls == {"triton": 2, "fa4": 0}  # the failed FA4 attempt is not counted as an FA4 call
     with pytest.raises(ValueError, match="prefer"):
         kernels.EngineChooser(prefer="flash")
 

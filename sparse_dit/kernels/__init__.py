@@ -115,7 +115,6 @@ class EngineChooser:
         return (B, S, H, D, q.dtype, q.device, layout.q_perm is not None, layout.kv_perm is not None, bucket)
 
     def _run(self, engine: str, q, k, v, layout, scale, return_lse):
-        self.calls[engine] += 1
         if engine == "fa4":
             from .fa4 import fa4_block_sparse_attention
 
@@ -158,7 +157,7 @@ class EngineChooser:
         from .fa4 import fa4_sparse_supported
 
         if self.prefer == "triton" or "fa4" in self.failures or not fa4_sparse_supported(q, layout):
-            return self._run("triton", q, k, v, layout, scale, return_lse)
+            return self._guarded("triton", q, k, v, layout, scale, return_lse)
         if self.prefer == "fa4":
             return self._guarded("fa4", q, k, v, layout, scale, return_lse)
         key = self.key(q, layout)
@@ -167,7 +166,7 @@ class EngineChooser:
             self.chosen.move_to_end(key)
             return self._guarded(engine, q, k, v, layout, scale, return_lse)
         if q.is_cuda and torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
-            return self._run("triton", q, k, v, layout, scale, return_lse)
+            return self._guarded("triton", q, k, v, layout, scale, return_lse)
         self._collect(key)
         engine = self._decide(key)
         if engine is not None:
@@ -188,17 +187,22 @@ class EngineChooser:
         return torch.cuda.Event(enable_timing=True)
 
     def _guarded(self, engine: str, q, k, v, layout, scale, return_lse):
-        """Run ``engine``; an FA4 failure (compile error, unsupported case) is remembered, said once, and Triton runs."""
+        """Run ``engine``; an FA4 failure (compile error, unsupported case) is remembered, said once, and Triton runs.
+        Each call is counted once, under the engine that produced its output."""
         if engine != "fa4":
-            return self._run(engine, q, k, v, layout, scale, return_lse)
+            out = self._run(engine, q, k, v, layout, scale, return_lse)
+            self.calls[engine] += 1
+            return out
         try:
-            return self._run("fa4", q, k, v, layout, scale, return_lse)
+            out = self._run("fa4", q, k, v, layout, scale, return_lse)
+            self.calls["fa4"] += 1
+            return out
         except Exception as err:  # FA4 is optional: its failure must never fail the call
             self.failures["fa4"] = f"{type(err).__name__}: {err}"
             warnings.warn(f"sparse-dit: the FA4 engine failed ({type(err).__name__}: {str(err)[:200]}); using the Triton kernel",
                           RuntimeWarning, stacklevel=3)
             self.chosen.clear()
-            return self._run("triton", q, k, v, layout, scale, return_lse)
+            return self._guarded("triton", q, k, v, layout, scale, return_lse)
 
     def summary(self) -> dict[str, Any]:
         """What was chosen: {str(key): engine}, and engine failures."""
