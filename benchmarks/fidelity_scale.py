@@ -125,10 +125,10 @@ def main(argv=None) -> int:
                    "seconds": round(calib_s, 1), "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
 
     # 2. methods: (group, label, patch kwargs, warm-up share, target, steps, calibration density/error)
-    def profile_for(warmup: float, target: float):
-        return build_profile(stats, target_density=target, num_buckets=2, dense_fraction=warmup,
+    def profile_for(warmup: float, target, num_buckets: int = 2, **budget):
+        return build_profile(stats, target_density=target, num_buckets=num_buckets, dense_fraction=warmup,
                              block_size=args.block_size, model_class=type(ref.transformer).__name__,
-                             model_id="sparse-dit reference model", calibration=calibration)
+                             model_id="sparse-dit reference model", calibration=calibration, **budget)
 
     methods: dict[str, list] = {g: [] for g in args.order.split(",")}
     profiles = {}
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
 
     if "profile-sched" in methods:  # where the budget goes over the timesteps, at the same mean
         for sched in [[float(x) for x in item.split("/")] for item in args.schedules.split(",") if item]:
-            prof = build_profile(stats, target_density=sched, num_buckets=len(sched), dense_fraction=main_w,
-                                 block_size=args.block_size, model_class=type(ref.transformer).__name__,
-                                 model_id="sparse-dit reference model", calibration=calibration)
+            prof = profile_for(main_w, sched, num_buckets=len(sched))
             if args.profiles_dir:
                 prof.save(Path(args.profiles_dir) / f"profile_w{main_w:g}_sched{'-'.join(f'{x:g}' for x in sched)}.json")
             # target: the mean budget the schedule implies (buckets can hold different numbers of steps)
@@ -171,9 +169,7 @@ def main(argv=None) -> int:
     if "profile-weighted" in methods:  # the allocator moves the budget where errors weigh more
         for weights in [[float(x) for x in item.split("/")] for item in args.bucket_weights.split(",") if item]:
             for target in targets:
-                prof = build_profile(stats, target_density=target, num_buckets=len(weights), dense_fraction=main_w,
-                                     block_size=args.block_size, model_class=type(ref.transformer).__name__,
-                                     model_id="sparse-dit reference model", calibration=calibration, bucket_weights=weights)
+                prof = profile_for(main_w, target, num_buckets=len(weights), bucket_weights=weights)
                 label = f"profile w{'/'.join(f'{x:g}' for x in weights)}"
                 methods["profile-weighted"].append((label, {"profile": prof}, main_w, target, main_steps, prof.density(),
                                                     prof.summary["mean_error"]))
