@@ -109,7 +109,7 @@ def nan_cases():
     return [("kv_perm padding", perm_layout, [0, 1, 2]), ("padded prompt", padded_layout, [45])]
 
 
-@pytest.mark.parametrize("permute", ["fused", "separate"])
+@pytest.mark.parametrize("permute", ["fused", "separate", "kv_copy"])
 @pytest.mark.parametrize("case", range(2))
 def test_nan_values_of_keys_a_row_does_not_attend_never_reach_it(case, permute):
     name, layout, poisoned = nan_cases()[case]

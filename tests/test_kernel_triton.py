@@ -218,7 +218,7 @@ def test_random_segments_any_length(gen, L):
     check(q, k, v, layout)
 
 
-@pytest.mark.parametrize("permute", ["fused", "separate"])
+@pytest.mark.parametrize("permute", ["fused", "separate", "kv_copy"])
 def test_permutations_with_padding(gen, permute):
     B, S, H, D, bq = 2, 110, 2, 32, 16
     layout = random_layout(gen, S, H, 2, bq, q_perm=True, kv_perm=True)
@@ -234,7 +234,8 @@ def test_one_sided_permutation(gen, which):
     q, k, v = make_qkv(gen, B, S, H, D, torch.float16)
     a = check(q, k, v, layout, permute="fused")
     b = check(q, k, v, layout, permute="separate")
-    assert rel_err(a, b) < 2e-3
+    c = check(q, k, v, layout, permute="kv_copy")
+    assert rel_err(a, b) < 2e-3 and rel_err(a, c) < 2e-3
 
 
 @pytest.mark.parametrize(
@@ -244,6 +245,7 @@ def test_one_sided_permutation(gen, which):
         ("first", False, False, "fused"),
         ("first", True, True, "fused"),
         ("last", True, True, "separate"),
+        ("last", True, True, "kv_copy"),
     ],
 )
 def test_text_keys_and_dense_rows(gen, text, dense, perms, permute):
@@ -283,7 +285,7 @@ def test_mixed_head_patterns_one_call(gen):
     layout = Layout.stack_heads([dense, blocky, permuted])
     assert layout.heads == 4 and layout.q_perm is not None
     q, k, v = make_qkv(gen, B, S, 4, D, torch.float16)
-    for permute in ("fused", "separate"):
+    for permute in ("fused", "separate", "kv_copy"):
         out = check(q, k, v, layout, permute=permute)
     full = F.scaled_dot_product_attention(*(x[:, :, :1].float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     assert rel_err(out[:, :, :1], full) < 2e-3  # the dense head is plain attention
@@ -344,7 +346,7 @@ def test_rows_without_keys_are_zero(gen):
     ends = torch.tensor([[[[S], [S + 16], [20]]]], dtype=torch.int32)
     layout = Layout(S, bq, torch.ones(1, 1, 3, dtype=torch.int32), starts, ends, kv_perm=kv_perm)
     q, k, v = make_qkv(gen, 1, S, H, D, torch.float32)
-    for permute in ("fused", "separate"):
+    for permute in ("fused", "separate", "kv_copy"):
         out = torch.full((1, S, H, D), float("nan"))
         out, lse = triton_block_sparse_attention(q, k, v, layout, return_lse=True, out=out, permute=permute)
         assert torch.equal(out[:, 16:32], torch.zeros(1, 16, H, D))
@@ -428,7 +430,7 @@ def test_padded_prompt_keys(gen, case):
     else:
         raise AssertionError("could not draw a layout where every row keeps a real key")
     q, k, v = make_qkv(gen, B, S, H, D, torch.float32)
-    for permute in ("fused", "separate"):
+    for permute in ("fused", "separate", "kv_copy"):
         check(q, k, v, layout, permute=permute)
 
 

@@ -52,6 +52,7 @@ __all__ = ["triton_block_sparse_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DT
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+PERMUTE_MODES = ("fused", "separate", "kv_copy")  # how a permuted layout's rows are read (see the entry point)
 _LN2 = 0.6931471805599453
 
 
@@ -261,6 +262,7 @@ def _block_sparse_fwd(
     TEXT_A, TEXT_B, DENSE_A, DENSE_B, N_DENSE_PROGS, BLOCK_Q,
     TEXT_VALID, TV_MULT, PAD_END,
     K_DESC, V_DESC,
+    KB_DESC, VB_DESC,  # TMA descriptors over the permuted K/V copies (KV_MODE 2), else K_DESC/V_DESC again
     qk_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -373,6 +375,11 @@ def _block_sparse_fwd(
                 if KV_MODE == 0 and USE_TMA and not HAS_PAD:
                     acc, m_i, l_i = _attend_chunk_tma(
                         acc, m_i, l_i, q, K_DESC, V_DESC, b, h, start, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC
+                    )
+                elif KV_MODE == 2 and USE_TMA and not HAS_PAD:
+                    # the permuted copies are in key order: a clean chunk is BLOCK_N consecutive rows, so TMA
+                    acc, m_i, l_i = _attend_chunk_tma(
+                        acc, m_i, l_i, q, KB_DESC, VB_DESC, b, h, start, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC
                     )
                 elif KV_MODE == 0:
                     acc, m_i, l_i = _attend_chunk(
@@ -643,8 +650,10 @@ def triton_block_sparse_attention(
     """Block-sparse attention of q (B, S, H, D) against k, v over ``layout``; same contract as
     `reference_attention`. Returns out (B, S, H, D) and, with ``return_lse``, lse (B, H, S) float32 (natural log).
 
-    ``permute``: "fused" (gather rows inside the kernel, the default) or "separate" (permuted copies,
-    then the in-order kernel, then a scatter); only matters when the layout has permutations.
+    ``permute``: "fused" (gather rows inside the kernel, the default), "separate" (permuted copies of q, k, v,
+    then the in-order kernel, then a scatter of the output) or "kv_copy" (permuted copies of k and v only, read
+    through TMA on Hopper; query rows gathered and outputs scattered inside the kernel); only matters when the
+    layout has permutations. The copies cost two (B, H, S, D) buffers per call for the duration of the call.
     ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
     """
@@ -673,8 +682,8 @@ def triton_block_sparse_attention(
         raise ValueError(f"the Triton kernel supports layout.block_q up to 128; got {layout.block_q}")
     if permute is None:
         permute = "fused"
-    if permute not in ("fused", "separate"):
-        raise ValueError(f"permute must be 'fused' or 'separate', got {permute!r}")
+    if permute not in PERMUTE_MODES:
+        raise ValueError(f"permute must be one of {PERMUTE_MODES}, got {permute!r}")
     dev = q.device
 
     block_m = max(16, triton.next_power_of_2(layout.block_q))
@@ -695,7 +704,7 @@ def triton_block_sparse_attention(
     dummy = n_full  # any int32 tensor for absent pointers
     q_perm = layout.q_perm.to(dev) if layout.q_perm is not None else None
     kv_perm = layout.kv_perm.to(dev) if layout.kv_perm is not None else None
-    q_mode = 0 if q_perm is None else (1 if permute == "fused" else 2)
+    q_mode = 0 if q_perm is None else (2 if permute == "separate" else 1)
     kv_mode = 0 if kv_perm is None else (1 if permute == "fused" else 2)
 
     if out is None:
@@ -750,10 +759,16 @@ def triton_block_sparse_attention(
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, block_n, 1, block_d])
-        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, block_n, 1, block_d])
+        def desc(t: torch.Tensor) -> "TensorDescriptor":  # t: (B, S', H, D), any strides with a unit last one
+            return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d])
+
+        k_desc, v_desc = desc(k), desc(v)
+        if kv_mode == 2:  # the (B, H, n, D) copies seen as (B, n, H, D), the order the kernel indexes
+            kb_desc, vb_desc = desc(kb_t.transpose(1, 2)), desc(vb_t.transpose(1, 2))
+        else:
+            kb_desc, vb_desc = k_desc, v_desc
     else:
-        k_desc, v_desc = k, v  # unused
+        k_desc, v_desc, kb_desc, vb_desc = k, v, k, v  # unused
     grid = (n_dense_progs + NQ, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse_t,
@@ -767,6 +782,7 @@ def triton_block_sparse_attention(
         text_a, text_b, dense_a, dense_b, n_dense_progs, layout.block_q,
         pad_start if has_pad else dummy, tv_mult, pad_end,
         k_desc, v_desc,
+        kb_desc, vb_desc,
         scale * _LOG2E,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
