@@ -53,6 +53,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 PERMUTE_MODES = ("fused", "separate", "kv_copy")  # how a permuted layout's rows are read (see the entry point)
+# the mode used when a call does not name one; benchmarks compare modes end to end by setting it before a run
+# (benchmarks/results/kernel.md, "Permutation overhead")
+DEFAULT_PERMUTE = "fused"
 _LN2 = 0.6931471805599453
 
 
@@ -653,7 +656,8 @@ def triton_block_sparse_attention(
     ``permute``: "fused" (gather rows inside the kernel, the default), "separate" (permuted copies of q, k, v,
     then the in-order kernel, then a scatter of the output) or "kv_copy" (permuted copies of k and v only, read
     through TMA on Hopper; query rows gathered and outputs scattered inside the kernel); only matters when the
-    layout has permutations. The copies cost two (B, H, S, D) buffers per call for the duration of the call.
+    layout has permutations; None: ``DEFAULT_PERMUTE``. The copies cost two (B, H, S, D) buffers for the duration of
+    the call.
     ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
     """
@@ -681,7 +685,7 @@ def triton_block_sparse_attention(
     if layout.block_q > 128:
         raise ValueError(f"the Triton kernel supports layout.block_q up to 128; got {layout.block_q}")
     if permute is None:
-        permute = "fused"
+        permute = DEFAULT_PERMUTE
     if permute not in PERMUTE_MODES:
         raise ValueError(f"permute must be one of {PERMUTE_MODES}, got {permute!r}")
     dev = q.device
