@@ -558,3 +558,21 @@ def test_unknown_config_key(gen):
     q, k, v = make_qkv(gen, 1, S, H, D, torch.float16)
     with pytest.raises(ValueError, match="unknown kernel config"):
         triton_block_sparse_attention(q, k, v, Layout.dense(S, H, block_q=16), config={"PREFETCH": True})
+
+
+def test_permute_auto_resolution_and_default(gen):
+    """"auto" (the default) copies permuted keys only where TMA reads the copies; it computes what "fused" does."""
+    from sparse_dit.kernels.triton_attention import DEFAULT_PERMUTE, resolve_permute
+
+    assert DEFAULT_PERMUTE == "auto"
+    assert resolve_permute("auto", True, True) == "kv_copy"
+    assert resolve_permute("auto", True, False) == "fused"  # no TMA (interpreter, pre-Hopper): copies buy nothing
+    assert resolve_permute("auto", False, True) == "fused"  # nothing to copy
+    assert resolve_permute("separate", True, True) == "separate"  # an explicit mode is kept
+    layout = random_layout(gen, 80, 2, 1, 16, q_perm=True, kv_perm=True)
+    q, k, v = make_qkv(gen, 1, 80, 2, 16, torch.float16)
+    a = check(q, k, v, layout)  # default
+    b = check(q, k, v, layout, permute="kv_copy")
+    assert rel_err(a, b) < 2e-3
+    with pytest.raises(ValueError, match="permute must be one of"):
+        triton_block_sparse_attention(q, k, v, layout, permute="gather")

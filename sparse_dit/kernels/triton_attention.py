@@ -14,14 +14,18 @@ an online softmax (exp2, log2(e) folded into the scale, fp32 accumulators) over
 Extra programs of the same launch (placed first: they are the longest) compute the ``dense_q`` rows of
 the original order against every key; the block path skips those rows.
 
-Permutations (``q_perm``/``kv_perm``) are applied in one of two ways, both tested:
+Permutations (``q_perm``/``kv_perm``) are applied in one of three ways, all tested:
 
-* ``permute="fused"`` (default): the kernel gathers query/key/value rows through the index tensors
-  (row pointers from the permutation, one 16-byte-vectorised row load per key) and stores the output
-  rows straight back to their original positions;
-* ``permute="separate"``: a small gather kernel writes permuted contiguous copies of q/k/v first, the
-  attention kernel reads them in order (still reading the permutations for the padding masks), writes
-  a permuted output, and a scatter kernel puts rows back in the original order.
+* ``permute="fused"``: the kernel gathers query/key/value rows through the index tensors (row pointers
+  from the permutation, one 16-byte-vectorised row load per key) and stores the output rows straight back
+  to their original positions;
+* ``permute="kv_copy"``: a small gather kernel writes permuted contiguous copies of k and v, which the
+  attention kernel reads in order (through TMA on Hopper); query rows are gathered and output rows stored
+  as in "fused". The default on Hopper (``"auto"``): measured +7.8% over unpermuted keys against +18.1% for
+  "fused" at Wan 480p, 10% density (H200; benchmarks/results/kernel.md), for two (B, H, S, D) copies held
+  during the call; "fused" elsewhere (without TMA the copies buy nothing);
+* ``permute="separate"``: permuted copies of q, k and v, the in-order kernel, which writes a permuted
+  output, and a scatter kernel that puts rows back in the original order.
 
 q, k, v are (B, S, H, D) tensors of any strides (views of a fused qkv or of a (B, H, S, D) tensor are
 read in place); the output is a new contiguous (B, S, H, D) tensor in the original token order.
@@ -52,10 +56,10 @@ __all__ = ["triton_block_sparse_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DT
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-PERMUTE_MODES = ("fused", "separate", "kv_copy")  # how a permuted layout's rows are read (see the entry point)
+PERMUTE_MODES = ("auto", "fused", "separate", "kv_copy")  # how a permuted layout's rows are read (module docstring)
 # the mode used when a call does not name one; benchmarks compare modes end to end by setting it before a run
 # (benchmarks/results/kernel.md, "Permutation overhead")
-DEFAULT_PERMUTE = "fused"
+DEFAULT_PERMUTE = "auto"
 _LN2 = 0.6931471805599453
 
 
@@ -631,6 +635,14 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
     return all(t.data_ptr() % 16 == 0 and all((st * e) % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
 
 
+def resolve_permute(permute: str, has_kv_perm: bool, tma: bool) -> str:
+    """The permutation mode a call runs: "auto" is "kv_copy" when keys are permuted and TMA loads are in use (the
+    copies are then read at TMA speed), else "fused" (no copies)."""
+    if permute != "auto":
+        return permute
+    return "kv_copy" if has_kv_perm and tma else "fused"
+
+
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, seq, head) strides of a (B, S, H, D) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -653,11 +665,11 @@ def triton_block_sparse_attention(
     """Block-sparse attention of q (B, S, H, D) against k, v over ``layout``; same contract as
     `reference_attention`. Returns out (B, S, H, D) and, with ``return_lse``, lse (B, H, S) float32 (natural log).
 
-    ``permute``: "fused" (gather rows inside the kernel, the default), "separate" (permuted copies of q, k, v,
-    then the in-order kernel, then a scatter of the output) or "kv_copy" (permuted copies of k and v only, read
-    through TMA on Hopper; query rows gathered and outputs scattered inside the kernel); only matters when the
-    layout has permutations; None: ``DEFAULT_PERMUTE``. The copies cost two (B, H, S, D) buffers for the duration of
-    the call.
+    ``permute``: "fused" (gather rows inside the kernel), "separate" (permuted copies of q, k, v, then the
+    in-order kernel, then a scatter of the output), "kv_copy" (permuted copies of k and v only, read through TMA
+    on Hopper; query rows gathered and outputs scattered inside the kernel) or "auto" (kv_copy where TMA loads run,
+    else fused); only matters when the layout has key permutations; None: ``DEFAULT_PERMUTE`` ("auto"). The copies
+    cost two (B, H, S, D) buffers for the duration of the call.
     ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
     """
@@ -708,6 +720,8 @@ def triton_block_sparse_attention(
     dummy = n_full  # any int32 tensor for absent pointers
     q_perm = layout.q_perm.to(dev) if layout.q_perm is not None else None
     kv_perm = layout.kv_perm.to(dev) if layout.kv_perm is not None else None
+    use_tma = bool(cfg.get("TMA", False)) and block_d == D and _tma_ok(k, v, block_n)
+    permute = resolve_permute(permute, kv_perm is not None, use_tma)
     q_mode = 0 if q_perm is None else (2 if permute == "separate" else 1)
     kv_mode = 0 if kv_perm is None else (1 if permute == "fused" else 2)
 
@@ -759,7 +773,6 @@ def triton_block_sparse_attention(
         svb = (vb_t.stride(0), vb_t.stride(2), vb_t.stride(1))
 
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    use_tma = bool(cfg.get("TMA", False)) and block_d == D and _tma_ok(k, v, block_n)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
