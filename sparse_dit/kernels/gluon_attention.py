@@ -1,0 +1,536 @@
+"""Optional Gluon engine (``triton.experimental.gluon``, Triton 3.6) for Hopper (sm_90) behind the same `Layout`.
+
+Experimental and not yet run on a GPU: it compiles for sm_90a (0 spills, both warpgroups' softmax under their PV
+wgmma in the SASS: ``python3 benchmarks/gluon_engine_check.py --compile-only``), and its host side is tested on the
+CPU with a stand-in kernel (tests/test_gluon_engine.py), but its first GPU run (``benchmarks/gluon_engine_check.py``:
+correctness against the reference and the Triton kernel, then speed) is still to come. Nothing calls it: `patch`
+and `block_sparse_attention` use the Triton kernel and the FA4 engine only. The prototype it grows from measured
+590-643 TFLOP/s on an H200 (benchmarks/results/kernel.md).
+
+A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype in
+``benchmarks/gluon_attention.py`` (see ``benchmarks/gluon_attention_NOTES.md``): per 128-query block one CTA with two
+consumer warpgroups (64 query rows each, own ``gl.warp_specialize`` partitions, their GEMM issue alternated through
+two "turn" mbarriers) and a 1-warp TMA producer streaming the listed K/V blocks through mbarrier rings; the softmax of
+S_j runs under the PV wgmma of block j-1 (FA3's intra-warpgroup overlap).
+
+It expresses exactly the layouts the FA4 engine does (`sparse_dit.kernels.fa4.fa4_blocks`: whole 128-key blocks,
+permutations by gathers around the kernel), restricted to query blocks of 128, head dim 128, fp16/bf16. Beyond the
+prototype:
+
+- any sequence length: q/k/v/o are read and written through 3-D TMA descriptors over (B, S, H*D) with a
+  [1, rows, 128] box, so a box past the end of a batch element is zero-filled on load and clipped on store (no
+  reads from the next batch element, no stores past S); keys >= S are masked to -inf in the last key block only
+  (constexpr ``HAS_TAIL`` when S % 128 != 0, and then a runtime branch taken on the last listed block only);
+- query blocks with no kept key block produce zeros (and lse -inf) without touching any K/V barrier;
+- optional lse (B, H, S) float32, natural log;
+- tables shared over the batch (L = 1) or per batch element (L = B).
+
+Nothing Triton is needed at import: the kernel definitions sit behind a guarded import, and `gluon_available` is
+False (never raises) without Gluon's Hopper ops or without a CUDA device of capability (9, 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from sparse_dit.layout import Layout
+
+from .fa4 import BLOCK_KV, Fa4Blocks, fa4_blocks, gather_rows
+from .reference import check_qkv
+
+BLOCK_M = 128  # query rows per CTA (2 consumer warpgroups x 64)
+BLOCK_N = 128  # keys per block (FA4's tables)
+HEAD_DIM = 128
+DTYPES = (torch.float16, torch.bfloat16)
+DEFAULT_STAGES = 2  # K/V ring depth (3 fits in smem too)
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+assert BLOCK_N == BLOCK_KV
+
+# ------------------------------------------------------------------------------------------ guarded Gluon kernel
+_IMPORT_ERROR: BaseException | None = None
+try:  # pragma: no cover - depends on the installed Triton
+    import triton  # noqa: F401
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+except Exception as e:  # ImportError, or an incompatible Triton: no engine
+    _IMPORT_ERROR = e
+
+if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GPU
+    try:
+        _CONSUMER1_REGS = gl.constexpr(232)  # setmaxnreg of the second consumer warpgroup (worker 0)
+        _PRODUCER_REGS = gl.constexpr(24)
+
+        @gluon.jit
+        def _ge_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,  #
+                         kv_idx_base, cnt, b, col, STAGES: gl.constexpr):
+            """1-warp partition: K_i, V_i -> ring slot i % STAGES.  The r-th (r >= 1) reuse of a slot waits for the
+            r-th release of it by both consumers (empty barriers count 2, parity (r - 1) & 1)."""
+            BN: gl.constexpr = k_desc.block_type.shape[1]
+            HD: gl.constexpr = k_desc.block_type.shape[2]
+            dtype: gl.constexpr = k_desc.dtype
+            for i in range(cnt):
+                s = i % STAGES
+                r = i // STAGES
+                blk = gl.load(kv_idx_base + i)
+                row = blk * BN
+                mbarrier.wait(k_empty.index(s), (r - 1) & 1, pred=r > 0)
+                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, row, col], k_ready.index(s),
+                                                k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
+                mbarrier.wait(v_empty.index(s), (r - 1) & 1, pred=r > 0)
+                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, row, col], v_ready.index(s),
+                                                v_smem.index(s)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
+
+        @gluon.jit
+        def _ge_softmax(s, m_i, l_i, qk_scale):
+            """Online softmax (base 2, scale folded in) of one fp32 S tile: P (fp32, S's layout), alpha, m, l."""
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_new = l_i * alpha + gl.sum(p, axis=1)
+            return p, alpha, m_new, l_new
+
+        @gluon.jit
+        def _ge_mask_tail(s, lim, s_layout: gl.constexpr):
+            """Keys at or past ``lim`` (within the block) -> -inf."""
+            BN: gl.constexpr = s.shape[1]
+            cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            return gl.where(gl.expand_dims(cols, 0) < lim, s, float("-inf"))
+
+        @gluon.jit
+        def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, my_turn, other_turn,  #
+                       kv_idx_base, cnt, qk_scale, Sk, acc, m_i, l_i,  #
+                       s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
+                       STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr):
+            """The main loop of one consumer warpgroup over cnt >= 1 listed key blocks.  GEMM-issue batch k of this
+            WG (k = 0: S_0; k = j: S_j + PV_{j-1}; k = cnt: last PV) waits for the other WG's batch k - 1 + WG."""
+            BMW: gl.constexpr = qs.shape[0]
+            BN: gl.constexpr = k_smem.shape[1]
+            dtype: gl.constexpr = qs.dtype
+            zero_s = gl.zeros([BMW, BN], gl.float32, s_layout)
+            last = cnt - 1
+            if HAS_TAIL:
+                # ascending indices: the (only) partial key block, when listed, is the last one
+                tail_lim = Sk - gl.load(kv_idx_base + last) * BN
+
+            mbarrier.wait(k_ready.index(0), 0)
+            mbarrier.wait(my_turn, (WG - 1) & 1, pred=WG > 0)
+            s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.arrive(other_turn, count=1)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            gl.thread_barrier()  # partition-local: this WG is done with K_0
+            mbarrier.arrive(k_empty.index(0), count=1)
+            if HAS_TAIL:
+                if last == 0:
+                    s = _ge_mask_tail(s, tail_lim, s_layout)
+            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
+            p = p32.to(dtype)
+            p = gl.convert_layout(p, p_layout)
+            mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
+
+            for j in range(1, cnt):
+                ks = j % STAGES
+                vj = j - 1
+                vs = vj % STAGES
+                mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
+                mbarrier.wait(my_turn, (j - 1 + WG) & 1)
+                s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+                mbarrier.arrive(other_turn, count=1)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                if HAS_TAIL:
+                    if j == last:
+                        s = _ge_mask_tail(s, tail_lim, s_layout)
+                # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
+                p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
+                # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
+                # above the softmax
+                jn = j + 1
+                mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
+                mbarrier.arrive(k_empty.index(ks), count=1)
+                mbarrier.arrive(v_empty.index(vs), count=1)
+
+            vs = last % STAGES
+            mbarrier.wait(v_ready.index(vs), (last // STAGES) & 1)
+            mbarrier.wait(my_turn, (last + WG) & 1)
+            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+            mbarrier.arrive(other_turn, count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            return acc, m_i, l_i
+
+        @gluon.jit
+        def _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
+                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
+                         STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, WG: gl.constexpr):
+            """Consumer warpgroup WG (4 warps): query rows [q0 + 64 WG, q0 + 64 WG + 64) of batch b, head h."""
+            BMW: gl.constexpr = q_desc.block_type.shape[1]  # 64
+            HD: gl.constexpr = q_desc.block_type.shape[2]
+            BN: gl.constexpr = k_smem.shape[1]
+            NW: gl.constexpr = gl.num_warps()  # 4
+            dtype: gl.constexpr = q_desc.dtype
+            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                               instr_shape=[16, BN, 16])
+            o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                               instr_shape=[16, HD, 16])
+            p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+            row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+            orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+            qs = q_smem.index(WG)
+            qs3 = qs._reinterpret(dtype, [1, BMW, HD], q_desc.layout)
+            qb = q_bars.index(WG)
+            row_w = q0 + WG * BMW
+
+            # Q is loaded (zero-filled past Sq) even for an empty row block: its barrier completes on its own
+            mbarrier.expect(qb, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, row_w, col], qb, qs3)
+
+            acc = gl.zeros([BMW, HD], gl.float32, o_layout)
+            m_i = gl.full([BMW], float("-inf"), gl.float32, row_layout)
+            l_i = gl.zeros([BMW], gl.float32, row_layout)
+            mbarrier.wait(qb, 0)
+            if cnt > 0:
+                acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,  #
+                                           turn.index(WG), turn.index(1 - WG), kv_idx_base, cnt, qk_scale, Sk,  #
+                                           acc, m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG)
+
+            has = l_i > 0.0
+            l_safe = gl.where(has, l_i, 1.0)
+            acc = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
+            if RETURN_LSE:
+                rows = row_w + gl.arange(0, BMW, layout=row_layout)
+                lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+                base = (b * H + h).to(gl.int64) * Sq
+                gl.store(lse_ptr + base + rows, lse, mask=rows < Sq)
+
+            # epilogue: O -> this WG's Q buffer -> TMA store (rows past Sq clipped by the descriptor)
+            gl.thread_barrier()
+            qs.store(acc.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(o_desc, [b, row_w, col], qs3)
+            tma.store_wait(pendings=0)
+
+        @gluon.jit
+        def _ge_consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
+                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
+                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
+                         STAGES, HAS_TAIL, RETURN_LSE, 0)
+
+        @gluon.jit
+        def _ge_consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
+                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
+                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
+                         STAGES, HAS_TAIL, RETURN_LSE, 1)
+
+        # sizes are runtime values: no recompilation per sequence length / table width (Triton would otherwise
+        # specialise integers on divisibility by 16 and on == 1)
+        @gluon.jit(do_not_specialize=["qk_scale", "Sq", "Sk", "H", "NQ", "W", "tab_b_stride"])
+        def gluon_sparse_fwd(q_desc, k_desc, v_desc, o_desc,  #
+                             kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
+                             qk_scale, Sq, Sk, H, NQ, W, tab_b_stride,  #
+                             SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
+                             STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            """Grid (NQ, B*H), num_warps 4 (consumer WG0; worker 0 = consumer WG1, 4 warps; worker 1 = producer).
+
+            q_desc/o_desc: 3-D over (B, Sq, H*D), box [1, 64, D]; k_desc/v_desc: (B, Sk, H*D), box [1, 128, D].
+            Tables: kv_cnt (L, H, NQ) int32 and kv_idx (L, H, NQ, W) int32 ascending, batch stride of the count
+            table ``tab_b_stride`` (0 for L = 1, H*NQ for L = B).  lse_ptr: (B, H, Sq) float32 when RETURN_LSE.
+            SMEM_Q/SMEM_KV: the 2-D NVMMA shared layouts of a [64, D] / [128, D] tile (wgmma operands)."""
+            BMW: gl.constexpr = q_desc.block_type.shape[1]
+            HD: gl.constexpr = q_desc.block_type.shape[2]
+            BN: gl.constexpr = k_desc.block_type.shape[1]
+            dtype: gl.constexpr = q_desc.dtype
+
+            pid_m = gl.program_id(0)
+            bh = gl.program_id(1)
+            b = bh // H
+            h = bh - b * H
+            col = h * HD
+            q0 = pid_m * (2 * BMW)
+            tab = b * tab_b_stride + h * NQ + pid_m
+            cnt = gl.load(kv_cnt_ptr + tab)
+            kv_idx_base = kv_idx_ptr + tab.to(gl.int64) * W
+
+            q_smem = gl.allocate_shared_memory(dtype, [2, BMW, HD], SMEM_Q)
+            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
+            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
+            q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(q_bars.index(i), count=1)
+                mbarrier.init(turn.index(i), count=1)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(k_ready.index(i), count=1)
+                mbarrier.init(v_ready.index(i), count=1)
+                mbarrier.init(k_empty.index(i), count=2)  # one arrive per consumer warpgroup
+                mbarrier.init(v_empty.index(i), count=2)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            gl.warp_specialize(
+                [
+                    (_ge_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty,
+                                     v_empty, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
+                                     STAGES, HAS_TAIL, RETURN_LSE)),
+                    (_ge_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty,
+                                     v_empty, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
+                                     STAGES, HAS_TAIL, RETURN_LSE)),
+                    (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_idx_base,
+                                    cnt, b, col, STAGES)),
+                ],
+                [4, 1],
+                [_CONSUMER1_REGS, _PRODUCER_REGS],
+            )
+
+        KERNEL = gluon_sparse_fwd
+    except Exception as e:  # an incompatible Gluon API: no engine
+        _IMPORT_ERROR = e
+
+KERNEL_NUM_WARPS = 4
+Q_BOX = BLOCK_M // 2  # rows per consumer warpgroup
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+@functools.lru_cache(maxsize=4)
+def smem_layouts(dtype: torch.dtype) -> dict:
+    """The NVMMA shared layouts the kernel uses for ``dtype``: 2-D wgmma tiles and the 3-D TMA boxes."""
+    g = _gl_dtype(dtype)
+    get = gl.NVMMASharedLayout.get_default_for
+    return dict(q2=get([Q_BOX, HEAD_DIM], g), kv2=get([BLOCK_N, HEAD_DIM], g),
+                q3=get([1, Q_BOX, HEAD_DIM], g), kv3=get([1, BLOCK_N, HEAD_DIM], g))
+
+
+# ------------------------------------------------------------------------------------------------ availability
+def _gluon_importable() -> bool:
+    return _IMPORT_ERROR is None
+
+
+def gluon_import_error() -> str | None:
+    """Why the Gluon kernel is not defined (None when it is)."""
+    return None if _IMPORT_ERROR is None else repr(_IMPORT_ERROR)
+
+
+def gluon_available() -> bool:
+    """True when Gluon with the Hopper ops imports and the current CUDA device has capability (9, 0). Never raises."""
+    try:
+        if not _gluon_importable() or not torch.cuda.is_available():
+            return False
+        return tuple(torch.cuda.get_device_capability()) == (9, 0)
+    except Exception:
+        return False
+
+
+def _device_ok(q: torch.Tensor) -> bool:
+    try:
+        return q.device.type == "cuda" and _gluon_importable() and tuple(torch.cuda.get_device_capability(q.device)) == (9, 0)
+    except Exception:
+        return False
+
+
+def _layout_reason(layout: Layout) -> Fa4Blocks | str:
+    if layout.block_q != BLOCK_M:
+        return f"query blocks of {layout.block_q} (the Gluon engine needs {BLOCK_M})"
+    return fa4_blocks(layout)
+
+
+def _tensor_reason(q: torch.Tensor) -> str | None:
+    if q.dim() != 4:
+        return f"q must be (batch, seq, heads, head_dim); got shape {tuple(q.shape)}"
+    if q.shape[-1] != HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the Gluon engine needs {HEAD_DIM})"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (the Gluon engine needs float16 or bfloat16)"
+    return None
+
+
+def gluon_sparse_supported(q: torch.Tensor, layout: Layout) -> bool | str:
+    """True when the Gluon engine can run attention of q (B, S, H, D) over ``layout`` here; otherwise a one-line
+    reason (a non-empty str, so test with ``is True``). Head dim, dtype, query block size and what `fa4_blocks`
+    can express are checked first (no GPU needed), then Gluon and the device."""
+    reason = _tensor_reason(q)
+    if reason:
+        return reason
+    blocks = _layout_reason(layout)
+    if isinstance(blocks, str):
+        return blocks
+    if not _device_ok(q):
+        if _IMPORT_ERROR is not None:
+            return f"Gluon (triton.experimental.gluon Hopper ops) is not importable: {_IMPORT_ERROR!r}"
+        return "the Gluon engine needs a CUDA device of compute capability 9.0 (Hopper)"
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- execution
+def _bshd_desc(t: torch.Tensor, box_rows: int, layout3):
+    """3-D TMA descriptor over (B, S, H*D) of a (B, S, H, D) tensor whose heads are packed (stride(2) == D)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, S, H, D = t.shape
+    return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, box_rows, D], layout3)
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """t itself when a (B, S, H*D) TMA view of it is legal (unit last stride, heads packed, 16-byte aligned strides
+    and base), else a contiguous copy."""
+    e = t.element_size()
+    ok = (t.stride(3) == 1 and (t.stride(2) == t.shape[3] or t.shape[2] == 1) and t.data_ptr() % 16 == 0
+          and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0)
+    return t if ok else t.contiguous()
+
+
+def _launch(q, k, v, out, lse, cnt, idx, scale, stages):
+    """q (B, Sq, H, D), k/v (B, Sk, H, D), out (B, Sq, H, D) contiguous; cnt (L, H, NQ), idx (L, H, NQ, W)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    L, _, NQ, W = idx.shape
+    lay = smem_layouts(q.dtype)
+    q, k, v = _packed(q), _packed(k), _packed(v)
+    grid = (NQ, B * H)
+    lse_arg = lse if lse is not None else cnt  # any pointer; not read or written without RETURN_LSE
+    KERNEL[grid](
+        _bshd_desc(q, Q_BOX, lay["q3"]), _bshd_desc(k, BLOCK_N, lay["kv3"]), _bshd_desc(v, BLOCK_N, lay["kv3"]),
+        _bshd_desc(out, Q_BOX, lay["q3"]),
+        idx, cnt, lse_arg,
+        scale * LOG2E, Sq, Sk, H, NQ, W, 0 if L == 1 else H * NQ,
+        SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=stages, HAS_TAIL=(Sk % BLOCK_N) != 0,
+        RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS,
+    )
+
+
+def gluon_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    stages: int = DEFAULT_STAGES,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of q (B, S, H, D) against k, v over ``layout`` with the Gluon kernel (Hopper, fp16 or
+    bf16, D = 128, query blocks of 128, layouts `fa4_blocks` expresses). Same contract as
+    `sparse_dit.kernels.triton_attention.triton_block_sparse_attention`: returns out (B, S, H, D) and, with
+    ``return_lse``, lse (B, H, S) float32 natural log (-inf for a row that attends no key; its output is 0).
+    ``out``/``lse``: optional preallocated outputs (out contiguous (B, S, H, D); lse contiguous (B, H, S) float32).
+    Raises ValueError for an unsupported head dim, block size or layout, TypeError for a dtype,
+    RuntimeError without Gluon / a Hopper GPU."""
+    check_qkv(q, k, v, layout)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the Gluon engine supports float16 and bfloat16 inputs; got {q.dtype}")
+    D = q.shape[-1]
+    if D != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+        raise ValueError(f"the Gluon engine needs head dim {HEAD_DIM} for q, k and v; got {D} and {v.shape[-1]}: "
+                         "use the Triton kernel")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("the Gluon engine is forward-only: call it under torch.no_grad()")
+    if not _device_ok(q):
+        raise RuntimeError("sparse-dit: the Gluon engine needs triton.experimental.gluon (Triton 3.6 Hopper ops) and a "
+                           f"CUDA device of capability 9.0; use the Triton kernel ({gluon_import_error() or q.device})")
+    blocks = _layout_reason(layout)
+    if isinstance(blocks, str):
+        raise ValueError(f"sparse-dit: the Gluon engine cannot express this layout ({blocks}); use the Triton kernel")
+    if stages not in (2, 3):
+        raise ValueError(f"stages must be 2 or 3; got {stages}")
+    B, S, H, _ = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    cnt, idx = blocks.full_cnt, blocks.full_idx
+    if cnt.device != q.device:
+        cnt, idx = cnt.to(q.device), idx.to(q.device)
+    cnt, idx = cnt.contiguous(), idx.contiguous()
+
+    if blocks.q_gather is not None:
+        q = gather_rows(q, blocks.q_gather)
+    if blocks.kv_gather is not None:
+        k, v = gather_rows(k, blocks.kv_gather), gather_rows(v, blocks.kv_gather)
+    Sq = q.shape[1]
+    if idx.shape[2] != -(-Sq // BLOCK_M):
+        raise ValueError(f"internal: {idx.shape[2]} query blocks for {Sq} query positions")
+    permuted_q = blocks.q_inverse is not None
+
+    if out is not None and not permuted_q:
+        if out.shape != (B, S, H, D) or out.dtype != q.dtype or not out.is_contiguous() or out.device != q.device:
+            raise ValueError(f"out must be a contiguous {(B, S, H, D)} {q.dtype} tensor on {q.device}")
+        o = out
+    else:
+        o = torch.empty(B, Sq, H, D, device=q.device, dtype=q.dtype)
+    lse_k = None
+    if return_lse:
+        if lse is not None and not permuted_q:
+            if lse.shape != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
+                raise ValueError(f"lse must be a contiguous {(B, H, S)} float32 tensor")
+            lse_k = lse
+        else:
+            lse_k = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+
+    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages)
+
+    if permuted_q:
+        o = gather_rows(o, blocks.q_inverse)
+        if out is not None:
+            out.copy_(o)
+            o = out
+        if return_lse:
+            g = lse_k.gather(2, blocks.q_inverse.transpose(1, 2).expand(B, H, -1))
+            if lse is not None:
+                lse.copy_(g)
+                g = lse
+            lse_k = g
+    return (o, lse_k) if return_lse else o
+
+
+# ------------------------------------------------------------------------------------------- compile (no GPU)
+def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has_tail: bool = True,
+                     return_lse: bool = True):
+    """Compile the kernel for sm_90a without a GPU (Triton 3.6's ``GluonASTSource``); returns the CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"Gluon not importable: {_IMPORT_ERROR!r}")
+    g = gl.bfloat16 if dtype_name == "bf16" else gl.float16
+    get = gl.NVMMASharedLayout.get_default_for
+    q3, kv3 = get([1, Q_BOX, HEAD_DIM], g), get([1, BLOCK_N, HEAD_DIM], g)
+    tq = f"tensordesc<{dtype_name}[1, {Q_BOX}, {HEAD_DIM}],{q3!r}>"
+    tkv = f"tensordesc<{dtype_name}[1, {BLOCK_N}, {HEAD_DIM}],{kv3!r}>"
+    signature = {
+        "q_desc": tq, "k_desc": tkv, "v_desc": tkv, "o_desc": tq,
+        "kv_idx_ptr": "*i32", "kv_cnt_ptr": "*i32", "lse_ptr": "*fp32",
+        "qk_scale": "fp32", "Sq": "i32", "Sk": "i32", "H": "i32", "NQ": "i32", "W": "i32", "tab_b_stride": "i32",
+        "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
+        "RETURN_LSE": "constexpr",
+    }
+    constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": stages,
+                  "HAS_TAIL": has_tail, "RETURN_LSE": return_lse}
+    src = GluonASTSource(KERNEL, signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": KERNEL_NUM_WARPS})
