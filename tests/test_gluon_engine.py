@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparse_dit.kernels.fa4 as fa4
 import sparse_dit.kernels.gluon_attention as ge
 from sparse_dit import Layout
 from sparse_dit.kernels.reference import reference_attention
+from test_fa4_engine import permuted  # the same permuted layouts as the FA4 engine's tests
 
 
 def random_block_mask(L: int, H: int, nb: int, density: float, seed: int) -> torch.Tensor:
@@ -30,17 +30,6 @@ def emptied(lay: Layout, empty: int) -> Layout:
     count = lay.kv_count.clone()
     count[:, :, :empty] = 0
     return Layout(lay.seq_len, lay.block_q, count, lay.kv_start, lay.kv_end)
-
-
-def permuted(base: Layout, seed: int, kv_pad: int = 0) -> Layout:
-    g = torch.Generator().manual_seed(seed)
-    L, H, NQ = base.kv_count.shape
-    S = base.seq_len
-    q_perm = torch.stack([torch.randperm(S, generator=g) for _ in range(L * H)]).view(L, H, S)
-    q_perm = F.pad(q_perm, (0, NQ * base.block_q - S), value=-1)
-    kv_perm = torch.stack([torch.randperm(S, generator=g) for _ in range(L * H)]).view(L, H, S)
-    kv_perm = F.pad(kv_perm, (0, kv_pad), value=-1)
-    return Layout(S, base.block_q, base.kv_count, base.kv_start, base.kv_end, q_perm=q_perm, kv_perm=kv_perm)
 
 
 def qkv(B: int, S: int, H: int, D: int = 128, dtype=torch.bfloat16, seed: int = 0):
