@@ -14,7 +14,8 @@ Sparsity: kv_idx int32 (B*H, NQ, MAXK) lists the key blocks (128 keys each)
 that query block (bh, qb) visits, kv_cnt int32 (B*H, NQ) how many of them are
 valid.  Every listed block is a full block (no masking inside a block).
 
-Schedule per program (one 128-query block, 8 warps = 2 warpgroups x 64 rows):
+Schedule per consumer warpgroup (one 128-query block per CTA, two consumer
+warpgroups x 64 rows, see "Kernel" below):
 
     S_0 = Q K_0^T ; wait ; softmax(S_0) -> P_0 ; wait(K_1 landed)
     for j = 1 .. n-1:
@@ -25,7 +26,7 @@ Schedule per program (one 128-query block, 8 warps = 2 warpgroups x 64 rows):
         mbarrier wait K_{j+1} landed              (basic-block boundary, see below)
         wgmma wait 0 outstanding                  -> O ready
         P_j -> bf16 A-operand registers ; O *= alpha_j
-        CTA barrier ; TMA prefetch K_{j+STAGES}, V_{j-1+STAGES}
+        release the K_j, V_{j-1} ring slots to the producer (mbarrier arrive)
     O += P_{n-1} V_{n-1} ; wait ; O /= l ; TMA store
 
 The ptxas trap (found in SASS while writing this): within one basic block
@@ -37,14 +38,15 @@ between the softmax and the wgmma wait pins the DEPBAR below the softmax:
 `--compile-only` counts the MUFU.EX2 between DEPBAR 0x1 and DEPBAR 0x0 (66 =
 64 exp2 of P + 2 of alpha per thread, i.e. the whole softmax).
 
-Variants: "simple" (all 8 warps issue TMA themselves, one CTA barrier per
-iteration before refilling a slot), "ws" (gl.warp_specialize: a 1-warp
-producer partition does the TMA loads, gated by k_empty/v_empty mbarriers that
-the 8 consumer warps arrive on) and "pingpong" (FA3 inter-warpgroup overlap:
+Kernel: "pingpong" (gluon_attn_fwd_pp; FA3 inter-warpgroup overlap): a 1-warp
+producer partition does the TMA loads, gated by k_empty/v_empty mbarriers;
 each of the two consumer warpgroups is its own warp_specialize partition with
 its own 64 query rows; they take turns issuing their GEMMs through two "turn"
 mbarriers, release ring slots separately (empty barriers count 2), and share
-no CTA-wide barrier inside the loop).
+no CTA-wide barrier inside the loop.  The earlier "simple" and "ws" variants
+were removed after the 2026-12-03 H200 measurements (pingpong 590-643 TFLOP/s
+against 476-520); their numbers are in benchmarks/results/kernel.md and their
+design in benchmarks/gluon_attention_NOTES.md.
 
 Usage:
     python3 benchmarks/gluon_attention.py --compile-only     # no GPU needed
@@ -73,27 +75,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 BLOCK_M = 128
 BLOCK_N = 128
 HEAD_D = 128
-NUM_WARPS = 8  # 2 warpgroups, 64 query rows each
 DEFAULT_STAGES = 2
 PP_CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for the pingpong variant's second consumer WG
 
 # ---------------------------------------------------------------------------
 # kernel
 # ---------------------------------------------------------------------------
-
-
-@gluon.jit
-def _issue_kv_load(desc, smem, bars, kv_idx_base, cnt, i, row0, col, STAGES: gl.constexpr,
-                   BLOCK_N: gl.constexpr):
-    """TMA-load key block number i (of this query block's list) into ring slot
-    i % STAGES.  Predicated off when i >= cnt.  The table read is clamped so it
-    never leaves the row."""
-    valid = i < cnt
-    blk = gl.load(kv_idx_base + gl.minimum(i, cnt - 1))
-    slot = i % STAGES
-    bar = bars.index(slot)
-    mbarrier.expect(bar, desc.block_type.nbytes, pred=valid)
-    tma.async_copy_global_to_shared(desc, [row0 + blk * BLOCK_N, col], bar, smem.index(slot), pred=valid)
 
 
 @gluon.jit
@@ -114,143 +101,19 @@ def _to_a_operand(p, p_layout: gl.constexpr):
     return gl.convert_layout(p.to(gl.bfloat16), p_layout)
 
 
-@gluon.jit
-def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc,  #
-                   kv_idx_ptr, kv_cnt_ptr,  #
-                   qk_scale, S, H, NQ, MAXK,  #
-                   STAGES: gl.constexpr):
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    dtype: gl.constexpr = q_desc.dtype
-
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    row0 = b * S  # first row of this batch in the (B*S, H*D) view
-    col = h * HEAD_D
-    row_q = row0 + pid_m * BLOCK_M
-
-    tab = bh * NQ + pid_m
-    cnt = gl.load(kv_cnt_ptr + tab)  # host guarantees cnt >= 1
-    kv_idx_base = kv_idx_ptr + tab.to(gl.int64) * MAXK
-
-    # Register layouts: wgmma accumulators, warps stacked along M (8 warps =
-    # 2 warpgroups x 64 rows).  BLOCK_N == HEAD_D, so S and O share a layout.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    # Shared memory: Q (reused for the O epilogue), K and V rings.
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
-
-    # Prologue: Q once, first STAGES K and V blocks.
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [row_q, col], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        _issue_kv_load(k_desc, k_smem, k_bars, kv_idx_base, cnt, i, row0, col, STAGES, BLOCK_N)
-        _issue_kv_load(v_desc, v_smem, v_bars, kv_idx_base, cnt, i, row0, col, STAGES, BLOCK_N)
-
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
-
-    # S_0 and its softmax.
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    # Both warpgroups are done reading K_0: refill its slot with K_STAGES.
-    gl.thread_barrier()
-    _issue_kv_load(k_desc, k_smem, k_bars, kv_idx_base, cnt, STAGES, row0, col, STAGES, BLOCK_N)
-    p32, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-    p = _to_a_operand(p32, p_layout)
-    mbarrier.wait(k_bars.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
-
-    for j in range(1, cnt):
-        ks = j % STAGES
-        vj = j - 1
-        vs = vj % STAGES
-        v_phase = (vj // STAGES) & 1
-
-        # S_j = Q K_j^T   (async; K_j's barrier was waited in the previous
-        # iteration or, for j == 1, just before the loop)
-        s = warpgroup_mma(q_smem, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # O += P_{j-1} V_{j-1}   (async)
-        mbarrier.wait(v_bars.index(vs), v_phase)
-        acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-        # S_j done (the PV group may still be running)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        # softmax of S_j overlaps with the PV wgmma.  It must not write the
-        # P_{j-1} (A operand) or O registers, so P_j stays fp32 in S's
-        # registers; the bf16 A-operand conversion comes after the wait.
-        p32, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-        # Wait for K_{j+1} here, not at the top of the next iteration: the
-        # mbarrier wait is a loop (a basic-block boundary), which stops ptxas
-        # from hoisting the wgmma wait below above the softmax.
-        jn = j + 1
-        mbarrier.wait(k_bars.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
-        # PV done -> P_j into the A-operand registers, rescale O
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        p = _to_a_operand(p32, p_layout)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        # Both warpgroups are done reading K_j and V_{j-1}: refill their slots.
-        gl.thread_barrier()
-        _issue_kv_load(k_desc, k_smem, k_bars, kv_idx_base, cnt, j + STAGES, row0, col, STAGES, BLOCK_N)
-        _issue_kv_load(v_desc, v_smem, v_bars, kv_idx_base, cnt, vj + STAGES, row0, col, STAGES, BLOCK_N)
-
-    # Last PV.
-    vj = cnt - 1
-    vs = vj % STAGES
-    mbarrier.wait(v_bars.index(vs), (vj // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-
-    acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
-
-    # Epilogue: O -> smem (reuse Q's buffer) -> TMA store.
-    gl.thread_barrier()
-    q_smem.store(acc.to(dtype))
-    fence_async_shared()
-    gl.thread_barrier()
-    tma.async_copy_shared_to_global(o_desc, [row_q, col], q_smem)
-    tma.store_wait(pendings=0)
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-
 # ---------------------------------------------------------------------------
-# warp-specialised variant: 1 producer warp (TMA) + 8 consumer warps (math)
+# "pingpong" variant: 2 consumer warpgroups (own partitions, 64 query rows
+# each) + 1 producer warp; inter-warpgroup ping-pong through mbarriers.
 # ---------------------------------------------------------------------------
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,  #
-                 kv_idx_base, cnt, row0, col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,  #
+              kv_idx_base, cnt, row0, col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
     """Producer partition: streams K_i, V_i into ring slot i % STAGES.  The
-    r-th (r >= 1) reuse of a slot waits for the consumer's r-th release of it
-    (mbarrier phase parity (r - 1) & 1)."""
+    r-th (r >= 1) reuse of a slot waits for the consumers' r-th release of it
+    (mbarrier phase parity (r - 1) & 1; the empty barriers count one arrive
+    per consumer warpgroup)."""
     for i in range(cnt):
         s = i % STAGES
         r = i // STAGES
@@ -265,139 +128,11 @@ def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_em
 
 
 @gluon.jit
-def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,  #
-                 cnt, qk_scale, row_q, col, STAGES: gl.constexpr):
-    """Default partition (all num_warps warps): the FA3 intra-warpgroup
-    schedule, releasing ring slots through the *_empty barriers."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.shape[1]
-    NW: gl.constexpr = gl.num_warps()
-    dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [row_q, col], q_bar, q_smem)
-
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    gl.thread_barrier()  # both warpgroups done with K_0
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p32, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-    p = _to_a_operand(p32, p_layout)
-    mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
-
-    for j in range(1, cnt):
-        ks = j % STAGES
-        vj = j - 1
-        vs = vj % STAGES
-        # K_j's ready barrier was waited before the loop / in iteration j-1
-        s = warpgroup_mma(q_smem, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        p32, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-        # K_{j+1} wait here: its wait loop is a basic-block boundary that
-        # keeps ptxas from hoisting the PV wait above the softmax.
-        jn = j + 1
-        mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        p = _to_a_operand(p32, p_layout)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        gl.thread_barrier()  # both warpgroups done with K_j and V_{j-1}
-        mbarrier.arrive(k_empty.index(ks), count=1)
-        mbarrier.arrive(v_empty.index(vs), count=1)
-
-    vj = cnt - 1
-    vs = vj % STAGES
-    mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
-
-    gl.thread_barrier()
-    q_smem.store(acc.to(dtype))
-    fence_async_shared()
-    gl.thread_barrier()
-    tma.async_copy_shared_to_global(o_desc, [row_q, col], q_smem)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def gluon_attn_fwd_ws(q_desc, k_desc, v_desc, o_desc,  #
-                      kv_idx_ptr, kv_cnt_ptr,  #
-                      qk_scale, S, H, NQ, MAXK,  #
-                      STAGES: gl.constexpr):
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    dtype: gl.constexpr = q_desc.dtype
-
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    row0 = b * S
-    col = h * HEAD_D
-    row_q = row0 + pid_m * BLOCK_M
-    tab = bh * NQ + pid_m
-    cnt = gl.load(kv_cnt_ptr + tab)  # host guarantees cnt >= 1
-    kv_idx_base = kv_idx_ptr + tab.to(gl.int64) * MAXK
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
-
-    gl.warp_specialize(
-        [
-            (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                            cnt, qk_scale, row_q, col, STAGES)),
-            (_ws_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_idx_base, cnt,
-                            row0, col, STAGES, BLOCK_N)),
-        ],
-        [1],
-        [24],
-    )
-
-
-# ---------------------------------------------------------------------------
-# "pingpong" variant: 2 consumer warpgroups (own partitions, 64 query rows
-# each) + 1 producer warp; inter-warpgroup ping-pong through mbarriers.
-# ---------------------------------------------------------------------------
-
-
-@gluon.jit
 def _pp_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,  #
                  cnt, qk_scale, row_q, col, STAGES: gl.constexpr, WG: gl.constexpr):
     """One consumer warpgroup (4 warps) owning query rows [64*WG, 64*WG+64) of
-    the CTA's 128-row block.  Same intra-warpgroup schedule as _ws_consumer,
-    plus a ping-pong handshake: the GEMM-issue batch number k of this WG
+    the CTA's 128-row block.  The intra-warpgroup schedule of the module
+    docstring, plus a ping-pong handshake: the GEMM-issue batch number k of this WG
     (k = 0: S_0, k = j: S_j + PV_{j-1}, k = cnt: last PV) starts only after
     the other WG issued its batch k - 1 + WG, and is followed by an arrive on
     the other WG's turn barrier.  All barriers inside a partition
@@ -545,8 +280,8 @@ def gluon_attn_fwd_pp(q_desc, k_desc, v_desc, o_desc,  #
                              turn, cnt, qk_scale, row_q, col, STAGES)),
             (_pp_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
                              turn, cnt, qk_scale, row_q, col, STAGES)),
-            (_ws_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_idx_base, cnt,
-                            row0, col, STAGES, BLOCK_N)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_idx_base, cnt,
+                         row0, col, STAGES, BLOCK_N)),
         ],
         [4, 1],
         [PP_CONSUMER_REGS, 24],
@@ -557,23 +292,26 @@ def gluon_attn_fwd_pp(q_desc, k_desc, v_desc, o_desc,  #
 # host wrapper (GPU)
 # ---------------------------------------------------------------------------
 
-KERNELS = {"simple": gluon_attn_fwd, "ws": gluon_attn_fwd_ws, "pingpong": gluon_attn_fwd_pp}
-KERNEL_WARPS = {"simple": NUM_WARPS, "ws": NUM_WARPS, "pingpong": 4}
-KERNEL_QBOX = {"simple": BLOCK_M, "ws": BLOCK_M, "pingpong": BLOCK_M // 2}
+KERNELS = {"pingpong": gluon_attn_fwd_pp}
+KERNEL_WARPS = {"pingpong": 4}
+KERNEL_QBOX = {"pingpong": BLOCK_M // 2}
+# "simple" (gluon_attn_fwd) and "ws" (gluon_attn_fwd_ws) lost to pingpong on
+# the H200 (2026-12-03: 476-520 against 590-643 TFLOP/s) and were removed.
+REMOVED_VARIANTS = ("simple", "ws")
 
 
 def _smem_layout(rows=BLOCK_M):
     return gl.NVMMASharedLayout.get_default_for([rows, HEAD_D], gl.bfloat16)
 
 
-def gluon_block_sparse_attention(q, k, v, kv_idx, kv_cnt, sm_scale=None, stages=DEFAULT_STAGES, variant="simple",
+def gluon_block_sparse_attention(q, k, v, kv_idx, kv_cnt, sm_scale=None, stages=DEFAULT_STAGES, variant="pingpong",
                                  check_table=False):
     """q, k, v: (B, S, H, D) bf16 contiguous.  kv_idx int32 (B*H, NQ, MAXK),
     kv_cnt int32 (B*H, NQ), every count in [1, MAXK] (cnt == 0 would hang the
     kernel; check_table=True verifies it, at the cost of a device sync).
-    Returns o (B, S, H, D) bf16.  variant: "simple" (no warp specialisation),
-    "ws" or "pingpong" (2 consumer warpgroup partitions, 64 rows each,
-    ping-pong scheduled through mbarriers, + 1 producer warp)."""
+    Returns o (B, S, H, D) bf16.  variant: only "pingpong" (2 consumer
+    warpgroup partitions, 64 rows each, ping-pong scheduled through
+    mbarriers, + 1 producer warp)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -595,7 +333,6 @@ def gluon_block_sparse_attention(q, k, v, kv_idx, kv_cnt, sm_scale=None, stages=
         sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
     o = torch.empty_like(q)
-    layout = _smem_layout()
 
     def desc(t, blk):
         t2 = t.view(B * S, H * D)
@@ -614,7 +351,7 @@ def gluon_block_sparse_attention(q, k, v, kv_idx, kv_cnt, sm_scale=None, stages=
 # ---------------------------------------------------------------------------
 
 
-def compile_only(stages=DEFAULT_STAGES, variant="simple", dump_dir=None):
+def compile_only(stages=DEFAULT_STAGES, variant="pingpong", dump_dir=None):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -982,8 +719,9 @@ def main():
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90a without a GPU")
     ap.add_argument("--out", default=None, help="directory for results JSON (and IR dumps)")
     ap.add_argument("--stages", type=int, default=DEFAULT_STAGES, help="K/V ring depth (2 or 3)")
-    ap.add_argument("--variants", default="pingpong,ws,simple",
-                    help="comma list of kernels to run, in order: pingpong, ws, simple")
+    ap.add_argument("--variants", default="pingpong",
+                    help="comma list of kernels to run; only 'pingpong' remains ('simple' and 'ws' were removed "
+                         "after the 2026-12-03 H200 measurements, see benchmarks/results/kernel.md)")
     ap.add_argument("--check-seq", type=int, default=4096)
     ap.add_argument("--bench-shape", type=int, nargs=4, default=[2, 12, 32768, 128], metavar=("B", "H", "S", "D"))
     ap.add_argument("--warmup", type=int, default=25)
@@ -994,7 +732,11 @@ def main():
     args = ap.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     for v in args.variants:
-        assert v in KERNELS, f"unknown variant {v}"
+        if v in REMOVED_VARIANTS:
+            ap.error(f"variant '{v}' was removed from the code after the 2026-12-03 H200 measurements "
+                     f"(it lost to pingpong; numbers in benchmarks/results/kernel.md); use --variants pingpong")
+        if v not in KERNELS:
+            ap.error(f"unknown variant '{v}'; the only variant is 'pingpong'")
 
     if args.compile_only:
         infos = []
