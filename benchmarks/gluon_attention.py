@@ -450,72 +450,16 @@ def _loop_barrier_check(ptx):
     return loops
 
 
-def _nvidia_bin(name):
-    env = os.environ.get(f"TRITON_{name.upper()}_PATH")
-    if env:
-        return env
-    import triton.backends.nvidia as nv
-    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
-
-
 def _ptxas_check(ptx):
-    """Run the bundled ptxas with -v on the PTX: wgmma serialisation warnings
-    (C7514 etc., the failure mode of the plain tl.dot pipelining), registers,
-    spills."""
-    import subprocess
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.ptx")
-        with open(p, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([_nvidia_bin("ptxas"), "-v", "--gpu-name=sm_90a", p, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True)
-    out = (r.stdout + r.stderr).strip()
-    serial = [ln for ln in out.splitlines() if "wgmma" in ln.lower() or "serializ" in ln.lower()]
-    print(f"  ptxas -v rc={r.returncode}:")
-    for ln in out.splitlines():
-        if "Compile time" not in ln and "gmem" not in ln:
-            print("    " + ln.strip())
-    print(f"  ptxas wgmma serialisation warnings  : {'NONE' if not serial else serial}")
-    return dict(rc=r.returncode, output=out, serialisation_warnings=serial)
+    """ptxas -v on the PTX (wgmma serialisation warnings, registers, spills): gluon_engine_check.py's check."""
+    from gluon_engine_check import _ptxas_check as check
+    return check(ptx)
 
 
 def _sass_check(cubin):
-    """Disassemble the cubin: count HGMMA and WARPGROUP.DEPBAR (the SASS form
-    of wgmma.wait_group) and show the DEPBAR thresholds."""
-    import subprocess
-    import tempfile
-    if not cubin:
-        return None
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "k.cubin")
-            with open(p, "wb") as f:
-                f.write(cubin)
-            r = subprocess.run([_nvidia_bin("nvdisasm"), "-c", p], capture_output=True, text=True)
-        sass = r.stdout
-        n_hgmma = len(re.findall(r"\bHGMMA\.", sass))
-        depbar = re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+)", sass)
-        n_arrive = len(re.findall(r"WARPGROUP\.ARRIVE", sass))
-        # Overlap evidence: softmax work (MUFU.EX2) issued while the PV wgmma
-        # is still in flight, i.e. between "DEPBAR.LE gsb0, 0x1" and the next
-        # "DEPBAR.LE gsb0, 0x0".
-        overlap_ex2 = []
-        lines = sass.splitlines()
-        for i, ln in enumerate(lines):
-            if re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", ln):
-                n = 0
-                for ln2 in lines[i + 1:]:
-                    if "WARPGROUP.DEPBAR" in ln2:
-                        break
-                    n += "MUFU.EX2" in ln2
-                overlap_ex2.append(n)
-        print(f"  SASS: HGMMA={n_hgmma} WARPGROUP.ARRIVE={n_arrive} WARPGROUP.DEPBAR.LE thresholds={depbar}")
-        print(f"  SASS: MUFU.EX2 between DEPBAR.LE 0x1 and next DEPBAR (softmax under the PV wgmma): {overlap_ex2}")
-        return dict(n_hgmma=n_hgmma, depbar=depbar, n_arrive=n_arrive, ex2_under_pv=overlap_ex2)
-    except Exception as e:
-        print(f"  SASS check failed: {e!r}")
-        return None
+    """HGMMA / WARPGROUP.DEPBAR counts and the softmax EX2s under the PV wgmma: gluon_engine_check.py's check."""
+    from gluon_engine_check import _sass_check as check
+    return check(cubin)
 
 
 # ---------------------------------------------------------------------------
