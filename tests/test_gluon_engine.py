@@ -166,6 +166,34 @@ def test_provided_outputs_are_written(monkeypatch):
     assert bool(out.isfinite().all()) and bool(lse.isfinite().all())
 
 
+@pytest.mark.parametrize("permute_q", [False, True])
+def test_bad_provided_outputs_are_refused_before_any_work(monkeypatch, permute_q):
+    """Wrong out/lse are refused whether or not the layout permutes queries (the permuted path copies into them)."""
+    S, B, H = 1000, 1, 2
+    lay = Layout.from_block_mask(random_block_mask(1, H, 8, 0.4, seed=3), 128, S)
+    if permute_q:
+        lay = permuted(lay, seed=5)
+    calls = []
+    monkeypatch.setattr(ge, "_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
+    q, k, v = qkv(B, S, H, dtype=torch.float16, seed=4)
+    for bad in (torch.empty(B, S, H, 128), torch.empty(B, S, H, 128, dtype=q.dtype).transpose(1, 2).contiguous().transpose(1, 2)):
+        with pytest.raises(ValueError, match="out must be"):
+            ge.gluon_block_sparse_attention(q, k, v, lay, out=bad)
+    with pytest.raises(ValueError, match="lse must be"):
+        ge.gluon_block_sparse_attention(q, k, v, lay, return_lse=True, lse=torch.empty(B, H, S, dtype=torch.float16))
+    assert not calls
+
+
+def test_only_the_triton_release_it_was_written_for_counts_as_available(monkeypatch):
+    """Gluon's API moves between Triton releases and compiles lazily: another release is unavailable, with a reason."""
+    monkeypatch.setattr(ge, "_triton_release", lambda: "3.9")
+    assert ge.gluon_import_error() is not None and "3.9" in ge.gluon_import_error()
+    assert ge._gluon_importable() is False and ge.gluon_available() is False
+    monkeypatch.setattr(ge, "_triton_release", lambda: "3.6")
+    assert ge.gluon_import_error() is None or "3.6" not in ge.gluon_import_error()
+
+
 def test_tables_are_fa4s():
     S, H = 1000, 2
     lay = Layout.from_block_mask(random_block_mask(2, H, 8, 0.3, seed=5), 128, S)

@@ -329,13 +329,32 @@ def smem_layouts(dtype: torch.dtype) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ availability
+# Gluon's API changes between Triton releases (3.9 has no gl.thread_barrier nor shared_memory_descriptor._reinterpret)
+# and @gluon.jit compiles lazily, so an import succeeding says nothing: only the release it was written and compiled
+# for counts as available.
+GLUON_TRITON_RELEASES = ("3.6",)
+
+
+def _triton_release() -> str | None:
+    try:
+        import triton
+
+        return ".".join(triton.__version__.split(".")[:2])
+    except Exception:
+        return None
+
+
 def _gluon_importable() -> bool:
-    return _IMPORT_ERROR is None
+    return _IMPORT_ERROR is None and _triton_release() in GLUON_TRITON_RELEASES
 
 
 def gluon_import_error() -> str | None:
-    """Why the Gluon kernel is not defined (None when it is)."""
-    return None if _IMPORT_ERROR is None else repr(_IMPORT_ERROR)
+    """Why the Gluon kernel cannot be used with this Triton (None when it can)."""
+    if _IMPORT_ERROR is not None:
+        return repr(_IMPORT_ERROR)
+    if _triton_release() not in GLUON_TRITON_RELEASES:
+        return f"written for Triton {'/'.join(GLUON_TRITON_RELEASES)} Gluon; this is Triton {_triton_release()}"
+    return None
 
 
 def gluon_available() -> bool:
@@ -382,8 +401,8 @@ def gluon_sparse_supported(q: torch.Tensor, layout: Layout) -> bool | str:
     if isinstance(blocks, str):
         return blocks
     if not _device_ok(q):
-        if _IMPORT_ERROR is not None:
-            return f"Gluon (triton.experimental.gluon Hopper ops) is not importable: {_IMPORT_ERROR!r}"
+        if q.device.type == "cuda" and gluon_import_error() is not None:
+            return f"Gluon (triton.experimental.gluon Hopper ops) is not usable: {gluon_import_error()}"
         return "the Gluon engine needs a CUDA device of compute capability 9.0 (Hopper)"
     return True
 
@@ -462,33 +481,39 @@ def gluon_block_sparse_attention(
     if stages not in (2, 3):
         raise ValueError(f"stages must be 2 or 3; got {stages}")
     B, S, H, _ = q.shape
+    dev = q.device
+    # provided outputs are checked whatever the layout, before any work (TMA stores need 16-byte aligned bases)
+    if out is not None and (
+        out.shape != (B, S, H, D) or out.dtype != q.dtype or not out.is_contiguous() or out.device != dev
+        or out.data_ptr() % 16
+    ):
+        raise ValueError(f"out must be a contiguous, 16-byte aligned {(B, S, H, D)} {q.dtype} tensor on {dev}")
+    if return_lse and lse is not None and (
+        lse.shape != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != dev
+    ):
+        raise ValueError(f"lse must be a contiguous {(B, H, S)} float32 tensor on {dev}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    cnt, idx = blocks.full_cnt, blocks.full_idx
-    if cnt.device != q.device:
-        cnt, idx = cnt.to(q.device), idx.to(q.device)
-    cnt, idx = cnt.contiguous(), idx.contiguous()
 
-    if blocks.q_gather is not None:
-        q = gather_rows(q, blocks.q_gather)
-    if blocks.kv_gather is not None:
-        k, v = gather_rows(k, blocks.kv_gather), gather_rows(v, blocks.kv_gather)
+    def here(t: torch.Tensor | None) -> torch.Tensor | None:  # the layout may live on another device than q
+        return None if t is None else t.to(dev)
+
+    cnt, idx = here(blocks.full_cnt).contiguous(), here(blocks.full_idx).contiguous()
+    q_gather, kv_gather, q_inverse = here(blocks.q_gather), here(blocks.kv_gather), here(blocks.q_inverse)
+
+    if q_gather is not None:
+        q = gather_rows(q, q_gather)
+    if kv_gather is not None:
+        k, v = gather_rows(k, kv_gather), gather_rows(v, kv_gather)
     Sq = q.shape[1]
     if idx.shape[2] != -(-Sq // BLOCK_M):
         raise ValueError(f"internal: {idx.shape[2]} query blocks for {Sq} query positions")
-    permuted_q = blocks.q_inverse is not None
+    permuted_q = q_inverse is not None
 
-    if out is not None and not permuted_q:
-        if out.shape != (B, S, H, D) or out.dtype != q.dtype or not out.is_contiguous() or out.device != q.device:
-            raise ValueError(f"out must be a contiguous {(B, S, H, D)} {q.dtype} tensor on {q.device}")
-        o = out
-    else:
-        o = torch.empty(B, Sq, H, D, device=q.device, dtype=q.dtype)
+    o = out if out is not None and not permuted_q else torch.empty(B, Sq, H, D, device=dev, dtype=q.dtype)
     lse_k = None
     if return_lse:
         if lse is not None and not permuted_q:
-            if lse.shape != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
-                raise ValueError(f"lse must be a contiguous {(B, H, S)} float32 tensor")
             lse_k = lse
         else:
             lse_k = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
@@ -496,12 +521,12 @@ def gluon_block_sparse_attention(
     _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages)
 
     if permuted_q:
-        o = gather_rows(o, blocks.q_inverse)
+        o = gather_rows(o, q_inverse)
         if out is not None:
             out.copy_(o)
             o = out
         if return_lse:
-            g = lse_k.gather(2, blocks.q_inverse.transpose(1, 2).expand(B, H, -1))
+            g = lse_k.gather(2, q_inverse.transpose(1, 2).expand(B, H, -1))
             if lse is not None:
                 lse.copy_(g)
                 g = lse

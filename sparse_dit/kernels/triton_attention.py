@@ -636,8 +636,8 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
 
 
 def resolve_permute(permute: str, has_kv_perm: bool, tma: bool) -> str:
-    """The permutation mode a call runs: "auto" is "kv_copy" when keys are permuted and TMA loads are in use (the
-    copies are then read at TMA speed), else "fused" (no copies)."""
+    """The permutation mode a call runs: "auto" is "kv_copy" when keys are permuted and the copies would be read
+    through TMA (``tma``: TMA loads in use and no padded prompt), else "fused" (no copies)."""
     if permute != "auto":
         return permute
     return "kv_copy" if has_kv_perm and tma else "fused"
@@ -667,8 +667,8 @@ def triton_block_sparse_attention(
 
     ``permute``: "fused" (gather rows inside the kernel), "separate" (permuted copies of q, k, v, then the
     in-order kernel, then a scatter of the output), "kv_copy" (permuted copies of k and v only, read through TMA
-    on Hopper; query rows gathered and outputs scattered inside the kernel) or "auto" (kv_copy where TMA loads run,
-    else fused); only matters when the layout has key permutations; None: ``DEFAULT_PERMUTE`` ("auto"). The copies
+    on Hopper; query rows gathered and outputs scattered inside the kernel) or "auto" (kv_copy where TMA loads run
+    and the prompt is not padded, else fused); only matters when the layout has key permutations; None: ``DEFAULT_PERMUTE`` ("auto"). The copies
     cost two (B, H, S, D) buffers for the duration of the call.
     ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
@@ -721,7 +721,8 @@ def triton_block_sparse_attention(
     q_perm = layout.q_perm.to(dev) if layout.q_perm is not None else None
     kv_perm = layout.kv_perm.to(dev) if layout.kv_perm is not None else None
     use_tma = bool(cfg.get("TMA", False)) and block_d == D and _tma_ok(k, v, block_n)
-    permute = resolve_permute(permute, kv_perm is not None, use_tma)
+    # padded prompts mask every clean chunk through kv_perm, which the TMA reads of the copies skip: no TMA gain there
+    permute = resolve_permute(permute, kv_perm is not None, use_tma and _padding(layout, B, dev)[0] is None)
     q_mode = 0 if q_perm is None else (2 if permute == "separate" else 1)
     kv_mode = 0 if kv_perm is None else (1 if permute == "fused" else 2)
 
