@@ -21,7 +21,7 @@ Permutations (``q_perm``/``kv_perm``) are applied in one of three ways, all test
   to their original positions;
 * ``permute="kv_copy"``: a small gather kernel writes permuted contiguous copies of k and v, which the
   attention kernel reads in order (through TMA on Hopper); query rows are gathered and output rows stored
-  as in "fused". The default on Hopper (``"auto"``): measured +7.8% over unpermuted keys against +18.1% for
+  as in "fused". The default on Hopper without padded prompts (``"auto"``): measured +7.8% over unpermuted keys against +18.1% for
   "fused" at Wan 480p, 10% density (H200; benchmarks/results/kernel.md), for two (B, H, S, D) copies held
   during the call; "fused" elsewhere (without TMA the copies buy nothing);
 * ``permute="separate"``: permuted copies of q, k and v, the in-order kernel, which writes a permuted
@@ -668,8 +668,8 @@ def triton_block_sparse_attention(
     ``permute``: "fused" (gather rows inside the kernel), "separate" (permuted copies of q, k, v, then the
     in-order kernel, then a scatter of the output), "kv_copy" (permuted copies of k and v only, read through TMA
     on Hopper; query rows gathered and outputs scattered inside the kernel) or "auto" (kv_copy where TMA loads run
-    and the prompt is not padded, else fused); only matters when the layout has key permutations; None: ``DEFAULT_PERMUTE`` ("auto"). The copies
-    cost two (B, H, S, D) buffers for the duration of the call.
+    and the prompt is not padded, else fused); only matters when the layout has key permutations; None:
+    ``DEFAULT_PERMUTE`` ("auto"). The copies cost two (B, H, S, D) buffers for the duration of the call.
     ``out``/``lse``: optional preallocated (B, S, H, D) / (B, H, S) outputs (for tests that poison them).
     ``config``: override of ``default_config`` (BLOCK_N, num_warps, num_stages), for benchmarks.
     """
@@ -720,9 +720,11 @@ def triton_block_sparse_attention(
     dummy = n_full  # any int32 tensor for absent pointers
     q_perm = layout.q_perm.to(dev) if layout.q_perm is not None else None
     kv_perm = layout.kv_perm.to(dev) if layout.kv_perm is not None else None
+    pad_start, tv_mult, pad_end = _padding(layout, B, dev)
+    has_pad = pad_start is not None
     use_tma = bool(cfg.get("TMA", False)) and block_d == D and _tma_ok(k, v, block_n)
     # padded prompts mask every clean chunk through kv_perm, which the TMA reads of the copies skip: no TMA gain there
-    permute = resolve_permute(permute, kv_perm is not None, use_tma and _padding(layout, B, dev)[0] is None)
+    permute = resolve_permute(permute, kv_perm is not None, use_tma and not has_pad)
     q_mode = 0 if q_perm is None else (2 if permute == "separate" else 1)
     kv_mode = 0 if kv_perm is None else (1 if permute == "fused" else 2)
 
@@ -742,8 +744,6 @@ def triton_block_sparse_attention(
     dense_a, dense_b = layout.dense_q if layout.dense_q is not None else (0, 0)
     has_dense = layout.dense_q is not None
     n_dense_progs = triton.cdiv(dense_b - dense_a, block_m) if has_dense else 0
-    pad_start, tv_mult, pad_end = _padding(layout, B, dev)
-    has_pad = pad_start is not None
 
     def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         n = perm.shape[-1]
