@@ -499,7 +499,7 @@ def main() -> int:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--reps", type=int, default=2, help="timed steps per case (times replan_every for dynamic ones)")
     p.add_argument("--replan", default="1", help="comma-separated replan_every values for cases with dynamic heads")
-    p.add_argument("--backends", default="auto", help="comma-separated patch backends per case: auto, triton, fa4")
+    p.add_argument("--backends", default="auto", help="comma-separated patch backends per case: auto, triton, gluon, fa4")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks, dense and patched")
     p.add_argument("--mix-profile", help="for --patterns profilemix: carry this profile's pattern mix and densities "
                    "to the model's heads (the target density is then ignored)")

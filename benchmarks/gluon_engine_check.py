@@ -533,7 +533,7 @@ def _install_stand_in(eng):
             lse.copy_(torch.where(l_[..., 0] > 0, (m + l_.log())[..., 0], float("-inf")))
 
     eng._launch = launch
-    eng._device_ok = lambda q: True
+    eng.gluon_device_ok = lambda q: True
     eng.gluon_available = lambda: True
 
 

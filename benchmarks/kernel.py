@@ -18,7 +18,8 @@ Sections (comma-separated, in this order):
 
 With flash-attn-4 importable, `bench` also times FA4 dense and the FA4 engine on the same layouts (its one-off
 layout conversion timed separately), and reports against the fastest dense (min of cuDNN and FA4 dense); without
-it those columns are NaN and a line says why. Wan shapes with FA4 (each well under 4 minutes on an H200):
+it those columns are NaN and a line says why. On Hopper with Triton 3.6, `bench` also times the Gluon engine
+(sparse_dit/kernels/gluon_attention.py) on the same layouts. Wan shapes with FA4 (each well under 4 minutes on an H200):
 
     python benchmarks/kernel.py --sections fa4,bench --shapes wan480p --densities 0.1,0.2,0.3,0.5 --no-flex
     python benchmarks/kernel.py --sections bench,perm --shapes wan720p --densities 0.1,0.2,0.3,0.5 --no-flex
@@ -64,6 +65,7 @@ import triton  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparse_dit.kernels import fa4  # noqa: E402
+from sparse_dit.kernels import gluon_attention as gluon  # noqa: E402
 from sparse_dit.kernels.reference import reference_attention  # noqa: E402
 from sparse_dit.kernels.triton_attention import default_config, triton_block_sparse_attention  # noqa: E402
 from sparse_dit.layout import Layout  # noqa: E402
@@ -431,6 +433,15 @@ def section_bench(args, results):
                         t_fa4 = bench(lambda: fa4.fa4_block_sparse_attention(q, k, v, lay), rep)
                     except Exception as exc:
                         log(f"FA4 sparse failed: {type(exc).__name__}: {str(exc)[:300]}")
+                t_gl, err_gl = float("nan"), float("nan")
+                if gluon.gluon_available():
+                    try:
+                        out_gl = gluon.gluon_block_sparse_attention(q, k, v, lay)  # compiles on the first call
+                        err_gl = rel_err(out_gl, out)
+                        del out_gl
+                        t_gl = bench(lambda: gluon.gluon_block_sparse_attention(q, k, v, lay), rep)
+                    except Exception as exc:
+                        log(f"Gluon sparse failed: {type(exc).__name__}: {str(exc)[:300]}")
                 del out
                 tf = 4 * D * pairs / t_tri / 1e9
                 row = dict(
@@ -440,6 +451,8 @@ def section_bench(args, results):
                     fa4_ms=t_fa4, fa4_tflops=4 * D * pairs / t_fa4 / 1e9, triton_vs_fa4=t_fa4 / t_tri, fa4_rel_err_vs_triton=err_fa4,
                     fa4_convert_ms=conv_ms, fa4_dense_ms=t_fa4_dense, fastest_dense_ms=t_fastest,
                     triton_vs_fastest_dense=t_fastest / t_tri, fa4_vs_fastest_dense=t_fastest / t_fa4,
+                    gluon_ms=t_gl, gluon_tflops=4 * D * pairs / t_gl / 1e9, gluon_vs_triton=t_tri / t_gl, gluon_vs_fa4=t_fa4 / t_gl,
+                    gluon_rel_err_vs_triton=err_gl, gluon_vs_fastest_dense=t_fastest / t_gl,
                 )
                 rows.append(row)
                 results["bench"] = rows
@@ -454,6 +467,12 @@ def section_bench(args, results):
                         f"{name} {kind:6s} d={real_density:.3f} FA4    {t_fa4:8.3f} ms {row['fa4_tflops']:4.0f} TF/s | triton x{row['triton_vs_fa4']:.2f} "
                         f"vs FA4 | vs fastest dense: triton x{row['triton_vs_fastest_dense']:.2f}, FA4 x{row['fa4_vs_fastest_dense']:.2f} | "
                         f"convert {conv_ms:.1f} ms, err vs triton {err_fa4:.1e}"
+                    )
+                if t_gl == t_gl:
+                    log(
+                        f"{name} {kind:6s} d={real_density:.3f} Gluon  {t_gl:8.3f} ms {row['gluon_tflops']:4.0f} TF/s | x{row['gluon_vs_triton']:.2f} "
+                        f"vs triton, x{row['gluon_vs_fa4']:.2f} vs FA4, x{row['gluon_vs_fastest_dense']:.2f} vs fastest dense | "
+                        f"err vs triton {err_gl:.1e}"
                     )
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()

@@ -60,7 +60,7 @@ STATE_ATTR = "_sparse_dit_state"
 LAYER_ATTR = "_sparse_dit_layer"  # on each patched attention module: (state, layer index)
 _SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_BACKENDS = ("auto", "triton", "fa4", "reference")
+_BACKENDS = ("auto", "triton", "gluon", "fa4", "reference")
 _RECORD_KEY = "sparse_dit_record"  # key in an autograd node's metadata: the decisions of the forward behind it
 
 HeadPlan = tuple[PatternSpec, ...]
@@ -92,11 +92,12 @@ def choose_backend(name: str, q: torch.Tensor, needs_grad: bool) -> tuple[str, s
     name: the patch's ``backend`` setting. The Triton kernel has no backward: a call that needs gradients (training,
     gradient checkpointing) runs the differentiable PyTorch reference instead, with a warning saying so; gradients are
     never silently missing. "auto" picks Triton on a supported GPU (see `sparse_dit.kernels.triton_supported`);
-    "fa4" is "auto" whose GPU calls prefer the FA4 engine (`kernels.EngineChooser` decides on "triton" for both).
+    "gluon" and "fa4" are "auto" whose GPU calls prefer that engine (`kernels.EngineChooser` decides on "triton" for
+    all three).
     """
     from sparse_dit import kernels
 
-    if name == "fa4":
+    if name in ("gluon", "fa4"):
         name = "auto"
     wants_triton = name == "triton" or (name == "auto" and kernels.triton_supported(q))
     if wants_triton and needs_grad:
@@ -111,7 +112,7 @@ def choose_backend(name: str, q: torch.Tensor, needs_grad: bool) -> tuple[str, s
 
 def _run_backend(name: str, engines: Any = None) -> Callable[..., torch.Tensor]:
     """The function that runs a sparse call on backend ``name``; for "triton", ``engines`` (a
-    `kernels.EngineChooser`) when given: it picks Triton or FA4 per call."""
+    `kernels.EngineChooser`) when given: it picks Triton, Gluon or FA4 per call."""
     from sparse_dit import kernels
 
     if name == "triton" and engines is not None:
@@ -479,8 +480,8 @@ class PatchState:
         self.modes = [_AttentionInterceptor(self, layer) for layer in range(len(self.modules))]
         from sparse_dit.kernels import EngineChooser
 
-        # Triton or FA4 per sparse call, by measured speed ("auto"), FA4 where it can run ("fa4"), Triton ("triton")
-        self.engines = EngineChooser(prefer={"fa4": "fa4", "triton": "triton"}.get(self.backend))
+        # the engine per sparse call, by measured speed ("auto"), the named one where it can run ("gluon", "fa4"), Triton
+        self.engines = EngineChooser(prefer=self.backend if self.backend in EngineChooser.ENGINES else None)
 
     # ------------------------------------------------------------------------------ copy and pickle
     _RUNTIME = ("_local", "_lock", "_records", "_orders", "_warned", "layout_cache", "_text_valid_layouts", "modes", "engines")
@@ -1012,9 +1013,9 @@ class PatchState:
         order = decision.order
         if order is not None:  # copies in the layout's order, and the output back to diffusers' order
             q, k, v = (_in_order(t, order) for t in (q, k, v))
-        # "auto" measures Triton against FA4 only on layouts that are reused (static patterns): a planned layout would
-        # be converted to FA4's tables on every plan, a host sync in a planning path that has none (issue 16)
-        engines = self.engines if self.backend == "fa4" or (self.backend == "auto" and not decision.planned) else None
+        # "auto" measures the engines only on layouts that are reused (static patterns): a planned layout would be
+        # converted to Gluon/FA4 block tables on every plan, a host sync in a planning path that has none (issue 16)
+        engines = self.engines if self.backend in ("gluon", "fa4") or (self.backend == "auto" and not decision.planned) else None
         out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))
         if order is not None:
             out = out.index_select(1, order.to(out.device).argsort())
@@ -1146,9 +1147,10 @@ def patch(
         for two-transformer pipelines (Wan 2.2) a mapping ``{"transformer": ..., "transformer_2": ...}``;
         give one of pattern and profile. dense_steps: the first denoising steps run dense. block_size: query block of
         the layouts the patterns build (default: the profile's, else 128). backend: "auto" (on a supported GPU the
-        Triton kernel, or the FA4 engine where it is installed, can express the layout and measures faster; layouts
-        of dynamic heads, planned per call, stay on Triton; else the reference), "fa4" (FA4 wherever it can run, else
-        as "auto"), "triton" or "reference". Dense calls run on the user's diffusers backend if one was chosen, else
+        fastest by measurement of the Triton kernel, the Gluon engine (Hopper, Triton 3.6) and the FA4 engine (where
+        installed), the last two for layouts of whole 128-key blocks; layouts of dynamic heads, planned per call,
+        stay on Triton; else the reference), "gluon" / "fa4" (that engine wherever it can run, else as "auto"),
+        "triton" or "reference". Dense calls run on the user's diffusers backend if one was chosen, else
         the fastest dense attention available (FA4, cuDNN SDPA).
         replan_every: dynamic patterns (kmeans, prune) plan a new layout on every replan_every-th sparse denoising
         step and reuse it in between (1 = every step, as Sparse VideoGen2 does; larger trades a little fidelity for

@@ -310,12 +310,108 @@ def test_engine_chooser_falls_back_to_triton(monkeypatch):
         chooser(q, q, q, lay)
     chooser(q, q, q, lay)
     assert ran[1:] == ["fa4", "triton", "triton"]
-    assert chooser.calls == {"triton": 2, "fa4": 0}  # the failed FA4 attempt is not counted as an FA4 call
+    assert chooser.calls == {"triton": 2, "gluon": 0, "fa4": 0}  # the failed FA4 attempt is not counted as an FA4 call
     with pytest.raises(ValueError, match="prefer"):
         kernels.EngineChooser(prefer="flash")
 
 
-@pytest.mark.parametrize("backend", ["auto", "fa4"])
+def test_engine_chooser_measures_every_engine_that_can_run_the_call(monkeypatch):
+    """With the Gluon and FA4 engines both able to run a call, all three engines are measured and the fastest kept;
+    a layout only Triton and Gluon can run is another key, measured between those two."""
+    import sparse_dit.kernels.gluon_attention as ge
+
+    cost = {"triton": 3.0, "gluon": 1.5, "fa4": 2.0}
+    ran: list[str] = []
+    chooser = kernels.EngineChooser(trials=2)
+
+    def run(engine, q, k, v, layout, scale, return_lse):
+        ran.append(engine)
+        FakeEvent.clock[0] += cost[engine] + (100.0 if ran.count(engine) == 1 else 0.0)
+        return q
+
+    monkeypatch.setattr(chooser, "_run", run)
+    monkeypatch.setattr(chooser, "_new_event", lambda: FakeEvent([]))
+    fa4_ok = [True]
+    monkeypatch.setattr(fa4, "fa4_sparse_supported", lambda q, layout: fa4_ok[0])
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "gluon_sparse_supported", lambda q, layout: True)
+    q = torch.randn(1, 256, 2, 64)
+    lay = Layout.from_block_mask(random_block_mask(1, 2, 2, 0.5, seed=0), 128, 256)
+    for _ in range(9):  # 3 calls each: one discarded, two kept
+        chooser(q, q, q, lay)
+    assert sorted(ran) == ["fa4"] * 3 + ["gluon"] * 3 + ["triton"] * 3
+    chooser(q, q, q, lay)
+    assert ran[-1] == "gluon" and list(chooser.chosen.values()) == ["gluon"]
+    # FA4 cannot run this call: a key of its own, Triton against Gluon only
+    fa4_ok[0] = False
+    ran.clear()
+    for _ in range(6):
+        chooser(q, q, q, lay)
+    assert sorted(ran) == ["gluon"] * 3 + ["triton"] * 3
+    assert chooser.calls == {"triton": 6, "gluon": 7, "fa4": 3}
+
+
+def test_engine_chooser_gluon_failure_and_preference(monkeypatch):
+    """A failing Gluon engine is said once, forgotten from the chosen keys, and Triton serves; prefer="gluon" runs
+    Gluon wherever it can, and where it cannot, the measured choice among the others."""
+    import sparse_dit.kernels.gluon_attention as ge
+
+    ran: list[str] = []
+    fail = {"gluon"}
+
+    def run(engine, *a):
+        ran.append(engine)
+        if engine in fail:
+            raise RuntimeError("gluon compile error")
+        return a[0]
+
+    monkeypatch.setattr(fa4, "fa4_sparse_supported", lambda q, layout: False)
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "gluon_sparse_supported", lambda q, layout: True)
+    q = torch.randn(1, 256, 2, 64)
+    lay = Layout.from_block_mask(random_block_mask(1, 2, 2, 0.5, seed=0), 128, 256)
+    chooser = kernels.EngineChooser(prefer="gluon")
+    monkeypatch.setattr(chooser, "_run", run)
+    with pytest.warns(RuntimeWarning, match="Gluon engine failed"):
+        chooser(q, q, q, lay)
+    chooser(q, q, q, lay)  # Gluon is not asked again; with no other engine left, Triton without measuring
+    assert ran == ["gluon", "triton", "triton"] and not chooser._runs
+    assert chooser.calls == {"triton": 2, "gluon": 0, "fa4": 0} and "gluon" in chooser.failures
+    fail.clear()
+    ran.clear()
+    chooser = kernels.EngineChooser(prefer="gluon")
+    monkeypatch.setattr(chooser, "_run", run)
+    chooser(q, q, q, lay)
+    assert ran == ["gluon"]
+    # where Gluon cannot run, prefer="gluon" is "auto": here only Triton remains
+    monkeypatch.setattr(ge, "gluon_sparse_supported", lambda q, layout: "head dim 64 (the Gluon engine needs 128)")
+    chooser(q, q, q, lay)
+    assert ran == ["gluon", "triton"]
+    # on a machine without a Hopper GPU the Gluon engine is never a candidate, whatever the layout
+    monkeypatch.undo()
+    assert kernels.EngineChooser().candidates(q, lay) == ("triton",)
+
+
+def test_patch_accepts_the_gluon_backend():
+    from conftest import make_wan_transformer, wan_inputs
+
+    model = make_wan_transformer(heads=2, head_dim=16, layers=1)
+    x, t, text = wan_inputs(frames=4, height=8, width=8)
+    with torch.no_grad():
+        ref = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    sparse_dit.patch(model, pattern={"name": "tile", "window": (2, 2, 2)}, block_size=16, backend="gluon")
+    try:
+        assert sparse_dit.patch_state(model).engines.prefer == "gluon"
+        with torch.no_grad():  # on the CPU: the reference backend, as "auto"
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        assert out.shape == ref.shape and out.isfinite().all()
+    finally:
+        sparse_dit.unpatch(model)
+    with pytest.raises(ValueError, match="backend"):
+        sparse_dit.patch(model, pattern="dense", backend="gluon2")
+
+
+@pytest.mark.parametrize("backend", ["auto", "fa4", "gluon"])
 def test_planned_layouts_skip_the_engine_choice_under_auto(monkeypatch, backend):
     """A patched model hands static layouts to the engine chooser; layouts of dynamic heads (planned per call) go to
     Triton directly under "auto" (converting each plan to FA4 tables would sync the host), to the chooser under "fa4"."""
@@ -335,7 +431,7 @@ def test_planned_layouts_skip_the_engine_choice_under_auto(monkeypatch, backend)
     monkeypatch.setattr(patching, "_run_backend", run_backend)
     model = make_wan_transformer(heads=2, head_dim=16, layers=2)
     x, t, text = wan_inputs(frames=4, height=8, width=8)
-    expected = {"tile": True, "kmeans": backend == "fa4"}
+    expected = {"tile": True, "kmeans": backend != "auto"}
     for name, chooser_given in expected.items():
         seen.clear()
         params = {"window": (2, 2, 2)} if name == "tile" else {}

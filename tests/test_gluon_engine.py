@@ -82,7 +82,7 @@ def test_supported_gives_a_reason(case, reason):
         lay = Layout.from_block_mask(random_block_mask(1, H, 4, 0.5, seed=1), 256, S)
     elif case == "padded_keys":
         lay = permuted(lay, seed=0, kv_pad=24)
-    elif case == "cpu" and ge._device_ok(q):
+    elif case == "cpu" and ge.gluon_device_ok(q):
         pytest.skip("q is on a device the engine supports")
     out = ge.gluon_sparse_supported(q, lay)
     assert isinstance(out, str) and reason in out, out
@@ -98,7 +98,7 @@ def test_call_refuses_other_head_dims_dtypes_and_devices():
     with pytest.raises(TypeError, match="float16 and bfloat16"):
         ge.gluon_block_sparse_attention(q, k, v, lay)
     q, k, v = qkv(1, S, H)
-    if not ge._device_ok(q):
+    if not ge.gluon_device_ok(q):
         with pytest.raises(RuntimeError, match="capability 9.0"):
             ge.gluon_block_sparse_attention(q, k, v, lay)
 
@@ -145,7 +145,7 @@ def test_host_side_equals_the_reference_around_a_stand_in(monkeypatch, kind, S, 
     if kind == "perm":
         lay = permuted(lay, seed=1)
     calls: list = []
-    monkeypatch.setattr(ge, "_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
     monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
     q, k, v = qkv(B, S, H, dtype=torch.float16, seed=2)
     assert ge.gluon_sparse_supported(q, lay) is True
@@ -164,7 +164,7 @@ def test_host_side_equals_the_reference_around_a_stand_in(monkeypatch, kind, S, 
 def test_provided_outputs_are_written(monkeypatch):
     S, B, H = 1000, 2, 2
     lay = Layout.from_block_mask(random_block_mask(1, H, 8, 0.4, seed=3), 128, S)
-    monkeypatch.setattr(ge, "_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
     monkeypatch.setattr(ge, "_launch", _stand_in_launch([]))
     q, k, v = qkv(B, S, H, dtype=torch.float16, seed=4)
     out = torch.full((B, S, H, 128), float("nan"), dtype=q.dtype)
@@ -182,7 +182,7 @@ def test_bad_provided_outputs_are_refused_before_any_work(monkeypatch, permute_q
     if permute_q:
         lay = permuted(lay, seed=5)
     calls = []
-    monkeypatch.setattr(ge, "_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
     monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
     q, k, v = qkv(B, S, H, dtype=torch.float16, seed=4)
     for bad in (torch.empty(B, S, H, 128), torch.empty(B, S, H, 128, dtype=q.dtype).transpose(1, 2).contiguous().transpose(1, 2)):

@@ -1,6 +1,6 @@
 """Attention backends over a `Layout`: the fused Triton kernel on supported GPUs, the PyTorch reference elsewhere, and
-the optional FlashAttention-4 engine (`fa4`) for the layouts it can express, chosen per call by measured speed
-(`EngineChooser`). Dense attention of patched models goes through `dense_engine` / `dense_attention`."""
+the optional Gluon (`gluon_attention`, Hopper, Triton 3.6) and FlashAttention-4 (`fa4`) engines for the layouts they
+can express, chosen per call by measured speed (`EngineChooser`). Dense attention of patched models goes through `dense_engine` / `dense_attention`."""
 
 from __future__ import annotations
 
@@ -82,22 +82,28 @@ def block_sparse_attention(
 
 # ------------------------------------------------------------------------------------ sparse engine choice
 class EngineChooser:
-    """Runs a sparse call on the faster of the Triton kernel and the FA4 engine, measured per call shape.
+    """Runs a sparse call on the fastest of the engines that can run it, measured per call shape.
 
-    Key: (batch, seq, heads, head dim, dtype, device, which permutations, density in steps of 0.05). For a new key
-    the two engines serve calls alternately, each call timed with CUDA events; the first call of each engine is
-    discarded (compilation), and after ``trials`` kept timings each the engine with the lower median serves every
+    Engines: the Triton kernel (always), the Gluon engine (`gluon_attention`: Hopper, Triton 3.6, layouts of whole
+    128-key blocks) and the FA4 engine (`fa4`: flash-attn-4 installed, the same layouts). Key: (batch, seq, heads,
+    head dim, dtype, device, which permutations, density in steps of 0.05, the engines that can run the call). For a
+    new key the candidate engines serve calls in turn, each call timed with CUDA events; the first call of each engine
+    is discarded (compilation), and after ``trials`` kept timings each the engine with the lowest median serves every
     later call of that key. Timings are read only once their events have completed (no host sync), and every trial
-    is a real call, so measuring costs nothing but the slower engine's few calls. Without FA4 (not installed, not
-    this GPU, a layout it cannot express, or a failure at its first call) Triton runs. ``prefer="fa4"`` skips the
-    measurement: FA4 wherever it can run. One object per patched model (`PatchState`): nothing is global.
+    is a real call, so measuring costs nothing but the slower engines' few calls. An optional engine that fails is
+    remembered, said once, and never asked again; Triton runs that call. ``prefer`` ("triton", "gluon", "fa4") skips
+    the measurement: that engine wherever it can run; where it cannot, "triton" still means Triton and the others
+    fall back to the measured choice. One object per patched model (`PatchState`):
+    nothing is global.
     """
 
-    ENGINES = ("triton", "fa4")
+    ENGINES = ("triton", "gluon", "fa4")
+    OPTIONAL = ("gluon", "fa4")
+    NAMES = {"triton": "Triton kernel", "gluon": "Gluon engine", "fa4": "FA4 engine"}
 
     def __init__(self, prefer: str | None = None, trials: int = 3, max_keys: int = 256) -> None:
         if prefer not in (None, *self.ENGINES):
-            raise ValueError(f"prefer must be None, 'triton' or 'fa4'; got {prefer!r}")
+            raise ValueError(f"prefer must be None, 'triton', 'gluon' or 'fa4'; got {prefer!r}")
         self.prefer = prefer
         self.trials = trials
         self.max_keys = max_keys
@@ -109,16 +115,37 @@ class EngineChooser:
         self.calls: dict[str, int] = {e: 0 for e in self.ENGINES}  # calls each engine ran
 
     @staticmethod
-    def key(q: torch.Tensor, layout: Layout) -> tuple:
+    def key(q: torch.Tensor, layout: Layout, candidates: tuple[str, ...] = ()) -> tuple:
         bucket = layout.cached(("density_bucket", 20), lambda: round(float(layout.density_per_head().mean()) * 20))
         B, S, H, D = q.shape
-        return (B, S, H, D, q.dtype, q.device, layout.q_perm is not None, layout.kv_perm is not None, bucket)
+        return (B, S, H, D, q.dtype, q.device, layout.q_perm is not None, layout.kv_perm is not None, bucket, candidates)
+
+    def supports(self, engine: str, q: torch.Tensor, layout: Layout) -> bool:
+        """Whether optional ``engine`` can run this call (and has not failed before)."""
+        if engine in self.failures:
+            return False
+        if engine == "fa4":
+            from . import fa4
+
+            return fa4.fa4_sparse_supported(q, layout) is True
+        from . import gluon_attention
+
+        # the device first: the layout check converts the layout to block tables (once per layout, but not for nothing)
+        return gluon_attention.gluon_device_ok(q) and gluon_attention.gluon_sparse_supported(q, layout) is True
+
+    def candidates(self, q: torch.Tensor, layout: Layout) -> tuple[str, ...]:
+        """The engines that can run this call, Triton first."""
+        return ("triton", *(e for e in self.OPTIONAL if self.supports(e, q, layout)))
 
     def _run(self, engine: str, q, k, v, layout, scale, return_lse):
         if engine == "fa4":
             from .fa4 import fa4_block_sparse_attention
 
             return fa4_block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse)
+        if engine == "gluon":
+            from .gluon_attention import gluon_block_sparse_attention
+
+            return gluon_block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse)
         from .triton_attention import triton_block_sparse_attention
 
         return triton_block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse)
@@ -131,11 +158,11 @@ class EngineChooser:
         for engine, start, end in done:
             self._times.setdefault(key, {}).setdefault(engine, []).append(start.elapsed_time(end))
 
-    def _decide(self, key: tuple) -> str | None:
+    def _decide(self, key: tuple, candidates: tuple[str, ...]) -> str | None:
         times = self._times.get(key, {})
         kept = {e: t[1:] for e, t in times.items()}  # the first call of an engine compiles
-        if all(len(kept.get(e, [])) >= self.trials for e in self.ENGINES):
-            best = min(self.ENGINES, key=lambda e: statistics.median(kept[e]))
+        if all(len(kept.get(e, [])) >= self.trials for e in candidates):
+            best = min(candidates, key=lambda e: statistics.median(kept[e]))
             self.chosen[key] = best
             while len(self.chosen) > self.max_keys:
                 self.chosen.popitem(last=False)
@@ -154,13 +181,14 @@ class EngineChooser:
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sparse attention of q (B, S, H, D) against k, v over ``layout`` (the Triton kernel's contract)."""
-        from .fa4 import fa4_sparse_supported
-
-        if self.prefer == "triton" or "fa4" in self.failures or not fa4_sparse_supported(q, layout):
+        if self.prefer == "triton":
             return self._guarded("triton", q, k, v, layout, scale, return_lse)
-        if self.prefer == "fa4":
-            return self._guarded("fa4", q, k, v, layout, scale, return_lse)
-        key = self.key(q, layout)
+        if self.prefer is not None and self.supports(self.prefer, q, layout):
+            return self._guarded(self.prefer, q, k, v, layout, scale, return_lse)
+        candidates = self.candidates(q, layout)
+        if len(candidates) == 1:
+            return self._guarded("triton", q, k, v, layout, scale, return_lse)
+        key = self.key(q, layout, candidates)
         engine = self.chosen.get(key)
         if engine is not None:
             self.chosen.move_to_end(key)
@@ -168,11 +196,11 @@ class EngineChooser:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
             return self._guarded("triton", q, k, v, layout, scale, return_lse)
         self._collect(key)
-        engine = self._decide(key)
+        engine = self._decide(key, candidates)
         if engine is not None:
             return self._guarded(engine, q, k, v, layout, scale, return_lse)
-        runs = self._runs.setdefault(key, {e: 0 for e in self.ENGINES})
-        engine = min(self.ENGINES, key=lambda e: runs[e])
+        runs = self._runs.setdefault(key, {e: 0 for e in candidates})
+        engine = min(candidates, key=lambda e: runs[e])
         runs[engine] += 1
         start, end = self._new_event(), self._new_event()
         start.record()
@@ -187,21 +215,22 @@ class EngineChooser:
         return torch.cuda.Event(enable_timing=True)
 
     def _guarded(self, engine: str, q, k, v, layout, scale, return_lse):
-        """Run ``engine``; an FA4 failure (compile error, unsupported case) is remembered, said once, and Triton runs.
-        Each call is counted once, under the engine that produced its output."""
-        if engine != "fa4":
+        """Run ``engine``; an optional engine's failure (compile error, unsupported case) is remembered, said once,
+        and Triton runs. Each call is counted once, under the engine that produced its output."""
+        if engine == "triton":
             out = self._run(engine, q, k, v, layout, scale, return_lse)
             self.calls[engine] += 1
             return out
         try:
-            out = self._run("fa4", q, k, v, layout, scale, return_lse)
-            self.calls["fa4"] += 1
+            out = self._run(engine, q, k, v, layout, scale, return_lse)
+            self.calls[engine] += 1
             return out
-        except Exception as err:  # FA4 is optional: its failure must never fail the call
-            self.failures["fa4"] = f"{type(err).__name__}: {err}"
-            warnings.warn(f"sparse-dit: the FA4 engine failed ({type(err).__name__}: {str(err)[:200]}); using the Triton kernel",
-                          RuntimeWarning, stacklevel=3)
-            self.chosen.clear()
+        except Exception as err:  # optional engines must never fail the call
+            self.failures[engine] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"sparse-dit: the {self.NAMES[engine]} failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "using the Triton kernel", RuntimeWarning, stacklevel=3)
+            for key in [k_ for k_, e in self.chosen.items() if e == engine]:
+                del self.chosen[key]
             return self._guarded("triton", q, k, v, layout, scale, return_lse)
 
     def summary(self) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Optional Gluon engine (``triton.experimental.gluon``, Triton 3.6) for Hopper (sm_90) behind the same `Layout`.
 
-Experimental and not yet run on a GPU: it compiles for sm_90a (0 spills, both warpgroups' softmax under their PV
-wgmma in the SASS: ``python3 benchmarks/gluon_engine_check.py --compile-only``), and its host side is tested on the
-CPU with a stand-in kernel (tests/test_gluon_engine.py), but its first GPU run (``benchmarks/gluon_engine_check.py``:
-correctness against the reference and the Triton kernel, then speed) is still to come. Nothing calls it: `patch`
-and `block_sparse_attention` use the Triton kernel and the FA4 engine only. The prototype it grows from measured
-590-643 TFLOP/s on an H200 (benchmarks/results/kernel.md).
+Checked on an H200 (2026-12-03 23:35 UTC, `benchmarks/gluon_engine_check.py`, raw in
+benchmarks/results/raw/gluon_engine_h200_2335/): equal to the reference and the Triton kernel on ragged lengths,
+batch 1/2, shared and per-batch tables, empty query blocks, lse, fp16/bf16, a permuted layout; at Wan 480p
+(B=2 H=12 S=32760, bf16) 610-652 effective TFLOP/s at densities 0.1-0.5, 1.27-1.44x the Triton kernel and above cuDNN
+dense (576). `kernels.EngineChooser` measures it against the Triton kernel (and FA4 where installed) per call shape
+under ``backend="auto"``; ``backend="gluon"`` prefers it. It is compiled by Triton at the first call of each
+(dtype, ragged, lse) case (~2-4 s).
 
 A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype in
 ``benchmarks/gluon_attention.py`` (see ``benchmarks/gluon_attention_NOTES.md``): per 128-query block one CTA with two
@@ -367,7 +368,8 @@ def gluon_available() -> bool:
         return False
 
 
-def _device_ok(q: torch.Tensor) -> bool:
+def gluon_device_ok(q: torch.Tensor) -> bool:
+    """True when q is on a CUDA device of capability (9, 0) and Gluon's Hopper ops are usable. Never raises."""
     try:
         return q.device.type == "cuda" and _gluon_importable() and tuple(torch.cuda.get_device_capability(q.device)) == (9, 0)
     except Exception:
@@ -400,7 +402,7 @@ def gluon_sparse_supported(q: torch.Tensor, layout: Layout) -> bool | str:
     blocks = _layout_reason(layout)
     if isinstance(blocks, str):
         return blocks
-    if not _device_ok(q):
+    if not gluon_device_ok(q):
         if q.device.type == "cuda" and gluon_import_error() is not None:
             return f"Gluon (triton.experimental.gluon Hopper ops) is not usable: {gluon_import_error()}"
         return "the Gluon engine needs a CUDA device of compute capability 9.0 (Hopper)"
@@ -472,7 +474,7 @@ def gluon_block_sparse_attention(
                          "use the Triton kernel")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("the Gluon engine is forward-only: call it under torch.no_grad()")
-    if not _device_ok(q):
+    if not gluon_device_ok(q):
         raise RuntimeError("sparse-dit: the Gluon engine needs triton.experimental.gluon (Triton 3.6 Hopper ops) and a "
                            f"CUDA device of capability 9.0; use the Triton kernel ({gluon_import_error() or q.device})")
     blocks = _layout_reason(layout)
