@@ -83,7 +83,7 @@ def main() -> None:
 
         warm_ms = timed(warm, repeats=5, warmup=1)
         print(
-            f"kmeans[{q_mode}] (Cq=128, Ck=512, top_p=0.9): cold {cold:.1f} ms ({cold_iters} iters q,k incl. k-means++), "
+            f"kmeans[{q_mode}] (Cq=128, Ck=512, top_p=0.9): cold {cold:.1f} ms ({cold_iters} iters q,k from random tokens), "
             f"warm {warm_ms:.1f} ms ({state[0]['iters']} iters), density {lay.density:.3f}"
         )
         for iters in (1, 2, 4):

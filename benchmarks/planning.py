@@ -347,7 +347,7 @@ def agreement(geo: Geometry, H: int, block: int, device, q, k, q2, k2) -> dict:
 
     B, S, h, D = q.shape
     flat = q.float().permute(0, 2, 1, 3).reshape(B * h, S, D)
-    init = kmeans.kmeans_plus_plus(flat, max(1, round(geo.video_len / 256)), 0)
+    init = kmeans.sample_init(flat, max(1, round(geo.video_len / 256)), 0)
     ref_l = kmeans.assign(flat, init)
     _, tri_l, _ = kmeans_step(q, init)
     ref_s = prune.key_scores(q, k, "attn", 64)

@@ -402,6 +402,16 @@ def test_kmeans_inertia_matches_sklearn():
         assert ours <= 1.05 * ref, (ours, ref)
 
 
+def test_kmeans_cold_start_tokens_are_distinct_and_seeded():
+    """A cold start begins from C distinct tokens drawn by seed: the same for the same seed, others for another."""
+    rows = kmeans.init_rows(1000, 64, seed=3, device="cpu")
+    assert rows.shape == (64,) and rows.unique().numel() == 64 and 0 <= int(rows.min()) and int(rows.max()) < 1000
+    assert torch.equal(rows, kmeans.init_rows(1000, 64, seed=3, device="cpu"))
+    assert not torch.equal(rows, kmeans.init_rows(1000, 64, seed=4, device="cpu"))
+    x = torch.randn(3, 1000, 8)
+    assert torch.equal(kmeans.sample_init(x, 64, seed=3), x[:, rows])
+
+
 def test_kmeans_warm_start_needs_fewer_iterations():
     g = Geometry(1, 2, 16, 4, 8, 8)
     gen = torch.Generator().manual_seed(7)

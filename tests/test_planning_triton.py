@@ -209,7 +209,7 @@ def _geometry(B: int, h: int, D: int, grid: tuple[int, int, int], text: int) -> 
 def test_kmeans_layout_equals_reference(gen, update, B, h, grid, text, params):
     """The whole build, twice (cold start, then warm start from the kept centroids), on both planners, one Lloyd step
     per call. Equality is only defined where every token's nearest centroid is unique: with integer tokens and the
-    k-means++ start (tokens themselves) distances are exact; the warm call's centroids are means, so its tokens are
+    cold start (random tokens themselves) distances are exact; the warm call's centroids are means, so its tokens are
     redrawn until no token is within 1e-3 of a tie (the two planners' equally valid distance formulas round
     differently, and would break such ties differently)."""
     D, block_q = 16, 16
@@ -346,8 +346,8 @@ def no_host_reads():
 
 
 def test_no_host_read_in_triton_planning(gen, update):
-    """Warm k-means planning (and prune) through the Triton path reads nothing back; the torch path does (the check
-    would catch it), so the test is not vacuous. Cold starts (k-means++) happen once per generation and are excluded."""
+    """Cold and warm k-means planning (and prune) through the Triton path read nothing back; the torch path does (the
+    check would catch it), so the test is not vacuous."""
     B, h, D, block_q = 2, 2, 16, 16
     geo = _geometry(B, h, D, (2, 4, 6), 4)
     q = torch.randn(B, geo.seq_len, h, D, generator=gen)
@@ -355,7 +355,8 @@ def test_no_host_read_in_triton_planning(gen, update):
     params = {"q_clusters": 4, "k_clusters": 8, "iters": 2}  # iters: a short cold start (interpreter time)
     for mode, align in (("union", None), ("pad", None), ("union", 1)):
         state: dict = {}
-        km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
+        with no_host_reads():  # the cold start too: random tokens drawn on the device, fixed Lloyd iterations
+            km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
         torch_state = {b: dict(v) for b, v in state.items()}
         with no_host_reads():
             lay = km.build(geo, h, block_q, "cpu", q=q, k=k, state=state, planner="triton", q_mode=mode, kv_align=align, **params)
