@@ -8,8 +8,8 @@ dense (576). `kernels.EngineChooser` measures it against the Triton kernel (and 
 under ``backend="auto"``; ``backend="gluon"`` prefers it. It is compiled by Triton at the first call of each
 (dtype, ragged, lse) case (~2-4 s).
 
-A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype in
-``benchmarks/gluon_attention.py`` (see ``benchmarks/gluon_attention_NOTES.md``): per 128-query block one CTA with two
+A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype measured in
+benchmarks/results/kernel.md (its notes: ``benchmarks/gluon_attention_NOTES.md``; its code in git history): per 128-query block one CTA with two
 consumer warpgroups (64 query rows each, own ``gl.warp_specialize`` partitions, their GEMM issue alternated through
 two "turn" mbarriers) and a 1-warp TMA producer streaming the listed K/V blocks through mbarrier rings; the softmax of
 S_j runs under the PV wgmma of block j-1 (FA3's intra-warpgroup overlap).
