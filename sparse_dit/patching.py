@@ -480,7 +480,7 @@ class PatchState:
         self.modes = [_AttentionInterceptor(self, layer) for layer in range(len(self.modules))]
         from sparse_dit.kernels import EngineChooser
 
-        # the engine per sparse call, by measured speed ("auto"), the named one where it can run ("gluon", "fa4"), Triton
+        # the engine per sparse call: by measured speed ("auto"), the named one where it can run ("gluon", "fa4")
         self.engines = EngineChooser(prefer=self.backend if self.backend in EngineChooser.ENGINES else None)
 
     # ------------------------------------------------------------------------------ copy and pickle
@@ -1015,7 +1015,8 @@ class PatchState:
             q, k, v = (_in_order(t, order) for t in (q, k, v))
         # "auto" measures the engines only on layouts that are reused (static patterns): a planned layout would be
         # converted to Gluon/FA4 block tables on every plan, a host sync in a planning path that has none (issue 16)
-        engines = self.engines if self.backend in ("gluon", "fa4") or (self.backend == "auto" and not decision.planned) else None
+        measured = self.backend in ("gluon", "fa4") or (self.backend == "auto" and not decision.planned)
+        engines = self.engines if measured else None
         out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))
         if order is not None:
             out = out.index_select(1, order.to(out.device).argsort())

@@ -410,6 +410,8 @@ def test_kmeans_cold_start_tokens_are_distinct_and_seeded():
     assert not torch.equal(rows, kmeans.init_rows(1000, 64, seed=4, device="cpu"))
     x = torch.randn(3, 1000, 8)
     assert torch.equal(kmeans.sample_init(x, 64, seed=3), x[:, rows])
+    with pytest.raises(ValueError, match="num_clusters"):
+        kmeans.sample_init(x, 1001)
 
 
 def test_kmeans_warm_start_needs_fewer_iterations():

@@ -1,6 +1,7 @@
 """Attention backends over a `Layout`: the fused Triton kernel on supported GPUs, the PyTorch reference elsewhere, and
 the optional Gluon (`gluon_attention`, Hopper, Triton 3.6) and FlashAttention-4 (`fa4`) engines for the layouts they
-can express, chosen per call by measured speed (`EngineChooser`). Dense attention of patched models goes through `dense_engine` / `dense_attention`."""
+can express, chosen per call by measured speed (`EngineChooser`). Dense attention of patched models goes through
+`dense_engine` / `dense_attention`."""
 
 from __future__ import annotations
 
@@ -93,8 +94,7 @@ class EngineChooser:
     is a real call, so measuring costs nothing but the slower engines' few calls. An optional engine that fails is
     remembered, said once, and never asked again; Triton runs that call. ``prefer`` ("triton", "gluon", "fa4") skips
     the measurement: that engine wherever it can run; where it cannot, "triton" still means Triton and the others
-    fall back to the measured choice. One object per patched model (`PatchState`):
-    nothing is global.
+    fall back to the measured choice. One object per patched model (`PatchState`): nothing is global.
     """
 
     ENGINES = ("triton", "gluon", "fa4")
@@ -118,7 +118,8 @@ class EngineChooser:
     def key(q: torch.Tensor, layout: Layout, candidates: tuple[str, ...] = ()) -> tuple:
         bucket = layout.cached(("density_bucket", 20), lambda: round(float(layout.density_per_head().mean()) * 20))
         B, S, H, D = q.shape
-        return (B, S, H, D, q.dtype, q.device, layout.q_perm is not None, layout.kv_perm is not None, bucket, candidates)
+        perms = (layout.q_perm is not None, layout.kv_perm is not None)
+        return (B, S, H, D, q.dtype, q.device, *perms, bucket, candidates)
 
     def supports(self, engine: str, q: torch.Tensor, layout: Layout) -> bool:
         """Whether optional ``engine`` can run this call (and has not failed before)."""

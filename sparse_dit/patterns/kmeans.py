@@ -195,6 +195,8 @@ def init_rows(num_tokens: int, num_clusters: int, seed: int, device: torch.devic
 
 def sample_init(x: torch.Tensor, num_clusters: int, seed: int = 0) -> torch.Tensor:
     """Cold-start centroids of N problems at once: x (N, S, D) -> (N, C, D), C distinct tokens (`init_rows`)."""
+    if not 1 <= num_clusters <= x.shape[1]:
+        raise ValueError(f"k-means: num_clusters must be between 1 and the {x.shape[1]} points; got {num_clusters}")
     return x[:, init_rows(x.shape[1], num_clusters, seed, x.device)].clone()
 
 
