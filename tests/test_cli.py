@@ -57,7 +57,8 @@ BAD_ARGUMENTS = {
         ["--pattern", '{"name": '], ["--pattern", "radial", "--window", "3"], ["--window", "1", "2"],
         ["--profile", "reference", "--size", "32"], ["--size", "32", "--height", "32"], ["--pattren", "tile"],
     ]
-    + ([["--backend", "triton"], ["--device", "cuda"]] if NO_GPU else []),
+    + ([["--backend", "triton"], ["--backend", "gluon"], ["--backend", "fa4"], ["--device", "cuda"]] if NO_GPU else [])
+    + [["--backend", "flash"]],
     "eval": [
         ["--pattern", "tile", "--profile", "reference"], ["--profile", "reference", "--window", "3"],
         ["--profile", "README.md"], ["--profile", "pyproject.toml"], ["--frames", "0"], ["--replan-every", "0"],
@@ -234,8 +235,9 @@ def test_backend_named_is_the_backend_that_runs():
     cpu = torch.device("cpu")
     assert _common.check_backend("auto", cpu) == "PyTorch reference backend"
     assert _common.check_backend("reference", cpu) == "PyTorch reference backend"
-    with pytest.raises(UsageError, match="needs a CUDA GPU"):
-        _common.check_backend("triton", cpu)
+    for gpu_backend in ("triton", "gluon", "fa4"):
+        with pytest.raises(UsageError, match=f"--backend {gpu_backend} needs a CUDA GPU"):
+            _common.check_backend(gpu_backend, cpu)
 
 
 def test_fidelity_mean_row_does_not_sum_times():

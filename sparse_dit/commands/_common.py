@@ -86,23 +86,42 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+BACKEND_CHOICES = ("auto", "triton", "gluon", "fa4", "reference")
+BACKEND_HELP = ("auto: on a supported GPU the fastest by measurement of the Triton kernel and, where they can run, the "
+                "Gluon (Hopper, Triton 3.6) and FlashAttention-4 engines; else the PyTorch reference. triton, gluon, "
+                "fa4: that engine (Gluon and FA4 for layouts of whole 128-key blocks, Triton for the rest)")
+
+
 def check_backend(backend: str, device: torch.device) -> str:
     """The attention backend that will actually run for ``backend`` on ``device``, as a phrase for output.
-    ``triton`` without a CUDA GPU or without the triton package is a user error, reported before any work."""
-    if backend == "triton":
-        require(device.type == "cuda", "--backend triton needs a CUDA GPU; use --backend auto or reference on a CPU")
+    A GPU backend (``triton``, ``gluon``, ``fa4``) without a CUDA GPU, without the triton package, or without what
+    its engine needs is a user error, reported before any work."""
+    if backend in ("triton", "gluon", "fa4"):
+        require(device.type == "cuda", f"--backend {backend} needs a CUDA GPU; use --backend auto or reference on a CPU")
         try:
             import triton  # noqa: F401
         except ImportError:
-            raise UsageError("--backend triton needs the triton package (pip install triton); "
+            raise UsageError(f"--backend {backend} needs the triton package (pip install triton); "
                              "or use --backend reference") from None
+    if backend == "gluon":
+        from sparse_dit.kernels.gluon_attention import gluon_available, gluon_import_error
+
+        require(gluon_available(), "--backend gluon needs a Hopper GPU (compute capability 9.0) and Triton 3.6 "
+                f"({gluon_import_error() or 'this GPU is not Hopper'}); use --backend auto")
+        return "Gluon engine where it can run the layout, else the Triton kernel"
+    if backend == "fa4":
+        from sparse_dit.kernels.fa4 import fa4_available
+
+        require(fa4_available(), "--backend fa4 needs FlashAttention-4 (pip install 'sparse-dit[fa4]'); "
+                "use --backend auto")
+        return "FA4 engine where it can run the layout, else the Triton kernel"
     if backend == "reference" or device.type != "cuda":
         return "PyTorch reference backend"
     try:
         import triton  # noqa: F401
     except ImportError:
         return "PyTorch reference backend (triton is not installed)"
-    return "Triton kernel"
+    return "Triton kernel" if backend == "triton" else "fastest measured of the Triton kernel and the installed engines"
 
 
 # ---------------------------------------------------------------------------------------------- profiles

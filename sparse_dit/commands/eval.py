@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
+    BACKEND_CHOICES,
+    BACKEND_HELP,
     UsageError,
     check_backend,
     check_block_size,
@@ -56,8 +58,7 @@ def add_pattern_arguments(p: argparse.ArgumentParser, dense_steps_default: str =
     p.add_argument("--dense-steps", type=int, default=0, help=f"first denoising steps kept dense (default {dense_steps_default})")
     p.add_argument("--replan-every", type=int, default=1,
                    help="dynamic patterns (kmeans, prune) plan a new layout every N sparse steps (default 1)")
-    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
-                   help="auto: the Triton kernel on a supported GPU, else the PyTorch reference")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
 
 
 def add_size_arguments(p: argparse.ArgumentParser, frames: int, height: int, width: int) -> None:
