@@ -489,6 +489,21 @@ def bench(args, eng, results, wd, deadline):
                     row["gluon_first_call_s"] = time.time() - t0  # includes the layout conversion (cached after)
                     ms = timed(lambda: eng.gluon_block_sparse_attention(q, k, v, layout))
                     row.update(gluon_ms=ms, gluon_tflops=flop / (ms * 1e-3) / 1e12)
+                    for st in args.variant_list:  # same mask, same inputs: A/B against the default kernel
+
+                        def run_variant(st=st):
+                            return eng.gluon_block_sparse_attention(q, k, v, layout, stages=st)
+
+                        tag = f"s{st}"
+                        try:
+                            row[f"{tag}_vs_default_rel"] = compare(run_variant(), og)["rel"]
+                            ms = timed(run_variant)
+                            row[f"{tag}_ms"], row[f"{tag}_tflops"] = ms, flop / (ms * 1e-3) / 1e12
+                            print(f"[bench] {name} variant {tag}: {ms:.3f} ms {row[f'{tag}_tflops']:.1f} TFLOP/s "
+                                  f"(rel to default {row[f'{tag}_vs_default_rel']:.1e})", flush=True)
+                        except Exception as e:
+                            row[f"{tag}_error"] = repr(e)
+                            print(f"[bench] {name} variant {tag}: EXCEPTION {e!r}", flush=True)
                     try:
                         ot = triton_block_sparse_attention(q, k, v, layout)
                         row["gluon_vs_triton_rel"] = compare(og, ot)["rel"]
@@ -581,10 +596,19 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=50)
+    ap.add_argument("--variants", default="",
+                    help="comma list of extra Gluon kernel variants timed on the same masks: sN = N K/V ring stages "
+                         "(2 or 3; the default kernel has 2), e.g. s3")
     ap.add_argument("--case-timeout", type=float, default=25.0, help="seconds before a case counts as hung (exit 124)")
     ap.add_argument("--budget", type=float, default=78.0, help="seconds for the whole GPU run; later cases skipped")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.variant_list = []
+    for tag in filter(None, args.variants.split(",")):
+        m = re.fullmatch(r"s([23])", tag)
+        if not m:
+            ap.error(f"--variants: sN with N 2 or 3 (e.g. s3); got {tag!r}")
+        args.variant_list.append(int(m.group(1)))
     if args.dry_run_cpu:
         global DEV
         DEV = "cpu"
