@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -157,7 +158,7 @@ def pin_kmeans(geo: Geometry, H: int, block: int, device, q, k, q2, k2, planner:
 
 def run_shape(
     name: str, densities: list[float], device: torch.device, repeats: int, planners: list[str], profile_dir: Path | None = None,
-    updates: tuple[str, ...] = ("atomic",), lloyd_blocks: tuple[tuple[int, int, int], ...] = (),
+    updates: tuple[str, ...] = ("atomic",), lloyd_blocks: tuple[tuple[int, int, int, str], ...] = (), cases: bool = True,
 ) -> dict:
     spec = SHAPES[name]
     H, grid = spec["heads"], spec["grid"]
@@ -181,7 +182,7 @@ def run_shape(
            "dense_peak_mib": peak_extra_mib(dense, device), "cases": []}
     print(f"[{name}] B={B} H={H} S={S} D={D}: dense SDPA {row['dense_ms']:.2f} ms", flush=True)
     nb = -(-S // block)
-    for d in densities:
+    for d in densities if cases else ():
         # the diagonal is always kept, so off-diagonal blocks are drawn at (d * nb - 1) / (nb - 1): density d
         blk = random_block_layout(B, H, S, block, max(0.0, (d * nb - 1) / max(1, nb - 1)), device, gen)
         with torch.no_grad():
@@ -301,8 +302,9 @@ def lloyd_times(geo: Geometry, q, k, device, repeats: int, updates, blocks) -> l
         init = flat.gather(1, pick[..., None].expand(-1, -1, D))
         ref = None
         for update in updates:
-            for bs, bc, warps in blocks:
-                fn = lambda: _lloyd(video, init, 1, update=update, block_s=bs, block_c=bc, num_warps=warps)  # noqa: E731
+            for bs, bc, warps, sem in blocks:
+                fn = lambda: _lloyd(video, init, 1, update=update, block_s=bs, block_c=bc, num_warps=warps,  # noqa: E731
+                                    atomic_sem=sem)
                 cent, labels, sizes = fn()
                 if ref is None:
                     ref = (cent, labels, sizes)
@@ -310,32 +312,43 @@ def lloyd_times(geo: Geometry, q, k, device, repeats: int, updates, blocks) -> l
                 diff = float((cent - ref[0]).abs().max()) if agree == 1.0 else None
                 ms = timed(fn, device, repeats, ahead=True)
                 out.append({"tokens": name, "clusters": C, "update": update, "block_s": bs, "block_c": bc, "num_warps": warps,
+                            "atomics": sem,
                             "ms": round(ms, 4), "agree": agree, "sizes_equal": bool(torch.equal(sizes, ref[2])),
                             "max_cent_diff": diff})
-                print(f"  lloyd {name} C={C} {update:7s} {bs}x{bc}x{warps}: {ms:.4f} ms, labels agree {agree:.5f}, "
+                print(f"  lloyd {name} C={C} {update:7s} {bs}x{bc}x{warps} {sem}: {ms:.4f} ms, labels agree {agree:.5f}, "
                       f"sizes equal {out[-1]['sizes_equal']}, max centroid diff {diff}", flush=True)
     return out
 
 
 def profile_planning(geo: Geometry, H: int, block: int, device, q, k, q2, k2, density: float, path: Path) -> Path:
-    """torch.profiler table (CUDA time) of one warm fused k-means plan and one prune plan: which ops bound planning."""
+    """torch.profiler tables (CUDA time) of one warm fused k-means plan, the same plan followed by the attention on
+    its layout, and one prune plan: which ops bound planning. min_fraction 0.234 x density is about what the
+    density pin (`pin_kmeans`) finds at both Wan shapes (0.0234 at 0.1), so the k-means layout has ~that density."""
     from torch.profiler import ProfilerActivity, profile
 
+    from sparse_dit.kernels.triton_attention import triton_block_sparse_attention as attend
+
     state: dict = {}
-    params = {"top_p": 0.05, "min_fraction": density}
+    params = {"top_p": 0.05, "min_fraction": 0.234 * density}
     kmeans.build(geo, H, block, device, q=q, k=k, state=state, planner="triton", **params)
     torch.cuda.synchronize()
+    plan = lambda: kmeans.build(geo, H, block, device, q=q2, k=k2, state=state, planner="triton", **params)  # noqa: E731
     text = []
     for label, fn in (
-        ("kmeans (triton planner, warm)", lambda: kmeans.build(geo, H, block, device, q=q2, k=k2, state=state, planner="triton", **params)),
+        ("kmeans (triton planner, warm)", plan),
+        ("kmeans plan + attention on its layout", lambda: attend(q2, k2, q, plan())),
         ("prune (triton planner)", lambda: prune.build(geo, H, block, device, q=q2, k=k2, state={}, planner="triton", keep_ratio=density)),
     ):
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
             fn()
             torch.cuda.synchronize()
-        text += [f"== {label}", prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)]
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        avg = prof.key_averages()
+        text += [f"== {label}: by self CUDA time", avg.table(sort_by="self_cuda_time_total", row_limit=30),
+                 f"== {label}: by total CUDA time", avg.table(sort_by="cuda_time_total", row_limit=20)]
+        print(f"  profiled: {label}", flush=True)
     path.write_text("\n".join(text))
     return path
 
@@ -381,11 +394,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          f"{c['cold_ms']} | {c['peak_mib']} | {c['peak_vs_dense']} | {c['sync_free']} |")
         if r.get("lloyd"):
             lines += ["", "One Lloyd step alone (GPU time, host ahead), per centroid update and assignment tile:", "",
-                      "| tokens | clusters | update | BLOCK_S x BLOCK_C x warps | ms | labels = first row's | sizes equal | max centroid diff |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| tokens | clusters | update | BLOCK_S x BLOCK_C x warps | atomics | ms | labels = first row's | sizes equal | max centroid diff |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for c in r["lloyd"]:
                 lines.append(f"| {c['tokens']} | {c['clusters']} | {c['update']} | {c['block_s']}x{c['block_c']}x{c['num_warps']} | "
-                             f"{c['ms']} | {c['agree']:.5f} | {c['sizes_equal']} | {c['max_cent_diff']} |")
+                             f"{c.get('atomics', 'acq_rel')} | {c['ms']} | {c['agree']:.5f} | {c['sizes_equal']} | {c['max_cent_diff']} |")
         if "agreement" in r:
             lines += ["", f"Triton vs PyTorch on this GPU: {r['agreement']}"]
         lines.append("")
@@ -403,8 +416,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of centroid updates of the fused k-means (atomic, segment); segment adds kmeans-seg rows")
     ap.add_argument("--lloyd-blocks", default="",
                     help="comma list of BLOCK_SxBLOCK_CxWARPS assignment tiles to time one Lloyd step with, per update "
-                         "(e.g. 64x64x4,128x64x8); empty: no lloyd rows")
+                         "(e.g. 64x64x4,128x64x8); a trailing 'a' makes the kernel's atomics acq_rel (Triton's default, "
+                         "before 2026-12-04) instead of relaxed (e.g. 128x64x8a); empty: no lloyd rows")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables (profile_<shape>.txt)")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only the torch.profiler tables (one warm k-means and one prune plan per shape, at the first "
+                         "density): where planning's GPU time goes")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny shape, torch planner, 1 repeat")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -415,15 +432,18 @@ def main(argv: list[str] | None = None) -> None:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; known: {sorted(SHAPES)}")
     densities = [float(x) for x in args.densities.split(",")]
+    if args.profile_only and (args.no_profile or device.type != "cuda"):
+        ap.error("--profile-only needs a CUDA GPU and no --no-profile")
     updates = tuple(u for u in args.kmeans_update.split(",") if u)
     if any(u not in ("atomic", "segment") for u in updates):
         ap.error(f"--kmeans-update: atomic and/or segment, got {args.kmeans_update!r}")
-    try:
-        lloyd_blocks = tuple(tuple(int(v) for v in b.split("x")) for b in args.lloyd_blocks.split(",") if b)
-    except ValueError:
-        ap.error(f"--lloyd-blocks: BLOCK_SxBLOCK_CxWARPS, got {args.lloyd_blocks!r}")
-    if any(len(b) != 3 for b in lloyd_blocks):
-        ap.error(f"--lloyd-blocks: BLOCK_SxBLOCK_CxWARPS, got {args.lloyd_blocks!r}")
+    lloyd_blocks = []
+    for spec in filter(None, args.lloyd_blocks.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(a?)", spec)
+        if not m:
+            ap.error(f"--lloyd-blocks: BLOCK_SxBLOCK_CxWARPS with an optional trailing 'a', got {spec!r}")
+        lloyd_blocks.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), "acq_rel" if m.group(4) else "relaxed"))
+    lloyd_blocks = tuple(lloyd_blocks)
     try:
         import triton
 
@@ -435,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python3 benchmarks/planning.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_shape(s, densities, device, repeats, planners, None if args.no_profile else args.out, updates, lloyd_blocks)
+    rows = [run_shape(s, densities, device, repeats, planners, None if args.no_profile else args.out, updates, lloyd_blocks,
+                      cases=not args.profile_only)
             for s in shapes]
     meta["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,25 @@ def test_kmeans_step_equals_reference_with_ties_and_empty_clusters(gen, update, 
     torch.testing.assert_close(new, ref_cent, rtol=1e-6, atol=1e-6)
 
 
+def test_assignment_ties_across_centroid_tiles_go_to_the_lowest_index(gen):
+    """Equal centroids in different tiles of the assignment scan, in the same slot of their tiles (2 and 18 with
+    tiles of 16) and in different slots (4 and 21; 30 and 7, the later tile holding the lower slot): every token
+    nearest to such a pair takes the lower index, as torch.argmin does."""
+    from sparse_dit.kernels.planning_triton import _lloyd
+
+    B, S, h, D, C = 1, 150, 2, 16, 40
+    x = ints(gen, B, S, h, D)
+    cent = ints(gen, B * h, C, D)
+    cent[:, 7] = flat(x)[:, 0]  # at least one token sits exactly on the (7, 30) pair
+    for lo, hi in ((2, 18), (4, 21), (7, 30)):
+        cent[:, hi] = cent[:, lo]
+    _, labels, _ = _lloyd(x, cent, 1, update="atomic", block_s=64, block_c=16, num_warps=4)
+    ref = km.assign(flat(x), cent)
+    assert torch.equal(labels.long(), ref)
+    assert not torch.isin(labels, torch.tensor([18, 21, 30], dtype=labels.dtype)).any()
+    assert (labels[:, 0] == 7).all()
+
+
 def test_kmeans_step_reads_strided_fp16_views(gen, update):
     """q as a strided slice of a fused projection in fp16: no copy needed, same labels where the margin is real."""
     B, S, h, D, C = 2, 90, 2, 32, 9
@@ -468,12 +487,14 @@ def test_planning_benchmark_compares_the_centroid_updates():
     assert pt.CENTROID_UPDATE == "atomic"  # restored after the kmeans-seg rows
     geo = _geometry(1, 2, 16, (2, 4, 16), 0)
     q, k = (torch.randn(1, geo.seq_len, 2, 16) for _ in range(2))
-    lloyd = bench.lloyd_times(geo, q, k, torch.device("cpu"), 1, ("atomic", "segment"), ((64, 64, 4), (128, 32, 8)))
-    assert [(r["tokens"], r["update"], r["block_s"]) for r in lloyd] == [
-        (t, u, b) for t in ("q", "k") for u in ("atomic", "segment") for b in (64, 128)
+    lloyd = bench.lloyd_times(geo, q, k, torch.device("cpu"), 1, ("atomic", "segment"),
+                              ((64, 64, 4, "relaxed"), (128, 32, 8, "relaxed"), (64, 16, 4, "acq_rel")))
+    assert [(r["tokens"], r["update"], r["block_s"], r["atomics"]) for r in lloyd] == [
+        (t, u, b, s) for t in ("q", "k") for u in ("atomic", "segment")
+        for b, s in ((64, "relaxed"), (128, "relaxed"), (64, "acq_rel"))
     ]
     assert all(r["agree"] == 1.0 and r["sizes_equal"] and r["max_cent_diff"] < 1e-5 for r in lloyd)
-    assert "| k | 2 | segment | 128x32x8 |" in bench.markdown([dict(row, lloyd=lloyd)], {k_: "-" for k_ in ("device", "command", "date", "torch", "triton")})
+    assert "| k | 2 | segment | 128x32x8 | relaxed |" in bench.markdown([dict(row, lloyd=lloyd)], {k_: "-" for k_ in ("device", "command", "date", "torch", "triton")})
 
 
 # ------------------------------------------------------------------------------------------------- mixed

@@ -33,8 +33,13 @@ __all__ = ["kmeans_step", "kmeans_lloyd", "prune_scores"]
 CENTROID_UPDATE = "atomic"
 # Assignment tile (BLOCK_S tokens x BLOCK_C centroids) and its warps. 128 x 64 with 8 warps: one Lloyd step 8% faster
 # than 64 x 64 x 4 for both query (128 clusters) and key (512) tokens on the H200 at Wan 480p; wider centroid
-# tiles were 15-50% slower (planning.md, `--lloyd-blocks`).
+# tiles were 15-50% slower (planning.md, `--lloyd-blocks`). Re-checked on 2026-12-04 after the relaxed atomics and the
+# one-reduction argmin: still the fastest for key tokens at both Wan shapes (720p: 2.96 ms against 3.10-3.23 ms for
+# 128x32x4, 64x64x4, 64x32x4), within 5% of the best for query tokens.
 ASSIGN_BLOCKS = {"block_s": 128, "block_c": 64, "num_warps": 8}
+# Memory order of the assignment kernel's atomics ("relaxed"; "acq_rel", Triton's default, only for the benchmark's
+# before/after rows)
+ATOMIC_SEM = "relaxed"
 # Rows gathered per step by the segment kernel, and its warps.
 SEGMENT_BLOCKS = {"block_m": 64, "num_warps": 4}
 
@@ -45,6 +50,7 @@ def _assign_accumulate_kernel(
     S, NUM_C, h,
     sx_b, sx_s, sx_h, sx_d,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
 ):
     """One program: BLOCK_S tokens of problem n = b * h + head. Nearest centroid by ``||c||^2 - 2 x.c`` (the
     ``||x||^2`` term does not change the argmin), scanning the centroids BLOCK_C at a time with a running
@@ -65,6 +71,8 @@ def _assign_accumulate_kernel(
     best = tl.full((BLOCK_S,), float("inf"), tl.float32)
     arg = tl.zeros((BLOCK_S,), tl.int32)
     cent_base = CENT + n.to(tl.int64) * NUM_C * D
+    # (a running minimum kept per (token, centroid slot) with one argmin at the end was 15-40% slower on the H200,
+    # 2026-12-04, planning.md: the per-tile argmin's shuffles cost less than the extra registers)
     for t in range(0, tl.cdiv(NUM_C, BLOCK_C)):
         c0 = t * BLOCK_C
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -72,22 +80,27 @@ def _assign_accumulate_kernel(
         cen = tl.load(cent_base + offs_c[:, None] * D + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         csq = tl.load(CSQ + n * NUM_C + offs_c, mask=c_ok, other=float("inf"))
         dot = tl.dot(x, tl.trans(cen))  # (BLOCK_S, BLOCK_C) fp32 accumulation
-        dist = csq[None, :] - 2.0 * dot
-        dist = tl.where(c_ok[None, :], dist, float("inf"))
-        m = tl.min(dist, 1)
-        a = tl.argmin(dist, 1, tie_break_left=True) + c0
+        dist = csq[None, :] - 2.0 * dot  # a padded slot: inf - 2 * 0 = inf, never below a real distance
+        m, a = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)  # one reduction for both
         upd = m < best  # strict: on a tie across tiles the earlier centroid wins, as torch.argmin does
         best = tl.where(upd, m, best)
-        arg = tl.where(upd, a, arg)
+        arg = tl.where(upd, a + c0, arg)
+    # a row of NaN distances (NaN activations) could name a padded slot: keep every label a valid cluster id, since
+    # the atomics below index by it
+    arg = tl.minimum(arg, NUM_C - 1)
     tl.store(LABELS + n.to(tl.int64) * S + offs_s, arg, mask=s_ok)
     slot = n.to(tl.int64) * NUM_C + arg
     if ACCUMULATE:
-        tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+        # relaxed: nothing in this kernel reads what the atomics write, and the next kernel sees them all; the default
+        # acq_rel put a memory barrier around each of the D atomics per token and returned values never read (ATOMG;
+        # relaxed and unused: REDG), which was most of a Lloyd step's fixed cost per token
+        tl.atomic_add(SUMS + slot[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=s_ok[:, None] & d_ok[None, :],
+                      sem=ATOMIC_SEM)
+        tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok, sem=ATOMIC_SEM)
     else:
         # a token held by several threads (the argmin's slice layout) gets its one atomic's result on every copy only
         # since triton broadcasts it (triton-lang/triton#7460, 3.5+); the benchmark's lloyd rows check the ranks
-        rank = tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok)
+        rank = tl.atomic_add(COUNTS + slot, tl.full((BLOCK_S,), 1, tl.int32), mask=s_ok, sem=ATOMIC_SEM)
         tl.store(RANKS + n.to(tl.int64) * S + offs_s, rank, mask=s_ok)
 
 
@@ -208,6 +221,7 @@ def _lloyd(
     block_c: int | None = None,
     num_warps: int | None = None,
     block_m: int | None = None,
+    atomic_sem: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iters`` Lloyd iterations: x (B, S, h, D), init (N, C, D) (not modified). ``update`` (default
     `CENTROID_UPDATE`): "atomic", 1 + 2 * iters launches; "segment", 1 + 4 * iters (assign + count, prefix sum,
@@ -226,6 +240,9 @@ def _lloyd(
     bc = ASSIGN_BLOCKS["block_c"] if block_c is None else int(block_c)
     warps = ASSIGN_BLOCKS["num_warps"] if num_warps is None else int(num_warps)
     bm = SEGMENT_BLOCKS["block_m"] if block_m is None else int(block_m)
+    sem = ATOMIC_SEM if atomic_sem is None else atomic_sem
+    if sem not in ("relaxed", "acq_rel"):
+        raise ValueError(f"kmeans: atomic_sem {sem!r}, expected 'relaxed' or 'acq_rel'")
     bd = max(16, triton.next_power_of_2(D))
     dev = x.device
     segment = update == "segment"
@@ -250,7 +267,7 @@ def _lloyd(
     for _ in range(max(1, int(iters))):
         _assign_accumulate_kernel[grid](
             x, cent_lp, csq, labels, sums, counts, ranks, S, C, h, *strides,
-            D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, ACCUMULATE=not segment, num_warps=warps,
+            D=D, BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, ACCUMULATE=not segment, ATOMIC_SEM=sem, num_warps=warps,
         )
         if segment:
             torch.cumsum(counts, 1, dtype=torch.int32, out=ends)  # on the device: no value reaches the host
