@@ -344,3 +344,36 @@ def test_static_heads_of_a_mixed_layer_are_built_once(wan, monkeypatch):
     assert len(builds) == 1  # one geometry, one spec, one head count: shared by every layer and step
     assert sparse_dit.patch_state(wan).sparse_calls == 3 * len(wan.blocks)
     sparse_dit.unpatch(wan)
+
+
+@pytest.mark.parametrize("dynamic_heads", [(0, 2, 4), (1, 2, 4)])
+def test_dynamic_head_groups_plan_on_views_or_copies_alike(monkeypatch, dynamic_heads):
+    """A mixed layer's k-means heads are handed to the planner as a strided view of q and k when they are evenly
+    spaced (0, 2, 4 of 6: no copy) and as a gathered copy otherwise (1, 2, 4); either way the output equals the one
+    from planning on contiguous copies of the same heads."""
+    from sparse_dit.patterns import kmeans
+
+    model = make_wan_transformer(heads=6, head_dim=16)
+    km = PatternSpec("kmeans", top_p=0.8)
+    plan = tuple(km if h in dynamic_heads else PatternSpec("tile", window=(1, 2, 2)) for h in range(6))
+    x, _, text = wan_inputs(frames=3, height=6, width=10)
+    real_build = kmeans.build
+    seen = []
+
+    def run(copy: bool) -> torch.Tensor:
+        def build(*a, q, k, **kw):
+            seen.append(q.is_contiguous())
+            return real_build(*a, q=q.contiguous() if copy else q, k=k.contiguous() if copy else k, **kw)
+
+        monkeypatch.setattr(kmeans, "build", build)
+        sparse_dit.patch(model, pattern=km, block_size=16, backend="reference")
+        sparse_dit.patch_state(model).plan_source = lambda layer, t, step: plan
+        with torch.no_grad():
+            out = model(x, torch.tensor([900]), text, return_dict=False)[0]
+        sparse_dit.unpatch(model)
+        return out
+
+    planned_in_place = run(copy=False)
+    strided = dynamic_heads == (0, 2, 4)
+    assert seen and all(c is not strided for c in seen)  # a view of every other head is not contiguous
+    torch.testing.assert_close(planned_in_place, run(copy=True), rtol=0, atol=0)
