@@ -46,7 +46,8 @@ def main() -> int:
     else:
         plan = (e2e.pattern_at(pattern, float(target), geometry, args.block)[0],) * heads
     step = e2e.step_fn(model, inputs)
-    sort_key = "cuda_time_total" if e2e.DEVICE == "cuda" else "cpu_time_total"
+    # self time: each kernel and op counted once, not again in every op that encloses it
+    sort_key = "self_cuda_time_total" if e2e.DEVICE == "cuda" else "self_cpu_time_total"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if e2e.DEVICE == "cuda" else [])
     for replan in [int(r) for r in args.replan.split(",")]:
         sparse_dit.patch(model, profile=Profile.constant(plan, layers, block_size=args.block), replan_every=replan)
@@ -60,7 +61,8 @@ def main() -> int:
         table = prof.key_averages().table(sort_by=sort_key, row_limit=args.top, max_name_column_width=60)
         head = f"== {args.model} {args.case} replan_every={replan}: {replan} step(s) profiled"
         print(head, table, sep="\n", flush=True)
-        Path(args.out, f"profile_{args.case}_r{replan}.txt").write_text(head + "\n" + table)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, f"profile_{pattern}_{target}_r{replan}.txt").write_text(head + "\n" + table)
     return 0
 
 

@@ -31,7 +31,7 @@ def test_e2e_script_runs_every_case_on_tiny_wan_and_hunyuan(tmp_path):
 
 def test_profile_step_and_replan_fidelity_scripts(tmp_path):
     text = run("profile_step.py", "--model", "tiny", "--case", "prune@0.3", "--replan", "2", "--top", "3", out=tmp_path)
-    assert "replan_every=2" in text and (tmp_path / "profile_prune@0.3_r2.txt").exists()
+    assert "replan_every=2" in text and (tmp_path / "profile_prune_0.3_r2.txt").exists()
     run("replan_fidelity.py", "--replan", "1,2", "--steps", "3", "--clips", "1", "--frames", "4", "--size", "16",
         "--block-size", "16", "--methods", "prune keep 0.25", out=tmp_path)
     rows = json.loads((tmp_path / "replan_fidelity.json").read_text())
