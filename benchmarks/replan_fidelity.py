@@ -34,6 +34,10 @@ from sparse_dit.reference import load_reference_model, sample_scene  # noqa: E40
 
 METHODS = {
     "kmeans top_p 0.5": {"pattern": PatternSpec("kmeans", top_p=0.5)},
+    # one warm Lloyd step per re-plan instead of the default two: half the planning arithmetic (planning.md)
+    "kmeans top_p 0.5 warm_iters 1": {"pattern": PatternSpec("kmeans", top_p=0.5, warm_iters=1)},
+    "kmeans top_p 0.9": {"pattern": PatternSpec("kmeans", top_p=0.9)},
+    "kmeans top_p 0.9 warm_iters 1": {"pattern": PatternSpec("kmeans", top_p=0.9, warm_iters=1)},
     "prune keep 0.25": {"pattern": PatternSpec("prune", keep_ratio=0.25)},
     "profile reference.json": {"profile": "reference"},
 }
