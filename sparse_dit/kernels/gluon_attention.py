@@ -1,12 +1,12 @@
 """Optional Gluon engine (``triton.experimental.gluon``, Triton 3.6) for Hopper (sm_90) behind the same `Layout`.
 
 Checked on an H200 (2026-12-03 23:35 UTC, and 2026-12-04 03:33 after the one-release-barrier change,
-`benchmarks/gluon_engine_check.py`, raw in benchmarks/results/raw/gluon_engine_h200_2335/ and _0333/): equal to the reference and the Triton kernel on ragged lengths,
-batch 1/2, shared and per-batch tables, empty query blocks, lse, fp16/bf16, a permuted layout; at Wan 480p
-(B=2 H=12 S=32760, bf16) 610-652 effective TFLOP/s at densities 0.1-0.5, 1.25-1.44x the Triton kernel and above cuDNN
-dense (576). `kernels.EngineChooser` measures it against the Triton kernel (and FA4 where installed) per call shape
-under ``backend="auto"``; ``backend="gluon"`` prefers it. It is compiled by Triton at the first call of each
-(dtype, ragged, lse) case (~2-4 s).
+`benchmarks/gluon_engine_check.py`, raw in benchmarks/results/raw/gluon_engine_h200_2335/ and _0333/): equal to the
+reference and the Triton kernel on ragged lengths, batch 1/2, shared and per-batch tables, empty query blocks, lse,
+fp16/bf16, a permuted layout; at Wan 480p (B=2 H=12 S=32760, bf16) 581-657 effective TFLOP/s at densities 0.1-0.5,
+1.16-1.44x the Triton kernel and above cuDNN dense (573-576) in both runs. `kernels.EngineChooser` measures it
+against the Triton kernel (and FA4 where installed) per call shape under ``backend="auto"``; ``backend="gluon"``
+prefers it. It is compiled by Triton at the first call of each (dtype, ragged, lse) case (~2-4 s).
 
 A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype
 measured in benchmarks/results/kernel.md (its notes: ``benchmarks/gluon_attention_NOTES.md``; its code in git
