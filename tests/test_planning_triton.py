@@ -307,6 +307,19 @@ def test_prune_scores_equal_reference(gen, B, V, h, D, m, dtype):
     torch.testing.assert_close(got.sum(-1), torch.ones(B, h), rtol=1e-4, atol=1e-4)  # each row's softmax sums to 1
 
 
+def test_prune_scores_read_every_other_head_in_place(gen):
+    """The strided head views a mixed layer hands to the planner (every 2nd head of q and k, no copy) score as their
+    contiguous copies do."""
+    q = torch.randn(2, 90, 6, 32, generator=gen)
+    k = torch.randn(2, 90, 6, 32, generator=gen)
+    qv, kv = q[:, :, 1::2], k[:, :, 1::2]
+    assert not qv.is_contiguous()
+    torch.testing.assert_close(prune_scores(qv, kv, 16), prune_scores(qv.contiguous(), kv.contiguous(), 16),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(prune_scores(qv, kv, 16), pr.key_scores(qv.float(), kv.float(), "attn", 16),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_prune_layout_equals_reference(gen):
     B, h, D, block_q = 2, 3, 32, 16
     geo = _geometry(B, h, D, (2, 4, 6), 5)
