@@ -1017,8 +1017,9 @@ class PatchState:
         order = decision.order
         if order is not None:  # copies in the layout's order, and the output back to diffusers' order
             q, k, v = (_in_order(t, order) for t in (q, k, v))
-        # "auto" measures the engines only on layouts that are reused (static patterns): a planned layout would be
-        # converted to Gluon/FA4 block tables on every plan, a host sync in a planning path that has none (issue 16)
+        # "auto" measures the engines only on layouts that are reused (static patterns): a planned layout is converted
+        # to Gluon/FA4 block tables on every plan (without a host sync only where its planner marked it whole key
+        # blocks, k-means without text), and whether the engines' speed pays for that per call is not measured yet
         measured = self.backend in ("gluon", "fa4") or (self.backend == "auto" and not decision.planned)
         engines = self.engines if measured else None
         out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))

@@ -398,6 +398,53 @@ def test_no_host_read_in_triton_planning(gen, update):
             km.build(geo, h, block_q, "cpu", q=q, k=k, state=torch_state, planner="torch", q_mode=mode, kv_align=align, **params)
 
 
+@pytest.mark.parametrize("planner,q_mode", [("triton", "union"), ("triton", "pad"), ("torch", "union")])
+def test_kmeans_layouts_convert_to_engine_tables_without_host_reads(gen, planner, q_mode):
+    """A k-means layout with 128-token query blocks and key segments snapped to 128-key chunks carries the
+    whole-key-blocks fact, so `fa4_blocks` (the Gluon and FA4 engines' tables) converts it without a host read; the
+    tables equal those of the checked conversion (same kept blocks, same gathers) and FA4's dense mask is the
+    layout's own."""
+    from sparse_dit.kernels import fa4
+
+    B, h, D = 2, 2, 16
+    geo = _geometry(B, h, D, (2, 8, 20), 0)  # V = 320: the last key block is partial
+    q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+    params = {"q_clusters": 3, "k_clusters": 6, "iters": 2, "top_p": 0.5, "min_fraction": 0.2, "q_mode": q_mode}
+    lay = km.build(geo, h, 128, "cpu", q=q, k=k, state={}, planner=planner, **params)
+    assert lay._derived.get(fa4.WHOLE_KV_BLOCKS)
+    with no_host_reads():
+        fast = fa4.fa4_blocks(lay)
+    assert isinstance(fast, fa4.Fa4Blocks) and fast.full_idx.shape[-1] == -(-geo.video_len // fa4.BLOCK_KV)
+    del lay._derived[fa4.WHOLE_KV_BLOCKS]
+    checked = fa4._convert(lay)
+    assert isinstance(checked, fa4.Fa4Blocks)  # the checks agree: whole blocks, no padded key slot
+    assert torch.equal(fast.block_mask(), checked.block_mask())
+    assert torch.equal(fast.full_cnt, checked.full_cnt)
+    for name in ("q_gather", "q_inverse", "kv_gather"):
+        a, b = getattr(fast, name), getattr(checked, name)
+        assert torch.equal(a, b.expand_as(a)), name
+    assert torch.equal(fast.to_dense_mask(geo.seq_len), lay.to_dense_mask())
+
+
+def test_layouts_off_whole_key_blocks_are_not_marked(gen):
+    """Exact cluster segments (kv_align=1), 16-token chunks and text tokens leave the fact off (the checked conversion
+    then decides), and marking a layout with text keys is refused."""
+    from sparse_dit.kernels import fa4
+
+    B, h, D = 1, 2, 16
+    for text, block_q, align in ((0, 128, 1), (0, 16, None), (6, 128, None)):
+        geo = _geometry(B, h, D, (2, 8, 16), text)
+        q = torch.randn(B, geo.seq_len, h, D, generator=gen)
+        k = torch.randn(B, geo.seq_len, h, D, generator=gen)
+        lay = km.build(geo, h, block_q, "cpu", q=q, k=k, state={}, planner="torch", q_clusters=3, k_clusters=6,
+                       iters=2, kv_align=align)
+        assert not lay._derived.get(fa4.WHOLE_KV_BLOCKS)
+        if text:
+            with pytest.raises(ValueError, match="text keys"):
+                fa4.mark_whole_kv_blocks(lay)
+
+
 # ------------------------------------------------------------------------------------------- chunk tables
 def _assert_tables_equal(got, ref):
     n_full, n_clean, full_start, n_part, part_start, part_end = got
@@ -713,7 +760,8 @@ def test_fused_kmeans_memory_within_the_analytic_bound(gen, update, quiet_kernel
     from sparse_dit.kernels.planning_triton import attention_block_n
 
     tensors = [lay.kv_count, lay.kv_start, lay.kv_end, lay.q_perm, lay.kv_perm]
-    tensors += [t for key, v in lay._derived.items() if isinstance(key, tuple) for t in v]
+    # cached tables (tuples of tensors); facts such as the whole-key-blocks mark hold no memory
+    tensors += [t for key, v in lay._derived.items() if isinstance(key, tuple) and isinstance(v, tuple) for t in v]
     held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     Cq, Ck = km._cluster_counts(geo.video_len, km.check_params(geo, **params))
     bound = km.fused_plan_bytes(B, h, geo.video_len, D, block_q, 4, Cq, Ck, block_q, attention_block_n(block_q, q.dtype, D))

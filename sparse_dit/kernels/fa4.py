@@ -144,6 +144,22 @@ class Fa4Blocks:
         return out
 
 
+# A fact a planner may record on a layout it built (in ``Layout._derived``, as the bounds check is): every kept key
+# segment starts on a multiple of BLOCK_KV and ends on one or at the end of the key order, no padded key slot (-1)
+# lies inside one, and the layout has no text keys, dense rows or prompt padding. `fa4_blocks` then converts it
+# without reading anything back on the host (no checks to read, tables of full width), so a layout planned on every
+# call (k-means) reaches the Gluon/FA4 engines without a host synchronisation.
+WHOLE_KV_BLOCKS = ("whole_kv_blocks", BLOCK_KV)
+
+
+def mark_whole_kv_blocks(layout: Layout) -> None:
+    """Record `WHOLE_KV_BLOCKS` on ``layout`` (its builder guarantees it; nothing is checked). Raises ValueError for a
+    layout with text keys, dense rows or prompt padding, which the fact excludes."""
+    if layout.text_kv is not None or layout.dense_q is not None or layout.text_valid is not None:
+        raise ValueError("mark_whole_kv_blocks: the layout has text keys, dense rows or prompt padding")
+    layout._derived[WHOLE_KV_BLOCKS] = True
+
+
 def fa4_blocks(layout: Layout) -> Fa4Blocks | str:
     """FA4 tables of ``layout``, or a one-line reason why FA4 cannot express it. Cached on the layout."""
     return layout.cached(("fa4_blocks", BLOCK_KV), lambda: _convert(layout))
@@ -155,6 +171,8 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
     dev = layout.device
     if bq % BLOCK_KV:
         return f"query blocks of {bq} are not a multiple of {BLOCK_KV}"
+    if layout._derived.get(WHOLE_KV_BLOCKS):
+        return _convert_whole_blocks(layout)
     if layout.text_valid is not None and any(layout.padded_text(b) for b in range(layout.text_valid.numel())):
         return "prompt padding (text_valid) cuts keys inside blocks"
     if layout.dense_q is not None:
@@ -192,14 +210,7 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
         return "a kept key segment holds padded slots of the key order"
     if flags["text_moved"]:
         return "text keys are not in place in the key order"
-    nkb = -(-K // BLOCK_KV)
-    sb = torch.where(used, start // BLOCK_KV, nkb)
-    eb = torch.where(used, -(-end // BLOCK_KV), nkb)
-    diff = torch.zeros(L, H, NQ, nkb + 1, dtype=torch.int32, device=dev)
-    ones = used.to(torch.int32)
-    diff.scatter_add_(-1, sb, ones)
-    diff.scatter_add_(-1, eb, -ones)
-    mask = diff.cumsum(-1)[..., :nkb] > 0
+    mask = _kept_blocks(layout, used, start, end)
     if layout.text_kv is not None:
         a, b = layout.text_kv
         mask[..., a // BLOCK_KV : -(-b // BLOCK_KV)] = True
@@ -208,6 +219,39 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
         mask[:, :, a // bq : -(-b // bq)] = True
     cnt = mask.sum(-1, dtype=torch.int32)
     W = max(1, int(cnt.max()))
+    return _tables(layout, mask, cnt, W, flags["q_per_head"], flags["kv_per_head"])
+
+
+def _kept_blocks(layout: Layout, used: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """(L, H, NQ, NKB) bool: the key blocks the used segments [start, end) cover (a difference array, no host read)."""
+    L, H, NQ = layout.kv_count.shape
+    nkb = -(-layout.kv_order_len // BLOCK_KV)
+    sb = torch.where(used, start // BLOCK_KV, nkb)
+    eb = torch.where(used, -(-end // BLOCK_KV), nkb)
+    diff = torch.zeros(L, H, NQ, nkb + 1, dtype=torch.int32, device=layout.device)
+    ones = used.to(torch.int32)
+    diff.scatter_add_(-1, sb, ones)
+    diff.scatter_add_(-1, eb, -ones)
+    return diff.cumsum(-1)[..., :nkb] > 0
+
+
+def _convert_whole_blocks(layout: Layout) -> Fa4Blocks:
+    """`_convert` for a layout carrying `WHOLE_KV_BLOCKS`: nothing to check, the index table as wide as the key
+    blocks (no max read back), permutations kept per (batch, head). Device ops only."""
+    G = layout.kv_start.shape[-1]
+    used = torch.arange(G, device=layout.device) < layout.kv_count.long()[..., None]
+    mask = _kept_blocks(layout, used, layout.kv_start.long(), layout.kv_end.long())
+    return _tables(layout, mask, mask.sum(-1, dtype=torch.int32), mask.shape[-1], True, True)
+
+
+def _tables(layout: Layout, mask: torch.Tensor, cnt: torch.Tensor, W: int, q_per_head: bool, kv_per_head: bool
+            ) -> Fa4Blocks:
+    """Fa4Blocks from the kept-block mask (L, H, NQ, NKB) and its counts: ascending indices in a (..., W) table and
+    the gathers of the layout's permutations (each kept per (batch, head) or, when shared, as one (1, N, 1) index)."""
+    S, bq, K = layout.seq_len, layout.block_q, layout.kv_order_len
+    L, H, NQ, nkb = mask.shape
+    dev = mask.device
+    W = max(1, W)
     pos = torch.where(mask, mask.cumsum(-1) - 1, W)
     idx = torch.zeros(L, H, NQ, W + 1, dtype=torch.int32, device=dev)
     idx.scatter_(-1, pos, torch.arange(nkb, dtype=torch.int32, device=dev).expand(L, H, NQ, nkb).contiguous())
@@ -216,7 +260,7 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
     q_gather = q_inverse = kv_gather = None
     if layout.q_perm is not None:
         perm = layout.q_perm.long()
-        if not flags["q_per_head"]:
+        if not q_per_head:
             perm = perm[:1, :1]
         Lp, Hp = perm.shape[:2]
         q_gather = perm.clamp(min=0).transpose(1, 2).contiguous()
@@ -225,7 +269,7 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
         inv.scatter_(-1, torch.where(perm >= 0, perm, S), positions.contiguous())
         q_inverse = inv[..., :S].transpose(1, 2).contiguous()
     if layout.kv_perm is not None:
-        perm = layout.kv_perm.long() if flags["kv_per_head"] else layout.kv_perm[:1, :1].long()
+        perm = layout.kv_perm.long() if kv_per_head else layout.kv_perm[:1, :1].long()
         kv_gather = perm.clamp(min=0).transpose(1, 2).contiguous()
     return Fa4Blocks(cnt.contiguous(), idx[..., :W].contiguous(), bq, layout.q_order_len, K, q_gather, q_inverse, kv_gather)
 

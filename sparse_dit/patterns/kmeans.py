@@ -56,7 +56,9 @@ the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matri
 (assignment + sums, then the centroid update; with ``planning_triton.CENTROID_UPDATE = "segment"`` the assignment
 only counts, one int32 atomic per token instead of D fp32 ones, and a prefix sum, a scatter by cluster and one
 program per cluster form the means: four launches); segment tables and the attention kernel's chunk tables have fixed,
-data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). With chunk-snapped keys
+data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). A layout whose key chunks are a multiple of 128
+keys, with no text tokens in the sequence, records that its kept keys are whole 128-key blocks
+(`sparse_dit.kernels.fa4.WHOLE_KV_BLOCKS`), so the Gluon and FA4 engines convert it without a host read. With chunk-snapped keys
 (the default ``kv_align``) the chunk cover is a prefix count over clusters (`_chunk_cover_fixed`) and one launch
 (``planning_triton.cover_tables``) writes the segments and the kernel's chunk tables from it, all int32.
 
@@ -592,6 +594,12 @@ def build(
     dev = torch.device(device)
     if dev.type != lay.device.type or (dev.index is not None and dev.index != lay.device.index):
         lay = lay.to(device)  # (a second Layout, only when the device differs)
+    from sparse_dit.kernels.fa4 import BLOCK_KV, mark_whole_kv_blocks
+
+    if align % BLOCK_KV == 0 and lay.text_kv is None and lay.dense_q is None and lay.text_valid is None:
+        # segments snapped outward to align-token chunks of the key order (ending at most at V, its end), which has
+        # no padded slots: the Gluon/FA4 engines can take this layout without a host-side check
+        mark_whole_kv_blocks(lay)
     if tables is not None and lay.device == q.device:
         lay.cached(("triton_chunks", block_n, str(lay.device)), lambda: tables)
     elif fused:  # the attention kernel's chunk tables, built here without the host sync the generic builder has
