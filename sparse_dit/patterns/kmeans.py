@@ -56,10 +56,10 @@ the (B, S, h, D) activations, with no fp32 copy and no (tokens x clusters) matri
 (assignment + sums, then the centroid update; with ``planning_triton.CENTROID_UPDATE = "segment"`` the assignment
 only counts, one int32 atomic per token instead of D fp32 ones, and a prefix sum, a scatter by cluster and one
 program per cluster form the means: four launches); segment tables and the attention kernel's chunk tables have fixed,
-data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). A layout whose key chunks are a multiple of 128
-keys, with no text tokens in the sequence, records that its kept keys are whole 128-key blocks
-(`sparse_dit.kernels.fa4.WHOLE_KV_BLOCKS`), so the Gluon and FA4 engines convert it without a host read. With chunk-snapped keys
-(the default ``kv_align``) the chunk cover is a prefix count over clusters (`_chunk_cover_fixed`) and one launch
+data-independent widths (``Layout.compact`` trims layouts kept for ``replan_every > 1``). A layout whose key chunks
+are a multiple of 128 keys, with no text tokens in the sequence, records that its kept keys are whole 128-key blocks
+(`sparse_dit.kernels.fa4.WHOLE_KV_BLOCKS`), so the Gluon and FA4 engines convert it without a host read. With
+chunk-snapped keys (the default ``kv_align``) the chunk cover is a prefix count over clusters (`_chunk_cover_fixed`) and one launch
 (``planning_triton.cover_tables``) writes the segments and the kernel's chunk tables from it, all int32.
 
 Memory of the fused plan (`fused_plan_bytes`, checked op by op in tests/test_planning_triton.py): what the layout
