@@ -218,8 +218,7 @@ def _convert(layout: Layout) -> Fa4Blocks | str:
         a, b = layout.dense_q
         mask[:, :, a // bq : -(-b // bq)] = True
     cnt = mask.sum(-1, dtype=torch.int32)
-    W = max(1, int(cnt.max()))
-    return _tables(layout, mask, cnt, W, flags["q_per_head"], flags["kv_per_head"])
+    return _tables(layout, mask, cnt, int(cnt.max()), flags["q_per_head"], flags["kv_per_head"])
 
 
 def _kept_blocks(layout: Layout, used: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -246,8 +245,8 @@ def _convert_whole_blocks(layout: Layout) -> Fa4Blocks:
 
 def _tables(layout: Layout, mask: torch.Tensor, cnt: torch.Tensor, W: int, q_per_head: bool, kv_per_head: bool
             ) -> Fa4Blocks:
-    """Fa4Blocks from the kept-block mask (L, H, NQ, NKB) and its counts: ascending indices in a (..., W) table and
-    the gathers of the layout's permutations (each kept per (batch, head) or, when shared, as one (1, N, 1) index)."""
+    """Fa4Blocks from the kept-block mask (L, H, NQ, NKB) and its counts: ascending indices in a (..., max(W, 1))
+    table and the gathers of the layout's permutations (each kept per (batch, head) or, when shared, as one (1, N, 1) index)."""
     S, bq, K = layout.seq_len, layout.block_q, layout.kv_order_len
     L, H, NQ, nkb = mask.shape
     dev = mask.device
