@@ -246,7 +246,8 @@ def _convert_whole_blocks(layout: Layout) -> Fa4Blocks:
 def _tables(layout: Layout, mask: torch.Tensor, cnt: torch.Tensor, W: int, q_per_head: bool, kv_per_head: bool
             ) -> Fa4Blocks:
     """Fa4Blocks from the kept-block mask (L, H, NQ, NKB) and its counts: ascending indices in a (..., max(W, 1))
-    table and the gathers of the layout's permutations (each kept per (batch, head) or, when shared, as one (1, N, 1) index)."""
+    table and the gathers of the layout's permutations (each kept per (batch, head) or, when shared, as one
+    (1, N, 1) index)."""
     S, bq, K = layout.seq_len, layout.block_q, layout.kv_order_len
     L, H, NQ, nkb = mask.shape
     dev = mask.device
