@@ -514,7 +514,7 @@ def test_prune_mask(text, ratio, score):
     g = geom(text, batch=2)
     q, k, v = qkv(g, 2, seed=8)
     state: dict = {}
-    lay = prune.build(g, 2, 16, "cpu", q=q, k=k, state=state, keep_ratio=ratio, score=score)
+    lay = prune.build(g, 2, 16, "cpu", q=q, k=k, state=state, keep_ratio=ratio, score=score, record=True)
     V, v0 = g.video_len, g.video_start
     n_keep = math.ceil(ratio * V)
     expected = torch.zeros(2, 2, g.seq_len, g.seq_len, dtype=torch.bool)
@@ -533,6 +533,20 @@ def test_prune_mask(text, ratio, score):
             torch.testing.assert_close(state[b]["scores"][h], s, atol=1e-6, rtol=1e-5)
             assert set((kept[h] - v0).tolist()) == set(s.topk(n_keep).indices.tolist())
     check(lay, with_text(g, expected))
+
+
+def test_prune_keeps_nothing_between_calls_unless_recording():
+    """The caller holds one state per layer (and thread): without ``record`` prune leaves it empty, and the layout is
+    the recorded run's (at Wan-14B 720p the scores alone would hold ~1 GB over the layers)."""
+    g = geom(TEXTS[2], batch=2)
+    q, k, _ = qkv(g, 2, seed=10)
+    state: dict = {}
+    lay = prune.build(g, 2, 16, "cpu", q=q, k=k, state=state, keep_ratio=0.3)
+    assert state == {}
+    recorded: dict = {}
+    lay_rec = prune.build(g, 2, 16, "cpu", q=q, k=k, state=recorded, keep_ratio=0.3, record=True)
+    assert set(recorded) == {0, 1} and torch.equal(lay.kv_perm, lay_rec.kv_perm)
+    assert PatternSpec("prune").params["record"] is False
 
 
 def test_prune_keep_all_is_dense_and_bad_params():

@@ -14,9 +14,11 @@ as a cheaper baseline.
 The ``ceil(keep_ratio * V)`` best video keys of each (batch, head) are kept; ``kv_perm`` lists exactly
 them (in raster order, for locality) so they are one contiguous segment ``[0, n_keep)`` that every
 query block attends. Text keys are always kept (``text_kv``) and text queries attend everything.
-The layout is per batch element (L = B). ``state[b]`` receives ``kept`` (h, n_keep) original token
-indices and ``scores`` (h, V) for inspection. (Reusing query rows from the previous step, which
-ToMe-style caching allows, is not done here.)
+The layout is per batch element (L = B). With ``record=True`` (inspection and tests) ``state[b]``
+receives ``kept`` (h, n_keep) original token indices and ``scores`` (h, V); off by default, because the
+caller keeps a state per layer and CFG branch and the scores alone would hold ~1 GB there at Wan-14B
+720p (40 layers x 2 branches x 40 heads x 75600 keys in fp32). Prune keeps nothing between calls
+otherwise. (Reusing query rows from the previous step, which ToMe-style caching allows, is not done.)
 
 On a CUDA GPU with triton, ``score="attn"`` can run as fused kernel passes (``planning_triton.prune_scores``: row
 softmax statistics, their combination, then normalised column sums) that never store the (samples x keys) logits
@@ -47,7 +49,9 @@ STATIC = False
 SCORES = ("attn", "norm")
 
 
-def check_params(geometry: Geometry | None, keep_ratio: float = 0.5, score: str = "attn", sample_queries: int = 64) -> dict:
+def check_params(
+    geometry: Geometry | None, keep_ratio: float = 0.5, score: str = "attn", sample_queries: int = 64, record: bool = False
+) -> dict:
     """Normalise parameters; raise ValueError for keep_ratio outside (0, 1], unknown score, bad sample size."""
     try:
         keep_ratio = float(keep_ratio)
@@ -59,7 +63,7 @@ def check_params(geometry: Geometry | None, keep_ratio: float = 0.5, score: str 
         raise ValueError(f"prune pattern: score must be one of {SCORES}; got {score!r}")
     if isinstance(sample_queries, bool) or int(sample_queries) != sample_queries or sample_queries < 1:
         raise ValueError(f"prune pattern: sample_queries must be an int >= 1; got {sample_queries!r}")
-    return {"keep_ratio": keep_ratio, "score": score, "sample_queries": int(sample_queries)}
+    return {"keep_ratio": keep_ratio, "score": score, "sample_queries": int(sample_queries), "record": bool(record)}
 
 
 def key_scores(q: torch.Tensor, k: torch.Tensor, score: str = "attn", sample_queries: int = 64) -> torch.Tensor:
@@ -93,6 +97,7 @@ def build(
     keep_ratio: float = 0.5,
     score: str = "attn",
     sample_queries: int = 64,
+    record: bool = False,
     planner: str | None = None,
 ) -> Layout:
     """Per-batch layout (L = B, H = num_heads): every query attends the kept keys of its head.
@@ -102,7 +107,7 @@ def build(
     reference, ``None``/``"auto"`` Triton on CUDA when triton is importable. ``score="norm"`` is one torch op either way."""
     from .kmeans import _planner, triton_available
 
-    p = check_params(geometry, keep_ratio=keep_ratio, score=score, sample_queries=sample_queries)
+    p = check_params(geometry, keep_ratio=keep_ratio, score=score, sample_queries=sample_queries, record=record)
     B, S, h, D = k.shape
     if S != geometry.seq_len or h != num_heads:
         raise ValueError(f"prune pattern: k has shape {tuple(k.shape)}, expected (B, {geometry.seq_len}, {num_heads}, D)")
@@ -123,8 +128,9 @@ def build(
     count = torch.ones(B, h, NQ, dtype=torch.int32, device=k.device)
     start = torch.zeros(B, h, NQ, 1, dtype=torch.int32, device=k.device)
     end = torch.full((B, h, NQ, 1), n_keep, dtype=torch.int32, device=k.device)
-    for b in range(B):
-        state[b] = {"kept": kept[b], "scores": scores[b]}
+    if p["record"]:
+        for b in range(B):
+            state[b] = {"kept": kept[b], "scores": scores[b]}
     # topk gives n_keep distinct in-range indices by construction: the bounds check (a host sync) is skipped
     lay = Layout(geometry.seq_len, block_q, count, start, end, None, kept, **text_ranges(geometry), _trusted=True)
     dev = torch.device(device)
