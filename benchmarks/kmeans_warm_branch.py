@@ -4,7 +4,7 @@
 
 diffusers' Wan pipeline calls the transformer once per CFG branch (prompt, then negative prompt) at each step. The
 patch keeps k-means' centroids between calls for a warm start of ``warm_iters`` Lloyd iterations; kept per branch they
-are held twice (at Wan2.1-14B 720p, 0.58 GiB per copy). This measures what sharing one state costs in clustering
+are held twice (at Wan2.1-14B 720p, 0.56 GiB per copy). This measures what sharing one state costs in clustering
 quality. A rendered clip is noised along one flow-matching path at ``--steps`` decreasing timesteps; the reference
 model's queries and keys are captured at each timestep for the prompt and for the null prompt. Per (layer, head)
 both are clustered as the kmeans pattern does (256 queries / 64 keys per cluster), by two chains of warm starts:

@@ -822,7 +822,7 @@ class PatchState:
                 continue
             # one warm-start state per (layer, head group) for all CFG branches: their activations differ only through
             # the prompt, so a branch starts from the latest plan's centroids; one per branch held twice as much
-            # between calls (k-means at Wan2.1-14B 720p: 0.58 GiB per copy)
+            # between calls (k-means at Wan2.1-14B 720p: 0.56 GiB per copy)
             state = self.layer_state.setdefault((layer, spec.key(), tuple(heads)), {})
             step = heads[1] - heads[0] if len(heads) > 1 else 1
             if step > 0 and heads == list(range(heads[0], heads[-1] + 1, step)):
@@ -1023,7 +1023,8 @@ class PatchState:
             q, k, v = (_in_order(t, order) for t in (q, k, v))
         # "auto" measures the engines only on layouts that are reused (static patterns): a planned layout is converted
         # to Gluon/FA4 block tables on every plan (without a host sync only where its planner marked it whole key
-        # blocks, k-means without text), and whether the engines' speed pays for that per call is not measured yet
+        # blocks, k-means without text), and on Gluon k-means attention was 1.2-1.4x slower than on Triton (Wan 480p,
+        # H200, benchmarks/results/e2e.md 2026-12-04 09:03)
         measured = self.backend in ("gluon", "fa4") or (self.backend == "auto" and not decision.planned)
         engines = self.engines if measured else None
         out = _run_backend(backend, engines)(q, k, v, decision.layout, scale=a.get("scale"))

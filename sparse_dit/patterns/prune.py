@@ -16,9 +16,9 @@ them (in raster order, for locality) so they are one contiguous segment ``[0, n_
 query block attends. Text keys are always kept (``text_kv``) and text queries attend everything.
 The layout is per batch element (L = B). With ``record=True`` (inspection and tests) ``state[b]``
 receives ``kept`` (h, n_keep) original token indices and ``scores`` (h, V); off by default, because the
-caller keeps a state per layer and CFG branch and the scores alone would hold ~1 GB there at Wan-14B
-720p (40 layers x 2 branches x 40 heads x 75600 keys in fp32). Prune keeps nothing between calls
-otherwise. (Reusing query rows from the previous step, which ToMe-style caching allows, is not done.)
+caller keeps a state per layer, where the scores would hold ~0.5 GB at Wan-14B 720p (40 layers x 40
+heads x 75600 keys in fp32; ~1 GB when states were kept per CFG branch). Prune keeps nothing between
+calls otherwise. (Reusing query rows from the previous step, which ToMe-style caching allows, is not done.)
 
 On a CUDA GPU with triton, ``score="attn"`` can run as fused kernel passes (``planning_triton.prune_scores``: row
 softmax statistics, their combination, then normalised column sums) that never store the (samples x keys) logits
