@@ -28,6 +28,7 @@ from _setup import ensure_sparse_dit  # noqa: E402
 
 ensure_sparse_dit()
 
+from sparse_dit.io import write_text_atomic  # noqa: E402
 from sparse_dit.patterns import kmeans  # noqa: E402
 from sparse_dit.reference.attention import head_survey  # noqa: E402
 from sparse_dit.reference.model import load_reference_model  # noqa: E402
@@ -82,9 +83,7 @@ def main() -> int:
               "layers": len(qk), "inertia_vs_kmeanspp": relative, "seconds": round(time.perf_counter() - t0, 1)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=1))
     return 0
 
 

@@ -33,6 +33,7 @@ from _setup import ensure_sparse_dit  # noqa: E402
 
 ensure_sparse_dit()
 
+from sparse_dit.io import write_text_atomic  # noqa: E402
 from sparse_dit.patterns import kmeans  # noqa: E402
 from sparse_dit.reference.attention import capture_qk  # noqa: E402
 from sparse_dit.reference.model import load_reference_model, video_to_model  # noqa: E402
@@ -115,9 +116,7 @@ def main() -> int:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=1))
     return 0
 
 
