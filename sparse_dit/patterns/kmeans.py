@@ -43,8 +43,8 @@ it bounds the per-call cost; measured on an H100 in benchmarks/results/patterns.
 ``seed`` (the cold start's random tokens), ``kv_align`` (above), ``record``.
 
 ``state[b]`` keeps the centroids (warm start; in the activations' dtype when it is fp16/bf16) and ``iters``
-(q, k). With ``record=True`` (inspection and tests; off by default because per layer and branch it holds ~40 MB
-at 720p) it also holds the last call's
+(q, k). With ``record=True`` (inspection and tests; off by default because per layer it holds ~40 MB at 720p)
+it also holds the last call's
 ``q_labels``/``k_labels`` (h, V) cluster ids per video token (raster order) and ``keep`` (h, Cq, Ck) bool.
 Text tokens are not clustered: they attend and are attended densely (``dense_q``, ``text_kv``).
 
@@ -583,13 +583,13 @@ def build(
     )
     # kept for the warm start in the activations' precision when that is half: the next call's first assignment
     # measures distances to centroids rounded to it anyway (the fused planner rounds them first), and the update
-    # recomputes every non-empty centroid from its tokens; half the bytes held per layer and CFG branch between calls
-    # (Wan2.1-1.3B 480p: 112 instead of 225 MiB over 30 layers x 2 branches)
+    # recomputes every non-empty centroid from its tokens; half the bytes held per layer between calls (Wan2.1-1.3B
+    # 480p: 56 instead of 112 MiB over 30 layers; the patch keeps one state per layer for both CFG branches)
     kept = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else qc.dtype
     for b in range(B):
         sl = slice(b * h, (b + 1) * h)
         state[b] = {"q_centroids": qc[sl].detach().to(kept), "k_centroids": kc[sl].detach().to(kept), "iters": (q_it, k_it)}
-        if p["record"]:  # per layer and branch these would hold GBs at 720p: only on request
+        if p["record"]:  # over the layers these would hold GBs at 720p: only on request
             state[b].update(q_labels=ql[sl].to(torch.int32), k_labels=kl[sl].to(torch.int32), keep=keep[sl])
     dev = torch.device(device)
     if dev.type != lay.device.type or (dev.index is not None and dev.index != lay.device.index):
