@@ -114,11 +114,16 @@ def _worker(out_path: str) -> None:
             common = dict(backend="reference", block_size=16)
             single, kw = build()
             dense_one = _run(single, kw)
-            refs = {}
+            refs, refs_third = {}, {}
             for name, how in _patches().items():
                 sparse_dit.patch(single, **how, **common)
                 refs[name] = _run(single, kw)
+                _run(single, kw)
+                # the third call warm-starts k-means from the second's centroids (the calls share a timestep, as CFG
+                # branches do, and the branches share one warm-start state per layer)
+                refs_third[name] = _run(single, kw)
                 r[f"{name}_vs_dense_one"] = float((refs[name] - dense_one).abs().max())
+                r[f"{name}_third_vs_first_one"] = float((refs_third[name] - refs[name]).abs().max())
             sparse_dit.unpatch(single)
 
             # enable, then patch
@@ -129,10 +134,10 @@ def _worker(out_path: str) -> None:
             for name, how in _patches().items():
                 sparse_dit.patch(model, **how, **common)
                 out = _run(model, kw)
-                _run(model, kw)  # a second call: cached static layouts and the kmeans warm start per rank
-                out2 = _run(model, kw)
+                _run(model, kw)  # later calls: cached static layouts and the k-means warm start on each rank's heads
+                out3 = _run(model, kw)
                 r[f"{name}_cp_vs_one"] = float((out - refs[name]).abs().max())
-                r[f"{name}_cp_second_vs_one"] = float((out2 - refs[name]).abs().max())
+                r[f"{name}_cp_third_vs_one"] = float((out3 - refs_third[name]).abs().max())
                 stats = sparse_dit.patch_state(model).stats
                 r[f"{name}_stats"] = {k: stats[k] for k in ("sparse_calls", "dense_calls", "density_sum", "head_range")}
                 r[f"{name}_summed"] = sum_stats(gather_stats(model))["sparse_calls"]
@@ -241,7 +246,11 @@ def test_sparse_under_ulysses_equals_one_process(ranks, family, name):
         r = res[family]
         assert r[f"{name}_vs_dense_one"] > 1e-3, "the pattern must change the output, or the comparison says nothing"
         assert r[f"{name}_cp_vs_one"] <= TOL
-        assert r[f"{name}_cp_second_vs_one"] <= TOL
+        assert r[f"{name}_cp_third_vs_one"] <= TOL
+        if (family, name) == ("wan", "profile"):
+            # its k-means heads warm-start on the third call, to a plan unlike the first call's (on the image models'
+            # 80-token grids the warm start lands on the cold start's clusters, so equality there proves less)
+            assert r[f"{name}_third_vs_first_one"] > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
