@@ -530,6 +530,32 @@ def test_planning_benchmark_smoke(tmp_path):
     assert "| prune | torch | 0.2 |" in (tmp_path / "planning.md").read_text()
 
 
+def test_plan_launch_counts_do_not_grow():
+    """benchmarks/plan_ops.py: a warm k-means plan and a prune plan issue a bounded number of operations (at Wan 480p
+    with a few dynamic heads per layer the plan's cost is its launches, e2e.md); the counter sees the planners'
+    kernels, and none of the interpreter's own tensor operations."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_ops.py"
+    spec = importlib.util.spec_from_file_location("plan_ops_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    geo = _geometry(1, 3, 16, (2, 8, 16), 0)
+    q, k = (torch.randn(1, geo.seq_len, 3, 16) for _ in range(2))
+    state: dict = {}
+    params = dict(q_clusters=2, k_clusters=4, iters=2, planner="triton")
+    km.build(geo, 3, 128, "cpu", q=q, k=k, state=state, **params)
+    ops, launches = bench.count(lambda: km.build(geo, 3, 128, "cpu", q=q, k=k, state=state, **params))
+    kernels = sum(n for op, n in ops.items() if op not in bench.METADATA_OPS)
+    assert set(launches) == {"_assign_accumulate_kernel", "_centroid_kernel", "_cover_tables_kernel"}
+    assert kernels <= 95 and sum(launches.values()) <= 11, (kernels, dict(launches))  # 2026-12-04: 95 and 11
+    assert "set_" not in ops  # the interpreter's argument handling is not counted
+    ops, launches = bench.count(lambda: pr.build(geo, 3, 128, "cpu", q=q, k=k, state={}, keep_ratio=0.3, planner="triton"))
+    kernels = sum(n for op, n in ops.items() if op not in bench.METADATA_OPS)
+    assert kernels <= 22 and sum(launches.values()) == 3, (kernels, dict(launches))  # 2026-12-04: 22 and 3
+
+
 def test_planning_benchmark_compares_the_centroid_updates():
     """The GPU-only parts of --kmeans-update / --lloyd-blocks, run here under the interpreter on the tiny shape:
     kmeans-seg rows next to the fused kmeans ones, and one Lloyd step per update and tile, all in agreement."""
