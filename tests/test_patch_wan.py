@@ -269,7 +269,13 @@ def test_dynamic_pattern_state_is_shared_by_the_cfg_branches(wan, monkeypatch):
 
     starts = []
     real_warm = kmeans._warm
-    monkeypatch.setattr(kmeans, "_warm", lambda *a: starts.append(real_warm(*a) is not None) or real_warm(*a))
+
+    def warm(*args):
+        init = real_warm(*args)
+        starts.append(init is not None)
+        return init
+
+    monkeypatch.setattr(kmeans, "_warm", warm)
     sparse_dit.patch(wan, pattern=PatternSpec("kmeans", top_p=0.8), block_size=16, backend="reference")
     x, _, text = wan_inputs(frames=3, height=6, width=10)
     with torch.no_grad():
