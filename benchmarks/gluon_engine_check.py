@@ -36,16 +36,6 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# --variants schedule tags: overrides of the engine's DEFAULT_SCHEDULE
-VARIANT_SCHEDULES = {
-    "mb": dict(NAMED_TURN=False),  # the consumers' hand-over through a pair of mbarriers
-    "nb": dict(NAMED_TURN=True),  # ... through hardware named barriers
-    "kf": dict(K_FIRST=True, EARLY_K=False),  # producer order K_i, V_(i-1)
-    "ek": dict(K_FIRST=True, EARLY_K=True),  # and K slots freed right after S
-    "kv": dict(K_FIRST=False, EARLY_K=False),  # producer order K_i, V_i, one release per iteration
-    "tr": dict(TREE_REDUCE=True),  # softmax row max/sum as register-local trees
-    "ch": dict(TREE_REDUCE=False),  # ... as Triton's in-thread chains
-}
 DEV = "cuda"  # "cpu" only for --dry-run-cpu (the script's own logic around a torch stand-in for the kernel)
 
 
@@ -177,14 +167,12 @@ def compile_only(args):
 
     print(f"[compile-only] triton {triton.__version__}, target sm_90a (GPUTarget('cuda', 90, 64))")
     infos, rc = [], 0
-    configs = [("bf16", 2, True, True, "default"), ("bf16", 2, False, False, "default"),
-               ("fp16", 2, True, False, "default"), ("bf16", 3, True, True, "default")]
-    configs += [("bf16", 2, True, True, tag) for tag in VARIANT_SCHEDULES]
-    for dt, stages, tail, lse, variant in configs:
-        tag = f"{dt} STAGES={stages} HAS_TAIL={tail} RETURN_LSE={lse} schedule={variant}"
+    configs = [("bf16", 2, True, True), ("bf16", 2, False, False), ("fp16", 2, True, False), ("bf16", 3, True, True)]
+    for dt, stages, tail, lse in configs:
+        tag = f"{dt} STAGES={stages} HAS_TAIL={tail} RETURN_LSE={lse}"
         try:
             t0 = time.time()
-            ck = eng.compile_for_sm90(dt, stages, tail, lse, VARIANT_SCHEDULES.get(variant))
+            ck = eng.compile_for_sm90(dt, stages, tail, lse)
             ptx = ck.asm["ptx"]
             waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
             reqntid = re.findall(r"\.reqntid\s+(\d+)", ptx)
@@ -194,11 +182,9 @@ def compile_only(args):
                   f".reqntid {reqntid}, wgmma.mma_async {n_mma}, wait_group {waits}, setmaxnreg {n_maxnreg}")
             info = dict(config=tag, shared=ck.metadata.shared, waits=waits,
                         partition_bar_sync=len(re.findall(r"\bbar\.sync\s+\d+,\s*128;", ptx)),
-                        named_bar_sync=len(re.findall(r"\bbar\.sync\s+%r\d+,\s*256;", ptx)),
-                        named_bar_arrive=len(re.findall(r"\bbar\.arrive\s+%r\d+,\s*256;", ptx)),
                         mbarrier_try_wait=len(re.findall(r"mbarrier\.try_wait", ptx)))
-            print(f"  PTX sites: partition bar.sync {info['partition_bar_sync']}, named bar.sync/bar.arrive "
-                  f"{info['named_bar_sync']}/{info['named_bar_arrive']}, mbarrier.try_wait {info['mbarrier_try_wait']}")
+            print(f"  PTX sites: partition bar.sync {info['partition_bar_sync']}, "
+                  f"mbarrier.try_wait {info['mbarrier_try_wait']}")
             info["ptxas"] = _ptxas_check(ptx)
             info["sass"] = _sass_check(ck.asm.get("cubin"))
             p, s = info["ptxas"], info["sass"] or {}
@@ -211,8 +197,7 @@ def compile_only(args):
             if args.out and args.dump_ir:
                 d = _outdir(args)
                 for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(d, f"gluon_engine_{dt}_s{stages}_t{int(tail)}_l{int(lse)}_{variant}.{ext}"),
-                              "w") as f:
+                    with open(os.path.join(d, f"gluon_engine_{dt}_s{stages}_t{int(tail)}_l{int(lse)}.{ext}"), "w") as f:
                         f.write(ck.asm[ext])
         except Exception as e:
             traceback.print_exc()
@@ -508,11 +493,12 @@ def bench(args, eng, results, wd, deadline):
                     row["gluon_first_call_s"] = time.time() - t0  # includes the layout conversion (cached after)
                     ms = timed(lambda: eng.gluon_block_sparse_attention(q, k, v, layout))
                     row.update(gluon_ms=ms, gluon_tflops=flop / (ms * 1e-3) / 1e12)
-                    for tag, kw in args.variant_list:  # same mask, same inputs: A/B against the default kernel
+                    for st in args.variant_list:  # same mask, same inputs: A/B against the default kernel
 
-                        def run_variant(kw=kw):
-                            return eng.gluon_block_sparse_attention(q, k, v, layout, **kw)
+                        def run_variant(st=st):
+                            return eng.gluon_block_sparse_attention(q, k, v, layout, stages=st)
 
+                        tag = f"s{st}"
                         try:
                             row[f"{tag}_vs_default_rel"] = compare(run_variant(), og)["rel"]
                             ms = timed(run_variant)
@@ -548,7 +534,7 @@ def _install_stand_in(eng):
     launch, so the script's cases, comparisons, watchdog and JSON can be exercised without a GPU."""
     import torch
 
-    def launch(q, k, v, out, lse, cnt, idx, scale, stages, schedule):
+    def launch(q, k, v, out, lse, cnt, idx, scale, stages):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape
@@ -615,25 +601,18 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--variants", default="",
-                    help="comma list of extra Gluon kernel variants timed on the same masks, each a '+'-joined "
-                         "set of: sN = N K/V ring stages (2 or 3; default 2), or a schedule option set "
-                         f"({', '.join(f'{k} = {v}' for k, v in VARIANT_SCHEDULES.items())}); e.g. s3,kf,ek+s3")
+                    help="comma list of extra Gluon kernel variants timed on the same masks: sN = N K/V ring stages "
+                         "(2 or 3; the default kernel has 2), e.g. s3")
     ap.add_argument("--case-timeout", type=float, default=25.0, help="seconds before a case counts as hung (exit 124)")
     ap.add_argument("--budget", type=float, default=78.0, help="seconds for the whole GPU run; later cases skipped")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.variant_list = []
     for tag in filter(None, args.variants.split(",")):
-        kw = {}
-        for part in tag.split("+"):
-            m = re.fullmatch(r"s([23])", part)
-            if m:
-                kw["stages"] = int(m.group(1))
-            elif part in VARIANT_SCHEDULES:
-                kw["schedule"] = {**kw.get("schedule", {}), **VARIANT_SCHEDULES[part]}
-            else:
-                ap.error(f"--variants: parts are sN (N 2 or 3) or one of {sorted(VARIANT_SCHEDULES)}; got {part!r}")
-        args.variant_list.append((tag, kw))
+        m = re.fullmatch(r"s([23])", tag)
+        if not m:
+            ap.error(f"--variants: sN with N 2 or 3 (e.g. s3); got {tag!r}")
+        args.variant_list.append(int(m.group(1)))
     if args.dry_run_cpu:
         global DEV
         DEV = "cpu"

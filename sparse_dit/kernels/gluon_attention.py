@@ -55,7 +55,7 @@ DEFAULT_STAGES = 2  # K/V ring depth (3 fits in smem too)
 #               end of their iteration.
 #   TREE_REDUCE the softmax's row max and row sum as trees of register-local halvings (FA4's reductions are 4-way)
 #               instead of Triton's in-thread chains.
-DEFAULT_SCHEDULE = dict(NAMED_TURN=True, K_FIRST=False, EARLY_K=False, TREE_REDUCE=True)
+DEFAULT_SCHEDULE = dict(NAMED_TURN=False, K_FIRST=False, EARLY_K=False, TREE_REDUCE=False, NO_EXP=False)
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
@@ -174,15 +174,19 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             return gl.convert_layout(r, row_layout)
 
         @gluon.jit
-        def _ge_softmax(s, m_i, l_i, qk_scale, s_layout: gl.constexpr, TREE: gl.constexpr):
+        def _ge_softmax(s, m_i, l_i, qk_scale, s_layout: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
             """Online softmax (base 2, scale folded in) of one fp32 S tile: P (fp32, S's layout), alpha, m, l."""
             row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
             if TREE:
                 m_new = gl.maximum(m_i, _ge_row_reduce(s, row_layout, True) * qk_scale)
             else:
                 m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-            alpha = gl.exp2(m_i - m_new)
+            if NO_EXP == 1:  # timing experiment only: no MUFU work (wrong results)
+                p = s * qk_scale - gl.expand_dims(m_new, 1)
+                alpha = m_i - m_new
+            else:
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+                alpha = gl.exp2(m_i - m_new)
             if TREE:
                 l_new = l_i * alpha + _ge_row_reduce(p, row_layout, False)
             else:
@@ -215,7 +219,9 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
         @gluon.jit
         def _ge_turn_wait(my_turn, phase, pred, WG: gl.constexpr, NAMED: gl.constexpr):
             """Wait until the other warpgroup has issued its previous GEMM batch (``pred`` False: no wait)."""
-            if NAMED:
+            if NAMED == 2:  # timing experiment: no hand-over
+                pass
+            elif NAMED == 1:
                 if pred:
                     _ge_named_barrier(_TURN_BAR0 + WG, False)
             else:
@@ -224,18 +230,54 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
         @gluon.jit
         def _ge_turn_pass(other_turn, pred, WG: gl.constexpr, NAMED: gl.constexpr):
             """Let the other warpgroup issue its next GEMM batch (``pred`` False: no hand-over)."""
-            if NAMED:
+            if NAMED == 2:
+                pass
+            elif NAMED == 1:
                 if pred:
                     _ge_named_barrier(_TURN_BAR0 + 1 - WG, True)
             else:
                 mbarrier.arrive(other_turn, count=1, pred=pred)
 
         @gluon.jit
+        def _ge_iter(j, ks, vs, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, my_turn, other_turn,  #
+                     cnt, last, qk_scale, tail_lim, zero_s, acc, p, m_i, l_i,  #
+                     s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
+                     STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr, NAMED: gl.constexpr,
+                     EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
+            """Main-loop iteration j >= 1 of one consumer warpgroup: K_j in ring slot ks, V_(j-1) in slot vs."""
+            dtype: gl.constexpr = qs.dtype
+            vj = j - 1
+            mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
+            _ge_turn_wait(my_turn, (j - 1 + WG) & 1, True, WG, NAMED)
+            s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+            _ge_turn_pass(other_turn, True, WG, NAMED)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            if EARLY_K:
+                gl.thread_barrier()  # partition-local: this WG is done with K_j
+                mbarrier.arrive(k_free.index(ks), count=1)
+            if HAS_TAIL:
+                if j == last:
+                    s = _ge_mask_tail(s, tail_lim, s_layout)
+            # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
+            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE, NO_EXP)
+            # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
+            # above the softmax
+            jn = j + 1
+            mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+            gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
+            mbarrier.arrive(kv_free.index(ks), count=1)
+            return acc, p, m_i, l_i
+
+        @gluon.jit
         def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, my_turn, other_turn,  #
                        kv_idx_base, cnt, qk_scale, Sk, acc, m_i, l_i,  #
                        s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
                        STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr, NAMED: gl.constexpr,
-                       EARLY_K: gl.constexpr, TREE: gl.constexpr):
+                       EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
             """The main loop of one consumer warpgroup over cnt >= 1 listed key blocks.  GEMM-issue batch k of this
             WG (k = 0: S_0; k = j: S_j + PV_{j-1}; k = cnt: last PV) waits for the other WG's batch k - 1 + WG.
             WG1 does not hand over after its last batch (WG0 waits for batches 0..cnt-1 of WG1 only): named
@@ -245,6 +287,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             dtype: gl.constexpr = qs.dtype
             zero_s = gl.zeros([BMW, BN], gl.float32, s_layout)
             last = cnt - 1
+            tail_lim = Sk
             if HAS_TAIL:
                 # ascending indices: the (only) partial key block, when listed, is the last one
                 tail_lim = Sk - gl.load(kv_idx_base + last) * BN
@@ -261,38 +304,34 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             if HAS_TAIL:
                 if last == 0:
                     s = _ge_mask_tail(s, tail_lim, s_layout)
-            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE)
+            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE, NO_EXP)
             p = p32.to(dtype)
             p = gl.convert_layout(p, p_layout)
             mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
 
-            for j in range(1, cnt):
-                ks = j % STAGES
-                vj = j - 1
-                vs = vj % STAGES
-                mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
-                _ge_turn_wait(my_turn, (j - 1 + WG) & 1, True, WG, NAMED)
-                s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-                _ge_turn_pass(other_turn, True, WG, NAMED)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                if EARLY_K:
-                    gl.thread_barrier()  # partition-local: this WG is done with K_j
-                    mbarrier.arrive(k_free.index(ks), count=1)
-                if HAS_TAIL:
-                    if j == last:
-                        s = _ge_mask_tail(s, tail_lim, s_layout)
-                # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
-                p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE)
-                # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
-                # above the softmax
-                jn = j + 1
-                mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                p = gl.convert_layout(p32.to(dtype), p_layout)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-                gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
-                mbarrier.arrive(kv_free.index(ks), count=1)
+            if NO_EXP == 2 and STAGES == 2:  # experiment: loop unrolled by 2, ring slots static
+                n_it = cnt - 1
+                for jj in range(0, n_it // 2):
+                    j = 1 + 2 * jj
+                    acc, p, m_i, l_i = _ge_iter(j, 1, 0, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
+                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
+                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
+                                                NAMED, EARLY_K, TREE, NO_EXP)
+                    acc, p, m_i, l_i = _ge_iter(j + 1, 0, 1, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
+                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
+                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
+                                                NAMED, EARLY_K, TREE, NO_EXP)
+                if n_it % 2 == 1:
+                    acc, p, m_i, l_i = _ge_iter(last, 1, 0, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
+                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
+                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
+                                                NAMED, EARLY_K, TREE, NO_EXP)
+            else:
+                for j in range(1, cnt):
+                    acc, p, m_i, l_i = _ge_iter(j, j % STAGES, (j - 1) % STAGES, qs, k_smem, v_smem, k_ready,
+                                                v_ready, kv_free, k_free, my_turn, other_turn, cnt, last, qk_scale,
+                                                tail_lim, zero_s, acc, p, m_i, l_i, s_layout, p_layout, orow_layout,
+                                                STAGES, HAS_TAIL, WG, NAMED, EARLY_K, TREE, NO_EXP)
 
             vs = last % STAGES
             mbarrier.wait(v_ready.index(vs), (last // STAGES) & 1)
@@ -306,7 +345,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
         def _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                         EARLY_K: gl.constexpr, TREE: gl.constexpr, WG: gl.constexpr):
+                         EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr, WG: gl.constexpr):
             """Consumer warpgroup WG (4 warps): query rows [q0 + 64 WG, q0 + 64 WG + 64) of batch b, head h."""
             BMW: gl.constexpr = q_desc.block_type.shape[1]  # 64
             HD: gl.constexpr = q_desc.block_type.shape[2]
@@ -337,7 +376,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                 acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,  #
                                            turn.index(WG), turn.index(1 - WG), kv_idx_base, cnt, qk_scale, Sk,  #
                                            acc, m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG, NAMED,
-                                           EARLY_K, TREE)
+                                           EARLY_K, TREE, NO_EXP)
 
             has = l_i > 0.0
             l_safe = gl.where(has, l_i, 1.0)
@@ -360,19 +399,19 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
         def _ge_consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
                           kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
                           STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                          EARLY_K: gl.constexpr, TREE: gl.constexpr):
+                          EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
             _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, 0)
+                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, NO_EXP, 0)
 
         @gluon.jit
         def _ge_consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
                           kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
                           STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                          EARLY_K: gl.constexpr, TREE: gl.constexpr):
+                          EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
             _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, 1)
+                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, NO_EXP, 1)
 
         # sizes are runtime values: no recompilation per sequence length / table width (Triton would otherwise
         # specialise integers on divisibility by 16 and on == 1)
@@ -383,7 +422,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                              SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
                              STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr,
                              NAMED_TURN: gl.constexpr, K_FIRST: gl.constexpr, EARLY_K: gl.constexpr,
-                             TREE_REDUCE: gl.constexpr):
+                             TREE_REDUCE: gl.constexpr, NO_EXP: gl.constexpr):
             """Grid (NQ, B*H), num_warps 4 (consumer WG0; worker 0 = consumer WG1, 4 warps; worker 1 = producer).
 
             q_desc/o_desc: 3-D over (B, Sq, H*D), box [1, 64, D]; k_desc/v_desc: (B, Sk, H*D), box [1, 128, D].
@@ -429,10 +468,10 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                 [
                     (_ge_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
                                      k_free, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE)),
+                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE, NO_EXP)),
                     (_ge_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
                                      k_free, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE)),
+                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE, NO_EXP)),
                     (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, kv_idx_base,
                                     cnt, b, col, STAGES, K_FIRST, EARLY_K)),
                 ],
@@ -454,7 +493,7 @@ def _schedule(overrides: dict | None) -> dict:
     for key, value in (overrides or {}).items():
         if key not in sched:
             raise ValueError(f"unknown schedule option {key!r}; known: {sorted(sched)}")
-        sched[key] = bool(value)
+        sched[key] = int(value)
     if sched["EARLY_K"] and not sched["K_FIRST"]:
         raise ValueError("schedule option EARLY_K needs K_FIRST")
     return sched
@@ -703,7 +742,7 @@ def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has
         "qk_scale": "fp32", "Sq": "i32", "Sk": "i32", "H": "i32", "NQ": "i32", "W": "i32", "tab_b_stride": "i32",
         "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
         "RETURN_LSE": "constexpr", "NAMED_TURN": "constexpr", "K_FIRST": "constexpr", "EARLY_K": "constexpr",
-        "TREE_REDUCE": "constexpr",
+        "TREE_REDUCE": "constexpr", "NO_EXP": "constexpr",
     }
     constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": stages,
                   "HAS_TAIL": has_tail, "RETURN_LSE": return_lse, **_schedule(schedule)}
