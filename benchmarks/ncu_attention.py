@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _setup import ensure_sparse_dit  # noqa: E402
 
+# The schedule experiments of 2026-12-04 (kernel.md) ran a kernel with schedule options; they were reverted after.
+SCHEDULE_COMMIT = "95ad850"
+
 ensure_sparse_dit()  # importable on a bare GPU machine
 
 
@@ -31,7 +34,8 @@ def main() -> int:
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--shape", type=int, nargs=4, default=[2, 12, 32760, 128], metavar=("B", "H", "S", "D"))
     ap.add_argument("--gluon-schedule", default=None, metavar="JSON",
-                    help="Gluon engine only: schedule options (the engine's DEFAULT_SCHEDULE keys) as a JSON object")
+                    help="Gluon engine only: schedule options as a JSON object; only the experiment kernel of commit "
+                         f"{SCHEDULE_COMMIT} has them (`git show {SCHEDULE_COMMIT}:sparse_dit/kernels/gluon_attention.py`)")
     args = ap.parse_args()
 
     import torch
@@ -60,6 +64,12 @@ def main() -> int:
         from sparse_dit.kernels.gluon_attention import gluon_block_sparse_attention as fn
 
         if args.gluon_schedule:
+            import inspect
+
+            if "schedule" not in inspect.signature(fn).parameters:
+                print(f"--gluon-schedule needs the experiment kernel of commit {SCHEDULE_COMMIT}; this engine has no "
+                      "schedule options", file=sys.stderr)
+                return 2
             fn = functools.partial(fn, schedule=json.loads(args.gluon_schedule))
     elif args.engine == "fa4":
         from sparse_dit.kernels.fa4 import fa4_block_sparse_attention as fn

@@ -47,15 +47,6 @@ BLOCK_N = 128  # keys per block (FA4's tables)
 HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_STAGES = 2  # K/V ring depth (3 fits in smem too)
-# Schedule options of the kernel (constexpr), for A/B runs (benchmarks/gluon_engine_check.py --variants):
-#   NAMED_TURN  the two consumer warpgroups take turns issuing their GEMMs through hardware named barriers (FA3's
-#               way) instead of a pair of mbarriers;
-#   K_FIRST     the producer issues K_i then V_(i-1), the order consumer iteration i uses them, instead of K_i, V_i;
-#   EARLY_K     (needs K_FIRST) a K slot is freed as soon as both warpgroups' S = Q K^T on it is done, not at the
-#               end of their iteration.
-#   TREE_REDUCE the softmax's row max and row sum as trees of register-local halvings (FA4's reductions are 4-way)
-#               instead of Triton's in-thread chains.
-DEFAULT_SCHEDULE = dict(NAMED_TURN=False, K_FIRST=False, EARLY_K=False, TREE_REDUCE=False, NO_EXP=False)
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
@@ -81,116 +72,40 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
     try:
         _CONSUMER1_REGS = gl.constexpr(232)  # setmaxnreg of the second consumer warpgroup (worker 0)
         _PRODUCER_REGS = gl.constexpr(24)
-        # hardware named barriers of the consumers' hand-over (WG w waits on _TURN_BAR0 + w); Triton 3.6 itself uses
-        # 0 (the default partition's own barrier), 1 (warp_specialize's dispatch) and 2.. (workers' own barriers)
-        _TURN_BAR0 = gl.constexpr(10)
 
         @gluon.jit
-        def _ge_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,  #
-                         kv_idx_base, cnt, b, col, STAGES: gl.constexpr, K_FIRST: gl.constexpr,
-                         EARLY_K: gl.constexpr):
+        def _ge_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free,  #
+                         kv_idx_base, cnt, b, col, STAGES: gl.constexpr):
             """1-warp partition: K_i, V_i -> ring slot i % STAGES.  kv_free[e % STAGES] completes (e // STAGES)-th
             time when both consumers have finished their iteration e, i.e. with K_e and V_(e-1): so K_i (i >= STAGES)
             waits for completion e = i - STAGES and V_i for e = i - STAGES + 1.  One release barrier for both K and V
             saves each consumer an arrive per iteration, and with it a partition barrier Triton puts before every
-            arrive (H200, 2026-12-04: 627 vs 620 TFLOP/s mean over 8 Wan 480p masks, within run-to-run noise).
-            K_FIRST: issue order K_i, V_(i-1) (the order consumer iteration i uses them) instead of K_i, V_i.
-            EARLY_K (with K_FIRST): K slots are freed through k_free as soon as both consumers' S_e is done."""
+            arrive (H200, 2026-12-04: 627 vs 620 TFLOP/s mean over 8 Wan 480p masks, within run-to-run noise)."""
             BN: gl.constexpr = k_desc.block_type.shape[1]
             HD: gl.constexpr = k_desc.block_type.shape[2]
             dtype: gl.constexpr = k_desc.dtype
-            if K_FIRST:
-                blk_prev = 0
-                for i in range(cnt):
-                    s = i % STAGES
-                    r = i // STAGES
-                    blk = gl.load(kv_idx_base + i)
-                    # K_i's slot held K_(i-STAGES); V_(i-1)'s held V_(i-1-STAGES), used in iteration i-STAGES: both
-                    # free at completion i - STAGES (of k_free / kv_free), index s, occurrence r - 1
-                    if EARLY_K:
-                        mbarrier.wait(k_free.index(s), (r - 1) & 1, pred=r > 0)
-                    else:
-                        mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
-                    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [b, blk * BN, col], k_ready.index(s),
-                                                    k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
-                    if i > 0:
-                        sv = (i - 1) % STAGES
-                        if EARLY_K:
-                            mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
-                        mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(v_desc, [b, blk_prev * BN, col], v_ready.index(sv),
-                                                        v_smem.index(sv)._reinterpret(dtype, [1, BN, HD],
-                                                                                      v_desc.layout))
-                    blk_prev = blk
-                if cnt > 0:
-                    last = cnt - 1
-                    sv = last % STAGES
-                    # V_last's slot: completion cnt - STAGES of kv_free (index cnt % STAGES)
-                    mbarrier.wait(kv_free.index(cnt % STAGES), (cnt // STAGES - 1) & 1, pred=cnt > STAGES)
-                    mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [b, blk_prev * BN, col], v_ready.index(sv),
-                                                    v_smem.index(sv)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
-            else:
-                for i in range(cnt):
-                    s = i % STAGES
-                    r = i // STAGES
-                    blk = gl.load(kv_idx_base + i)
-                    row = blk * BN
-                    mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
-                    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [b, row, col], k_ready.index(s),
-                                                    k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
-                    i1 = i + 1  # completion i - STAGES + 1 of kv_free[(i + 1) % STAGES]
-                    mbarrier.wait(kv_free.index(i1 % STAGES), (i1 // STAGES - 1) & 1, pred=r > 0)
-                    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [b, row, col], v_ready.index(s),
-                                                    v_smem.index(s)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
+            for i in range(cnt):
+                s = i % STAGES
+                r = i // STAGES
+                blk = gl.load(kv_idx_base + i)
+                row = blk * BN
+                mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
+                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, row, col], k_ready.index(s),
+                                                k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
+                i1 = i + 1  # completion i - STAGES + 1 of kv_free[(i + 1) % STAGES]
+                mbarrier.wait(kv_free.index(i1 % STAGES), (i1 // STAGES - 1) & 1, pred=r > 0)
+                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, row, col], v_ready.index(s),
+                                                v_smem.index(s)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
 
         @gluon.jit
-        def _ge_halve(x, IS_MAX: gl.constexpr):
-            """[M, N] -> [M, N/2]: max or sum of the two column halves, elementwise.  For the wgmma accumulator
-            layout (and its halvings down to N = 8) the halves sit in the same thread's registers, so this is
-            register-only work: one level of a reduction tree."""
-            M: gl.constexpr = x.shape[0]
-            N: gl.constexpr = x.shape[1]
-            a, b = x.reshape([M, 2, N // 2]).permute((0, 2, 1)).split()
-            if IS_MAX:
-                return gl.maximum(a, b)
-            else:
-                return a + b
-
-        @gluon.jit
-        def _ge_row_reduce(x, row_layout: gl.constexpr, IS_MAX: gl.constexpr):
-            """Row max or sum of an fp32 [M, 128] wgmma accumulator as a tree (depth 5 plus the 2 lane shuffles)
-            instead of Triton's in-thread chain of 31 dependent operations per row (FA3/FA4 reduce with 4
-            independent accumulators for the same reason: the softmax's latency sits between the warpgroups'
-            GEMMs)."""
-            x = _ge_halve(_ge_halve(_ge_halve(_ge_halve(x, IS_MAX), IS_MAX), IS_MAX), IS_MAX)  # 128 -> 8 columns
-            if IS_MAX:
-                r = gl.max(x, axis=1)
-            else:
-                r = gl.sum(x, axis=1)
-            return gl.convert_layout(r, row_layout)
-
-        @gluon.jit
-        def _ge_softmax(s, m_i, l_i, qk_scale, s_layout: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
+        def _ge_softmax(s, m_i, l_i, qk_scale):
             """Online softmax (base 2, scale folded in) of one fp32 S tile: P (fp32, S's layout), alpha, m, l."""
-            row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-            if TREE:
-                m_new = gl.maximum(m_i, _ge_row_reduce(s, row_layout, True) * qk_scale)
-            else:
-                m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            if NO_EXP == 1:  # timing experiment only: no MUFU work (wrong results)
-                p = s * qk_scale - gl.expand_dims(m_new, 1)
-                alpha = m_i - m_new
-            else:
-                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-                alpha = gl.exp2(m_i - m_new)
-            if TREE:
-                l_new = l_i * alpha + _ge_row_reduce(p, row_layout, False)
-            else:
-                l_new = l_i * alpha + gl.sum(p, axis=1)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_new = l_i * alpha + gl.sum(p, axis=1)
             return p, alpha, m_new, l_new
 
         @gluon.jit
@@ -201,151 +116,73 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             return gl.where(gl.expand_dims(cols, 0) < lim, s, float("-inf"))
 
         @gluon.jit
-        def _ge_named_barrier(bar_id: gl.constexpr, arrive: gl.constexpr):
-            """``bar.arrive``/``bar.sync`` on hardware named barrier ``bar_id`` counting both consumer warpgroups
-            (256 threads), executed by every thread of the calling 4-warp partition.  Gluon 3.6 has no named-barrier
-            op; inline PTX keeps it out of Triton's shared-memory analysis, which puts a partition barrier in front of
-            every mbarrier arrive and of the first wait after one."""
-            NW: gl.constexpr = gl.num_warps()
-            one_per_thread: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-            ids = gl.full([32 * NW], bar_id, gl.int32, one_per_thread)  # one element (one asm) per thread
-            if arrive:
-                gl.inline_asm_elementwise("bar.arrive $1, 256;\n\tmov.b32 $0, $1;", "=r,r", [ids],
-                                          dtype=gl.int32, is_pure=False, pack=1)
-            else:
-                gl.inline_asm_elementwise("bar.sync $1, 256;\n\tmov.b32 $0, $1;", "=r,r", [ids],
-                                          dtype=gl.int32, is_pure=False, pack=1)
-
-        @gluon.jit
-        def _ge_turn_wait(my_turn, phase, pred, WG: gl.constexpr, NAMED: gl.constexpr):
-            """Wait until the other warpgroup has issued its previous GEMM batch (``pred`` False: no wait)."""
-            if NAMED == 2:  # timing experiment: no hand-over
-                pass
-            elif NAMED == 1:
-                if pred:
-                    _ge_named_barrier(_TURN_BAR0 + WG, False)
-            else:
-                mbarrier.wait(my_turn, phase, pred=pred)
-
-        @gluon.jit
-        def _ge_turn_pass(other_turn, pred, WG: gl.constexpr, NAMED: gl.constexpr):
-            """Let the other warpgroup issue its next GEMM batch (``pred`` False: no hand-over)."""
-            if NAMED == 2:
-                pass
-            elif NAMED == 1:
-                if pred:
-                    _ge_named_barrier(_TURN_BAR0 + 1 - WG, True)
-            else:
-                mbarrier.arrive(other_turn, count=1, pred=pred)
-
-        @gluon.jit
-        def _ge_iter(j, ks, vs, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, my_turn, other_turn,  #
-                     cnt, last, qk_scale, tail_lim, zero_s, acc, p, m_i, l_i,  #
-                     s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
-                     STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr, NAMED: gl.constexpr,
-                     EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
-            """Main-loop iteration j >= 1 of one consumer warpgroup: K_j in ring slot ks, V_(j-1) in slot vs."""
-            dtype: gl.constexpr = qs.dtype
-            vj = j - 1
-            mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
-            _ge_turn_wait(my_turn, (j - 1 + WG) & 1, True, WG, NAMED)
-            s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-            _ge_turn_pass(other_turn, True, WG, NAMED)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            if EARLY_K:
-                gl.thread_barrier()  # partition-local: this WG is done with K_j
-                mbarrier.arrive(k_free.index(ks), count=1)
-            if HAS_TAIL:
-                if j == last:
-                    s = _ge_mask_tail(s, tail_lim, s_layout)
-            # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
-            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE, NO_EXP)
-            # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
-            # above the softmax
-            jn = j + 1
-            mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-            gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
-            mbarrier.arrive(kv_free.index(ks), count=1)
-            return acc, p, m_i, l_i
-
-        @gluon.jit
-        def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, my_turn, other_turn,  #
+        def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, my_turn, other_turn,  #
                        kv_idx_base, cnt, qk_scale, Sk, acc, m_i, l_i,  #
                        s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
-                       STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr, NAMED: gl.constexpr,
-                       EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
+                       STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr):
             """The main loop of one consumer warpgroup over cnt >= 1 listed key blocks.  GEMM-issue batch k of this
-            WG (k = 0: S_0; k = j: S_j + PV_{j-1}; k = cnt: last PV) waits for the other WG's batch k - 1 + WG.
-            WG1 does not hand over after its last batch (WG0 waits for batches 0..cnt-1 of WG1 only): named
-            barriers must balance, arrive for arrive."""
+            WG (k = 0: S_0; k = j: S_j + PV_{j-1}; k = cnt: last PV) waits for the other WG's batch k - 1 + WG."""
             BMW: gl.constexpr = qs.shape[0]
             BN: gl.constexpr = k_smem.shape[1]
             dtype: gl.constexpr = qs.dtype
             zero_s = gl.zeros([BMW, BN], gl.float32, s_layout)
             last = cnt - 1
-            tail_lim = Sk
             if HAS_TAIL:
                 # ascending indices: the (only) partial key block, when listed, is the last one
                 tail_lim = Sk - gl.load(kv_idx_base + last) * BN
 
             mbarrier.wait(k_ready.index(0), 0)
-            _ge_turn_wait(my_turn, (WG - 1) & 1, WG > 0, WG, NAMED)
+            mbarrier.wait(my_turn, (WG - 1) & 1, pred=WG > 0)
             s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            _ge_turn_pass(other_turn, True, WG, NAMED)
+            mbarrier.arrive(other_turn, count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             gl.thread_barrier()  # partition-local: this WG is done with K_0
             mbarrier.arrive(kv_free.index(0), count=1)
-            if EARLY_K:
-                mbarrier.arrive(k_free.index(0), count=1)
             if HAS_TAIL:
                 if last == 0:
                     s = _ge_mask_tail(s, tail_lim, s_layout)
-            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale, s_layout, TREE, NO_EXP)
+            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
             p = p32.to(dtype)
             p = gl.convert_layout(p, p_layout)
             mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
 
-            if NO_EXP == 2 and STAGES == 2:  # experiment: loop unrolled by 2, ring slots static
-                n_it = cnt - 1
-                for jj in range(0, n_it // 2):
-                    j = 1 + 2 * jj
-                    acc, p, m_i, l_i = _ge_iter(j, 1, 0, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
-                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
-                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
-                                                NAMED, EARLY_K, TREE, NO_EXP)
-                    acc, p, m_i, l_i = _ge_iter(j + 1, 0, 1, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
-                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
-                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
-                                                NAMED, EARLY_K, TREE, NO_EXP)
-                if n_it % 2 == 1:
-                    acc, p, m_i, l_i = _ge_iter(last, 1, 0, qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,
-                                                my_turn, other_turn, cnt, last, qk_scale, tail_lim, zero_s, acc, p,
-                                                m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG,
-                                                NAMED, EARLY_K, TREE, NO_EXP)
-            else:
-                for j in range(1, cnt):
-                    acc, p, m_i, l_i = _ge_iter(j, j % STAGES, (j - 1) % STAGES, qs, k_smem, v_smem, k_ready,
-                                                v_ready, kv_free, k_free, my_turn, other_turn, cnt, last, qk_scale,
-                                                tail_lim, zero_s, acc, p, m_i, l_i, s_layout, p_layout, orow_layout,
-                                                STAGES, HAS_TAIL, WG, NAMED, EARLY_K, TREE, NO_EXP)
+            for j in range(1, cnt):
+                ks = j % STAGES
+                vj = j - 1
+                vs = vj % STAGES
+                mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
+                mbarrier.wait(my_turn, (j - 1 + WG) & 1)
+                s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+                mbarrier.arrive(other_turn, count=1)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                if HAS_TAIL:
+                    if j == last:
+                        s = _ge_mask_tail(s, tail_lim, s_layout)
+                # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
+                p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
+                # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
+                # above the softmax
+                jn = j + 1
+                mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
+                mbarrier.arrive(kv_free.index(ks), count=1)
 
             vs = last % STAGES
             mbarrier.wait(v_ready.index(vs), (last // STAGES) & 1)
-            _ge_turn_wait(my_turn, (last + WG) & 1, True, WG, NAMED)
+            mbarrier.wait(my_turn, (last + WG) & 1)
             acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-            _ge_turn_pass(other_turn, WG == 0, WG, NAMED)
+            mbarrier.arrive(other_turn, count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             return acc, m_i, l_i
 
         @gluon.jit
-        def _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
+        def _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                         EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr, WG: gl.constexpr):
+                         STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, WG: gl.constexpr):
             """Consumer warpgroup WG (4 warps): query rows [q0 + 64 WG, q0 + 64 WG + 64) of batch b, head h."""
             BMW: gl.constexpr = q_desc.block_type.shape[1]  # 64
             HD: gl.constexpr = q_desc.block_type.shape[2]
@@ -373,10 +210,9 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             l_i = gl.zeros([BMW], gl.float32, row_layout)
             mbarrier.wait(qb, 0)
             if cnt > 0:
-                acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, k_free,  #
+                acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free,  #
                                            turn.index(WG), turn.index(1 - WG), kv_idx_base, cnt, qk_scale, Sk,  #
-                                           acc, m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG, NAMED,
-                                           EARLY_K, TREE, NO_EXP)
+                                           acc, m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG)
 
             has = l_i > 0.0
             l_safe = gl.where(has, l_i, 1.0)
@@ -396,22 +232,20 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             tma.store_wait(pendings=0)
 
         @gluon.jit
-        def _ge_consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
+        def _ge_consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
                           kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                          EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
-            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, NO_EXP, 0)
+                         STAGES, HAS_TAIL, RETURN_LSE, 0)
 
         @gluon.jit
-        def _ge_consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
+        def _ge_consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
                           kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, NAMED: gl.constexpr,
-                          EARLY_K: gl.constexpr, TREE: gl.constexpr, NO_EXP: gl.constexpr):
-            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, k_free, turn,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, NAMED, EARLY_K, TREE, NO_EXP, 1)
+                         STAGES, HAS_TAIL, RETURN_LSE, 1)
 
         # sizes are runtime values: no recompilation per sequence length / table width (Triton would otherwise
         # specialise integers on divisibility by 16 and on == 1)
@@ -420,9 +254,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                              kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
                              qk_scale, Sq, Sk, H, NQ, W, tab_b_stride,  #
                              SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
-                             STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr,
-                             NAMED_TURN: gl.constexpr, K_FIRST: gl.constexpr, EARLY_K: gl.constexpr,
-                             TREE_REDUCE: gl.constexpr, NO_EXP: gl.constexpr):
+                             STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
             """Grid (NQ, B*H), num_warps 4 (consumer WG0; worker 0 = consumer WG1, 4 warps; worker 1 = producer).
 
             q_desc/o_desc: 3-D over (B, Sq, H*D), box [1, 64, D]; k_desc/v_desc: (B, Sk, H*D), box [1, 128, D].
@@ -452,7 +284,6 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # EARLY_K only
             for i in gl.static_range(2):
                 mbarrier.init(q_bars.index(i), count=1)
                 mbarrier.init(turn.index(i), count=1)
@@ -460,20 +291,19 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                 mbarrier.init(k_ready.index(i), count=1)
                 mbarrier.init(v_ready.index(i), count=1)
                 mbarrier.init(kv_free.index(i), count=2)  # one arrive per consumer warpgroup
-                mbarrier.init(k_free.index(i), count=2)
             fence_async_shared()
             gl.thread_barrier()
 
             gl.warp_specialize(
                 [
                     (_ge_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
-                                     k_free, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE, NO_EXP)),
+                                     turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
+                                     STAGES, HAS_TAIL, RETURN_LSE)),
                     (_ge_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
-                                     k_free, turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE, NAMED_TURN, EARLY_K, TREE_REDUCE, NO_EXP)),
-                    (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, k_free, kv_idx_base,
-                                    cnt, b, col, STAGES, K_FIRST, EARLY_K)),
+                                     turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
+                                     STAGES, HAS_TAIL, RETURN_LSE)),
+                    (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, kv_idx_base,
+                                    cnt, b, col, STAGES)),
                 ],
                 [4, 1],
                 [_CONSUMER1_REGS, _PRODUCER_REGS],
@@ -485,18 +315,6 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
 
 KERNEL_NUM_WARPS = 4
 Q_BOX = BLOCK_M // 2  # rows per consumer warpgroup
-
-
-def _schedule(overrides: dict | None) -> dict:
-    """DEFAULT_SCHEDULE with ``overrides`` applied (unknown keys and EARLY_K without K_FIRST refused)."""
-    sched = dict(DEFAULT_SCHEDULE)
-    for key, value in (overrides or {}).items():
-        if key not in sched:
-            raise ValueError(f"unknown schedule option {key!r}; known: {sorted(sched)}")
-        sched[key] = int(value)
-    if sched["EARLY_K"] and not sched["K_FIRST"]:
-        raise ValueError("schedule option EARLY_K needs K_FIRST")
-    return sched
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -610,7 +428,7 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _launch(q, k, v, out, lse, cnt, idx, scale, stages, schedule=None):
+def _launch(q, k, v, out, lse, cnt, idx, scale, stages):
     """q (B, Sq, H, D), k/v (B, Sk, H, D), out (B, Sq, H, D) contiguous; cnt (L, H, NQ), idx (L, H, NQ, W)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -625,7 +443,7 @@ def _launch(q, k, v, out, lse, cnt, idx, scale, stages, schedule=None):
         idx, cnt, lse_arg,
         scale * LOG2E, Sq, Sk, H, NQ, W, 0 if L == 1 else H * NQ,
         SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=stages, HAS_TAIL=(Sk % BLOCK_N) != 0,
-        RETURN_LSE=lse is not None, **_schedule(schedule), num_warps=KERNEL_NUM_WARPS,
+        RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS,
     )
 
 
@@ -640,14 +458,12 @@ def gluon_block_sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     stages: int = DEFAULT_STAGES,
-    schedule: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of q (B, S, H, D) against k, v over ``layout`` with the Gluon kernel (Hopper, fp16 or
     bf16, D = 128, query blocks of 128, layouts `fa4_blocks` expresses). Same contract as
     `sparse_dit.kernels.triton_attention.triton_block_sparse_attention`: returns out (B, S, H, D) and, with
     ``return_lse``, lse (B, H, S) float32 natural log (-inf for a row that attends no key; its output is 0).
     ``out``/``lse``: optional preallocated outputs (out contiguous (B, S, H, D); lse contiguous (B, H, S) float32).
-    ``stages``: K/V ring depth (2 or 3). ``schedule``: overrides of `DEFAULT_SCHEDULE` (for A/B runs).
     Raises ValueError for an unsupported head dim, block size or layout, TypeError for a dtype,
     RuntimeError without Gluon / a Hopper GPU."""
     check_qkv(q, k, v, layout)
@@ -667,7 +483,6 @@ def gluon_block_sparse_attention(
         raise ValueError(f"sparse-dit: the Gluon engine cannot express this layout ({blocks}); use the Triton kernel")
     if stages not in (2, 3):
         raise ValueError(f"stages must be 2 or 3; got {stages}")
-    _schedule(schedule)  # refuse bad options before any work
     B, S, H, _ = q.shape
     dev = q.device
     # provided outputs are checked whatever the layout, before any work (TMA stores need 16-byte aligned bases)
@@ -706,7 +521,7 @@ def gluon_block_sparse_attention(
         else:
             lse_k = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
 
-    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages, schedule)
+    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages)
 
     if permuted_q:
         o = gather_rows(o, q_inverse)
@@ -724,7 +539,7 @@ def gluon_block_sparse_attention(
 
 # ------------------------------------------------------------------------------------------- compile (no GPU)
 def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has_tail: bool = True,
-                     return_lse: bool = True, schedule: dict | None = None):
+                     return_lse: bool = True):
     """Compile the kernel for sm_90a without a GPU (Triton 3.6's ``GluonASTSource``); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -741,10 +556,9 @@ def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has
         "kv_idx_ptr": "*i32", "kv_cnt_ptr": "*i32", "lse_ptr": "*fp32",
         "qk_scale": "fp32", "Sq": "i32", "Sk": "i32", "H": "i32", "NQ": "i32", "W": "i32", "tab_b_stride": "i32",
         "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
-        "RETURN_LSE": "constexpr", "NAMED_TURN": "constexpr", "K_FIRST": "constexpr", "EARLY_K": "constexpr",
-        "TREE_REDUCE": "constexpr", "NO_EXP": "constexpr",
+        "RETURN_LSE": "constexpr",
     }
     constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": stages,
-                  "HAS_TAIL": has_tail, "RETURN_LSE": return_lse, **_schedule(schedule)}
+                  "HAS_TAIL": has_tail, "RETURN_LSE": return_lse}
     src = GluonASTSource(KERNEL, signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": KERNEL_NUM_WARPS})
