@@ -167,12 +167,13 @@ def compile_only(args):
 
     print(f"[compile-only] triton {triton.__version__}, target sm_90a (GPUTarget('cuda', 90, 64))")
     infos, rc = [], 0
-    configs = [("bf16", 2, True, True), ("bf16", 2, False, False), ("fp16", 2, True, False), ("bf16", 3, True, True)]
-    for dt, stages, tail, lse in configs:
-        tag = f"{dt} STAGES={stages} HAS_TAIL={tail} RETURN_LSE={lse}"
+    configs = [("bf16", 2, True, True, False), ("bf16", 2, False, False, False), ("fp16", 2, True, False, False),
+               ("bf16", 3, True, True, False), ("bf16", 2, True, True, True), ("fp16", 2, False, False, True)]
+    for dt, stages, tail, lse, pers in configs:
+        tag = f"{dt} STAGES={stages} HAS_TAIL={tail} RETURN_LSE={lse}" + (" persistent" if pers else "")
         try:
             t0 = time.time()
-            ck = eng.compile_for_sm90(dt, stages, tail, lse)
+            ck = eng.compile_for_sm90(dt, stages, tail, lse, pers)
             ptx = ck.asm["ptx"]
             waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
             reqntid = re.findall(r"\.reqntid\s+(\d+)", ptx)
@@ -197,7 +198,7 @@ def compile_only(args):
             if args.out and args.dump_ir:
                 d = _outdir(args)
                 for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(d, f"gluon_engine_{dt}_s{stages}_t{int(tail)}_l{int(lse)}.{ext}"), "w") as f:
+                    with open(os.path.join(d, f"gluon_engine_{dt}_s{stages}_t{int(tail)}_l{int(lse)}{'_p' if pers else ''}.{ext}"), "w") as f:
                         f.write(ck.asm[ext])
         except Exception as e:
             traceback.print_exc()
@@ -385,7 +386,8 @@ def check(args, eng, results, wd, deadline):
             lse = torch.full((B, H, S), float("nan"), device=DEV, dtype=torch.float32) if want_lse else None
             t0 = time.time()
             with torch.no_grad():
-                res = eng.gluon_block_sparse_attention(q, k, v, layout, return_lse=want_lse, out=out, lse=lse)
+                res = eng.gluon_block_sparse_attention(q, k, v, layout, return_lse=want_lse, out=out, lse=lse,
+                                                       persistent=args.persistent)
                 _sync()
                 t_first = time.time() - t0
                 o_g, l_g = (res if want_lse else (res, None))
@@ -493,12 +495,11 @@ def bench(args, eng, results, wd, deadline):
                     row["gluon_first_call_s"] = time.time() - t0  # includes the layout conversion (cached after)
                     ms = timed(lambda: eng.gluon_block_sparse_attention(q, k, v, layout))
                     row.update(gluon_ms=ms, gluon_tflops=flop / (ms * 1e-3) / 1e12)
-                    for st in args.variant_list:  # same mask, same inputs: A/B against the default kernel
+                    for tag, kw in args.variant_list:  # same mask, same inputs: A/B against the default kernel
 
-                        def run_variant(st=st):
-                            return eng.gluon_block_sparse_attention(q, k, v, layout, stages=st)
+                        def run_variant(kw=kw):
+                            return eng.gluon_block_sparse_attention(q, k, v, layout, **kw)
 
-                        tag = f"s{st}"
                         try:
                             row[f"{tag}_vs_default_rel"] = compare(run_variant(), og)["rel"]
                             ms = timed(run_variant)
@@ -534,7 +535,7 @@ def _install_stand_in(eng):
     launch, so the script's cases, comparisons, watchdog and JSON can be exercised without a GPU."""
     import torch
 
-    def launch(q, k, v, out, lse, cnt, idx, scale, stages):
+    def launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape
@@ -602,7 +603,8 @@ def main():
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--variants", default="",
                     help="comma list of extra Gluon kernel variants timed on the same masks: sN = N K/V ring stages "
-                         "(2 or 3; the default kernel has 2), e.g. s3")
+                         "(2 or 3; the default kernel has 2), p = the persistent kernel; e.g. s3,p")
+    ap.add_argument("--persistent", action="store_true", help="correctness cases on the persistent kernel")
     ap.add_argument("--case-timeout", type=float, default=25.0, help="seconds before a case counts as hung (exit 124)")
     ap.add_argument("--budget", type=float, default=78.0, help="seconds for the whole GPU run; later cases skipped")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
@@ -610,9 +612,12 @@ def main():
     args.variant_list = []
     for tag in filter(None, args.variants.split(",")):
         m = re.fullmatch(r"s([23])", tag)
-        if not m:
-            ap.error(f"--variants: sN with N 2 or 3 (e.g. s3); got {tag!r}")
-        args.variant_list.append(int(m.group(1)))
+        if m:
+            args.variant_list.append((tag, dict(stages=int(m.group(1)))))
+        elif tag == "p":
+            args.variant_list.append((tag, dict(persistent=True)))
+        else:
+            ap.error(f"--variants: sN with N 2 or 3, or p (e.g. s3,p); got {tag!r}")
     if args.dry_run_cpu:
         global DEV
         DEV = "cpu"

@@ -107,7 +107,7 @@ def _stand_in_launch(calls):
     """The kernel's contract in torch: per (b, h, query block) the listed 128-key blocks (keys >= Sk dropped),
     out rows < Sq written (0 for an empty block), lse natural log (-inf for an empty block)."""
 
-    def launch(q, k, v, out, lse, cnt, idx, scale, stages):
+    def launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape

@@ -310,6 +310,246 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             )
 
         KERNEL = gluon_sparse_fwd
+
+        # ---------------------------------------------------------------- persistent variant (opt-in, measured)
+        @gluon.jit
+        def _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD: gl.constexpr):
+            """Tile t (query block fastest, then head, then batch) -> b, h, q0 row, column, count, index row."""
+            bh = t // NQ
+            pid_m = t - bh * NQ
+            b = bh // H
+            h = bh - b * H
+            tab = b * tab_b_stride + h * NQ + pid_m
+            cnt = gl.load(kv_cnt_ptr + tab)
+            return b, h, pid_m, h * HD, cnt, kv_idx_ptr + tab.to(gl.int64) * W
+
+        @gluon.jit
+        def _gp_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free,  #
+                         kv_idx_ptr, kv_cnt_ptr, NQ, H, W, tab_b_stride, n_tiles, STAGES: gl.constexpr):
+            """1-warp partition: the K/V blocks of every tile of this CTA, through one ring whose iteration count g
+            runs on across tiles (the release protocol of `_ge_producer`, with global iteration numbers: consumer
+            iteration g frees K_g and V_(g-1), also across a tile boundary)."""
+            BN: gl.constexpr = k_desc.block_type.shape[1]
+            HD: gl.constexpr = k_desc.block_type.shape[2]
+            dtype: gl.constexpr = k_desc.dtype
+            g0 = 0
+            for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+                b, h, pid_m, col, cnt, idx_base = _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+                for i in range(cnt):
+                    g = g0 + i
+                    s = g % STAGES
+                    r = g // STAGES
+                    row = gl.load(idx_base + i) * BN
+                    mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
+                    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(k_desc, [b, row, col], k_ready.index(s),
+                                                    k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
+                    g1 = g + 1
+                    mbarrier.wait(kv_free.index(g1 % STAGES), (g1 // STAGES - 1) & 1, pred=r > 0)
+                    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(v_desc, [b, row, col], v_ready.index(s),
+                                                    v_smem.index(s)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
+                g0 += cnt
+
+        @gluon.jit
+        def _gp_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt, qk_scale, Sk,  #
+                       acc, m_i, l_i, q_desc, qs3, qb, b, next_row, col, prefetch,  #
+                       s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
+                       STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
+            """`_ge_attend` with ring iterations numbered from g0 (this CTA's earlier tiles) and no hand-over
+            between the warpgroups (measured: it changes no cycle count, benchmarks/results/kernel.md).  After the
+            last S = Q K^T of the tile, Q's buffer is free: the next tile's Q is loaded into it (``prefetch``)
+            while the last PV and the epilogue run."""
+            BMW: gl.constexpr = qs.shape[0]
+            BN: gl.constexpr = k_smem.shape[1]
+            dtype: gl.constexpr = qs.dtype
+            zero_s = gl.zeros([BMW, BN], gl.float32, s_layout)
+            last = cnt - 1
+            tail_lim = Sk
+            if HAS_TAIL:
+                tail_lim = Sk - gl.load(idx_base + last) * BN
+
+            s0 = g0 % STAGES
+            mbarrier.wait(k_ready.index(s0), (g0 // STAGES) & 1)
+            s = warpgroup_mma(qs, k_smem.index(s0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            gl.thread_barrier()  # partition-local: this WG is done with K_g0 (and V_(g0-1) of the last tile)
+            mbarrier.arrive(kv_free.index(s0), count=1)
+            if HAS_TAIL:
+                if last == 0:
+                    s = _ge_mask_tail(s, tail_lim, s_layout)
+            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+            g1 = g0 + 1
+            mbarrier.wait(k_ready.index(g1 % STAGES), (g1 // STAGES) & 1, pred=1 < cnt)
+
+            for j in range(1, cnt):
+                g = g0 + j
+                ks = g % STAGES
+                vg = g - 1
+                vs = vg % STAGES
+                mbarrier.wait(v_ready.index(vs), (vg // STAGES) & 1)
+                s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                if HAS_TAIL:
+                    if j == last:
+                        s = _ge_mask_tail(s, tail_lim, s_layout)
+                p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
+                gn = g + 1  # the K_(g+1) wait keeps ptxas from hoisting the PV wait above the softmax
+                mbarrier.wait(k_ready.index(gn % STAGES), (gn // STAGES) & 1, pred=j + 1 < cnt)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                gl.thread_barrier()  # partition-local: this WG is done with K_g, V_(g-1)
+                mbarrier.arrive(kv_free.index(ks), count=1)
+
+            gl.thread_barrier()  # every warp of this WG is past its last S GEMM: Q's buffer is free
+            if prefetch:
+                mbarrier.expect(qb, q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, next_row, col], qb, qs3)
+            gl_ = g0 + last
+            vs = gl_ % STAGES
+            mbarrier.wait(v_ready.index(vs), (gl_ // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            return acc, m_i, l_i
+
+        @gluon.jit
+        def _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+                         kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
+                         STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, WG: gl.constexpr):
+            """Consumer warpgroup WG of the persistent kernel: rows [64 WG, 64 WG + 64) of every tile of this CTA.
+            Q goes through this WG's Q buffer (the next tile's Q loaded as soon as the last S GEMM is done), O
+            through its own O buffer (TMA stores left in flight until the buffer is needed again)."""
+            BMW: gl.constexpr = q_desc.block_type.shape[1]
+            HD: gl.constexpr = q_desc.block_type.shape[2]
+            BN: gl.constexpr = k_smem.shape[1]
+            NW: gl.constexpr = gl.num_warps()
+            dtype: gl.constexpr = q_desc.dtype
+            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                               instr_shape=[16, BN, 16])
+            o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                               instr_shape=[16, HD, 16])
+            p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+            row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+            orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+            qs = q_smem.index(WG)
+            qs3 = qs._reinterpret(dtype, [1, BMW, HD], q_desc.layout)
+            os_ = o_smem.index(WG)
+            os3 = os_._reinterpret(dtype, [1, BMW, HD], o_desc.layout)
+            qb = q_bars.index(WG)
+
+            pid = gl.program_id(0)
+            n_prog = gl.num_programs(0)
+            b, h, pid_m, col, cnt, idx_base = _gp_tile(pid, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+            mbarrier.expect(qb, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, pid_m * (2 * BMW) + WG * BMW, col], qb, qs3)
+            g0 = 0
+            n_done = 0
+            for t in range(pid, n_tiles, n_prog):
+                b, h, pid_m, col, cnt, idx_base = _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+                row_w = pid_m * (2 * BMW) + WG * BMW
+                tn = t + n_prog
+                prefetch = tn < n_tiles
+                nb, nh, npid_m, ncol, ncnt, nidx = _gp_tile(gl.minimum(tn, n_tiles - 1), NQ, H, tab_b_stride,
+                                                            kv_cnt_ptr, kv_idx_ptr, W, HD)
+                next_row = npid_m * (2 * BMW) + WG * BMW
+                acc = gl.zeros([BMW, HD], gl.float32, o_layout)
+                m_i = gl.full([BMW], float("-inf"), gl.float32, row_layout)
+                l_i = gl.zeros([BMW], gl.float32, row_layout)
+                mbarrier.wait(qb, n_done & 1)
+                if cnt > 0:
+                    acc, m_i, l_i = _gp_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt,
+                                               qk_scale, Sk, acc, m_i, l_i, q_desc, qs3, qb, nb, next_row, ncol,
+                                               prefetch, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL)
+                else:
+                    gl.thread_barrier()
+                    if prefetch:
+                        mbarrier.expect(qb, q_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(q_desc, [nb, next_row, ncol], qb, qs3)
+                g0 += cnt
+                n_done += 1
+
+                has = l_i > 0.0
+                l_safe = gl.where(has, l_i, 1.0)
+                acc = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
+                if RETURN_LSE:
+                    rows = row_w + gl.arange(0, BMW, layout=row_layout)
+                    lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+                    base = (b * H + h).to(gl.int64) * Sq
+                    gl.store(lse_ptr + base + rows, lse, mask=rows < Sq)
+                # O -> this WG's O buffer (its previous tile's store must have read it) -> TMA store, left in flight
+                tma.store_wait(pendings=0)
+                gl.thread_barrier()
+                os_.store(acc.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                tma.async_copy_shared_to_global(o_desc, [b, row_w, col], os3)
+            tma.store_wait(pendings=0)
+
+        @gluon.jit
+        def _gp_consumer0(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+                          kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+                         kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
+                         STAGES, HAS_TAIL, RETURN_LSE, 0)
+
+        @gluon.jit
+        def _gp_consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+                          kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
+                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+                         kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
+                         STAGES, HAS_TAIL, RETURN_LSE, 1)
+
+        @gluon.jit(do_not_specialize=["qk_scale", "Sq", "Sk", "H", "NQ", "W", "tab_b_stride", "n_tiles"])
+        def gluon_sparse_fwd_persistent(q_desc, k_desc, v_desc, o_desc,  #
+                                        kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
+                                        qk_scale, Sq, Sk, H, NQ, W, tab_b_stride, n_tiles,  #
+                                        SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
+                                        STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            """`gluon_sparse_fwd` over a grid of at most one CTA per SM, each taking tiles pid, pid + grid, ...
+            (n_tiles = NQ * B * H, query block fastest), so that a tile's Q and first K/V loads and the previous
+            tile's output store overlap the neighbouring tile's work instead of a CTA's launch and drain."""
+            BMW: gl.constexpr = q_desc.block_type.shape[1]
+            HD: gl.constexpr = q_desc.block_type.shape[2]
+            BN: gl.constexpr = k_desc.block_type.shape[1]
+            dtype: gl.constexpr = q_desc.dtype
+            q_smem = gl.allocate_shared_memory(dtype, [2, BMW, HD], SMEM_Q)
+            o_smem = gl.allocate_shared_memory(dtype, [2, BMW, HD], SMEM_Q)
+            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
+            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
+            q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(q_bars.index(i), count=1)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(k_ready.index(i), count=1)
+                mbarrier.init(v_ready.index(i), count=1)
+                mbarrier.init(kv_free.index(i), count=2)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            gl.warp_specialize(
+                [
+                    (_gp_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                                     kv_free, kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W,
+                                     tab_b_stride, n_tiles, STAGES, HAS_TAIL, RETURN_LSE)),
+                    (_gp_consumer1, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                                     kv_free, kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W,
+                                     tab_b_stride, n_tiles, STAGES, HAS_TAIL, RETURN_LSE)),
+                    (_gp_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, kv_idx_ptr,
+                                    kv_cnt_ptr, NQ, H, W, tab_b_stride, n_tiles, STAGES)),
+                ],
+                [4, 1],
+                [_CONSUMER1_REGS, _PRODUCER_REGS],
+            )
+
+        KERNEL_PERSISTENT = gluon_sparse_fwd_persistent
     except Exception as e:  # an incompatible Gluon API: no engine
         _IMPORT_ERROR = e
 
@@ -428,23 +668,30 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _launch(q, k, v, out, lse, cnt, idx, scale, stages):
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
     """q (B, Sq, H, D), k/v (B, Sk, H, D), out (B, Sq, H, D) contiguous; cnt (L, H, NQ), idx (L, H, NQ, W)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     L, _, NQ, W = idx.shape
     lay = smem_layouts(q.dtype)
     q, k, v = _packed(q), _packed(k), _packed(v)
-    grid = (NQ, B * H)
     lse_arg = lse if lse is not None else cnt  # any pointer; not read or written without RETURN_LSE
-    KERNEL[grid](
-        _bshd_desc(q, Q_BOX, lay["q3"]), _bshd_desc(k, BLOCK_N, lay["kv3"]), _bshd_desc(v, BLOCK_N, lay["kv3"]),
-        _bshd_desc(out, Q_BOX, lay["q3"]),
-        idx, cnt, lse_arg,
-        scale * LOG2E, Sq, Sk, H, NQ, W, 0 if L == 1 else H * NQ,
-        SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=stages, HAS_TAIL=(Sk % BLOCK_N) != 0,
-        RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS,
-    )
+    descs = (_bshd_desc(q, Q_BOX, lay["q3"]), _bshd_desc(k, BLOCK_N, lay["kv3"]), _bshd_desc(v, BLOCK_N, lay["kv3"]),
+             _bshd_desc(out, Q_BOX, lay["q3"]))
+    sizes = (scale * LOG2E, Sq, Sk, H, NQ, W, 0 if L == 1 else H * NQ)
+    meta = dict(SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=stages, HAS_TAIL=(Sk % BLOCK_N) != 0,
+                RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS)
+    if persistent:
+        n_tiles = NQ * B * H
+        KERNEL_PERSISTENT[(min(n_tiles, _sm_count(q.device.index)),)](*descs, idx, cnt, lse_arg, *sizes, n_tiles,
+                                                                         **meta)
+    else:
+        KERNEL[(NQ, B * H)](*descs, idx, cnt, lse_arg, *sizes, **meta)
 
 
 def gluon_block_sparse_attention(
@@ -458,12 +705,14 @@ def gluon_block_sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     stages: int = DEFAULT_STAGES,
+    persistent: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of q (B, S, H, D) against k, v over ``layout`` with the Gluon kernel (Hopper, fp16 or
     bf16, D = 128, query blocks of 128, layouts `fa4_blocks` expresses). Same contract as
     `sparse_dit.kernels.triton_attention.triton_block_sparse_attention`: returns out (B, S, H, D) and, with
     ``return_lse``, lse (B, H, S) float32 natural log (-inf for a row that attends no key; its output is 0).
     ``out``/``lse``: optional preallocated outputs (out contiguous (B, S, H, D); lse contiguous (B, H, S) float32).
+    ``stages``: K/V ring depth (2 or 3); ``persistent``: one CTA per SM looping over the query blocks (2 stages only).
     Raises ValueError for an unsupported head dim, block size or layout, TypeError for a dtype,
     RuntimeError without Gluon / a Hopper GPU."""
     check_qkv(q, k, v, layout)
@@ -483,6 +732,8 @@ def gluon_block_sparse_attention(
         raise ValueError(f"sparse-dit: the Gluon engine cannot express this layout ({blocks}); use the Triton kernel")
     if stages not in (2, 3):
         raise ValueError(f"stages must be 2 or 3; got {stages}")
+    if persistent and stages != 2:
+        raise ValueError("the persistent kernel has 2 stages (its O buffers take the third stage's shared memory)")
     B, S, H, _ = q.shape
     dev = q.device
     # provided outputs are checked whatever the layout, before any work (TMA stores need 16-byte aligned bases)
@@ -521,7 +772,7 @@ def gluon_block_sparse_attention(
         else:
             lse_k = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
 
-    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages)
+    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages, persistent)
 
     if permuted_q:
         o = gather_rows(o, q_inverse)
@@ -539,7 +790,7 @@ def gluon_block_sparse_attention(
 
 # ------------------------------------------------------------------------------------------- compile (no GPU)
 def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has_tail: bool = True,
-                     return_lse: bool = True):
+                     return_lse: bool = True, persistent: bool = False):
     """Compile the kernel for sm_90a without a GPU (Triton 3.6's ``GluonASTSource``); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -558,7 +809,11 @@ def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has
         "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
         "RETURN_LSE": "constexpr",
     }
+    if persistent:
+        signature["n_tiles"] = "i32"
+        signature = {k: signature[k] for k in list(signature) if signature[k] != "constexpr"} | {
+            k: "constexpr" for k in signature if signature[k] == "constexpr"}
     constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": stages,
                   "HAS_TAIL": has_tail, "RETURN_LSE": return_lse}
-    src = GluonASTSource(KERNEL, signature, constexprs=constexprs)
+    src = GluonASTSource(KERNEL_PERSISTENT if persistent else KERNEL, signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": KERNEL_NUM_WARPS})
