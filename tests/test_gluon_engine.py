@@ -112,7 +112,7 @@ def _stand_in_launch(calls):
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape
         assert NQ == -(-Sq // 128) and out.shape == (B, Sq, H, D) and out.is_contiguous()
-        calls.append(dict(Sq=Sq, Sk=Sk, L=L, lse=lse is not None))
+        calls.append(dict(Sq=Sq, Sk=Sk, L=L, lse=lse is not None, stages=stages, persistent=persistent))
         used = torch.arange(W) < cnt[..., None].long()
         blocks = torch.zeros(L, H, NQ, -(-Sk // 128) + 1, dtype=torch.bool)
         blocks.scatter_(-1, torch.where(used, idx.long(), blocks.shape[-1] - 1), True)
@@ -159,6 +159,30 @@ def test_host_side_equals_the_reference_around_a_stand_in(monkeypatch, kind, S, 
         assert calls[0]["Sq"] == 1024  # the query order padded to whole blocks
     if kind == "empty":
         assert bool((got[:, :256] == 0).all())
+
+
+@pytest.mark.parametrize("stages, persistent, launched", [(2, None, True), (3, None, False), (2, False, False),
+                                                           (2, True, True)])
+def test_persistent_kernel_by_default_with_two_stages(monkeypatch, stages, persistent, launched):
+    S, B, H = 1000, 1, 2
+    lay = Layout.from_block_mask(random_block_mask(1, H, 8, 0.4, seed=3), 128, S)
+    calls = []
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
+    q, k, v = qkv(B, S, H, dtype=torch.float16, seed=4)
+    ge.gluon_block_sparse_attention(q, k, v, lay, stages=stages, persistent=persistent)
+    assert calls[0]["stages"] == stages and calls[0]["persistent"] is launched
+
+
+def test_persistent_kernel_with_three_stages_is_refused_before_any_work(monkeypatch):
+    lay = Layout.from_block_mask(random_block_mask(1, 2, 8, 0.4, seed=3), 128, 1000)
+    calls = []
+    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
+    monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
+    q, k, v = qkv(1, 1000, 2, dtype=torch.float16, seed=4)
+    with pytest.raises(ValueError, match="persistent kernel has 2 stages"):
+        ge.gluon_block_sparse_attention(q, k, v, lay, stages=3, persistent=True)
+    assert not calls
 
 
 def test_provided_outputs_are_written(monkeypatch):
@@ -234,6 +258,24 @@ def test_gluon_engine_equals_the_reference_on_the_gpu(S, B, L, dtype, return_lse
     scale = ref.float().abs().max().item()
     assert (got.float() - ref.float()).abs().max().item() < 2e-2 * max(scale, 1e-6) + 1e-3
     assert math.isfinite(got.float().abs().max().item())
+
+
+@pytest.mark.parametrize("S, B, L, return_lse", [(1000, 2, 2, True), (4173, 1, 1, False)])
+def test_persistent_kernel_equals_the_per_block_kernel_on_the_gpu(S, B, L, return_lse):
+    """Same arithmetic in the same order per query block: outputs (and lse) bit-identical, also with ragged S, empty
+    query blocks and more query blocks than SMs (B H NQ > 132 at S=4173, H=40)."""
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    H = 40 if S > 4000 else 3
+    nb = -(-S // 128)
+    lay = emptied(Layout.from_block_mask(random_block_mask(L, H, nb, 0.3, seed=9).cuda(), 128, S), 2)
+    q, k, v = (t.cuda() for t in qkv(B, S, H, dtype=torch.bfloat16, seed=10))
+    with torch.no_grad():
+        a = ge.gluon_block_sparse_attention(q, k, v, lay, return_lse=return_lse, persistent=True)
+        b = ge.gluon_block_sparse_attention(q, k, v, lay, return_lse=return_lse, persistent=False)
+    for x, y in zip(a if return_lse else (a,), b if return_lse else (b,)):
+        assert torch.equal(x, y)
 
 
 def test_patched_wan_on_the_gluon_engine_equals_triton_on_the_gpu():
