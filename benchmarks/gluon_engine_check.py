@@ -167,13 +167,12 @@ def compile_only(args):
 
     print(f"[compile-only] triton {triton.__version__}, target sm_90a (GPUTarget('cuda', 90, 64))")
     infos, rc = [], 0
-    configs = [("bf16", 2, True, True, False), ("bf16", 2, False, False, False), ("fp16", 2, True, False, False),
-               ("bf16", 3, True, True, False), ("bf16", 2, True, True, True), ("fp16", 2, False, False, True)]
-    for dt, stages, tail, lse, pers in configs:
-        tag = f"{dt} STAGES={stages} HAS_TAIL={tail} RETURN_LSE={lse}" + (" persistent" if pers else "")
+    configs = [("bf16", True, True), ("bf16", False, False), ("fp16", True, False), ("fp16", False, True)]
+    for dt, tail, lse in configs:
+        tag = f"{dt} HAS_TAIL={tail} RETURN_LSE={lse}"
         try:
             t0 = time.time()
-            ck = eng.compile_for_sm90(dt, stages, tail, lse, pers)
+            ck = eng.compile_for_sm90(dt, tail, lse)
             ptx = ck.asm["ptx"]
             waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
             reqntid = re.findall(r"\.reqntid\s+(\d+)", ptx)
@@ -198,7 +197,7 @@ def compile_only(args):
             if args.out and args.dump_ir:
                 d = _outdir(args)
                 for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(d, f"gluon_engine_{dt}_s{stages}_t{int(tail)}_l{int(lse)}{'_p' if pers else ''}.{ext}"), "w") as f:
+                    with open(os.path.join(d, f"gluon_engine_{dt}_t{int(tail)}_l{int(lse)}.{ext}"), "w") as f:
                         f.write(ck.asm[ext])
         except Exception as e:
             traceback.print_exc()
@@ -387,7 +386,7 @@ def check(args, eng, results, wd, deadline):
             t0 = time.time()
             with torch.no_grad():
                 res = eng.gluon_block_sparse_attention(q, k, v, layout, return_lse=want_lse, out=out, lse=lse,
-                                                       persistent=args.persistent)
+                                                       persistent=not args.per_tile)
                 _sync()
                 t_first = time.time() - t0
                 o_g, l_g = (res if want_lse else (res, None))
@@ -535,7 +534,7 @@ def _install_stand_in(eng):
     launch, so the script's cases, comparisons, watchdog and JSON can be exercised without a GPU."""
     import torch
 
-    def launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
+    def launch(q, k, v, out, lse, cnt, idx, scale, persistent=True):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape
@@ -602,22 +601,18 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--variants", default="",
-                    help="comma list of extra Gluon kernel variants timed on the same masks: sN = N K/V ring stages "
-                         "(2 or 3; the default kernel has 2), p = the persistent kernel; e.g. s3,p")
-    ap.add_argument("--persistent", action="store_true", help="correctness cases on the persistent kernel")
+                    help="comma list of extra Gluon kernel variants timed on the same masks: np = one CTA per query "
+                         "block instead of the persistent grid")
+    ap.add_argument("--per-tile", action="store_true", help="correctness cases with one CTA per query block")
     ap.add_argument("--case-timeout", type=float, default=25.0, help="seconds before a case counts as hung (exit 124)")
     ap.add_argument("--budget", type=float, default=78.0, help="seconds for the whole GPU run; later cases skipped")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.variant_list = []
     for tag in filter(None, args.variants.split(",")):
-        m = re.fullmatch(r"s([23])", tag)
-        if m:
-            args.variant_list.append((tag, dict(stages=int(m.group(1)))))
-        elif tag == "p":
-            args.variant_list.append((tag, dict(persistent=True)))
-        else:
-            ap.error(f"--variants: sN with N 2 or 3, or p (e.g. s3,p); got {tag!r}")
+        if tag != "np":
+            ap.error(f"--variants: the only variant is np (one CTA per query block); got {tag!r}")
+        args.variant_list.append((tag, dict(persistent=False)))
     if args.dry_run_cpu:
         global DEV
         DEV = "cpu"

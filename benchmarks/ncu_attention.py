@@ -33,7 +33,8 @@ def main() -> int:
     ap.add_argument("--kind", choices=("random", "window"), default="random")
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--shape", type=int, nargs=4, default=[2, 12, 32760, 128], metavar=("B", "H", "S", "D"))
-    ap.add_argument("--persistent", action="store_true", help="Gluon engine only: the persistent kernel")
+    ap.add_argument("--per-tile", action="store_true",
+                    help="Gluon engine only: one CTA per query block instead of the persistent grid")
     ap.add_argument("--gluon-schedule", default=None, metavar="JSON",
                     help="Gluon engine only: schedule options as a JSON object; only the experiment kernel of commit "
                          f"{SCHEDULE_COMMIT} has them (`git show {SCHEDULE_COMMIT}:sparse_dit/kernels/gluon_attention.py`)")
@@ -64,8 +65,8 @@ def main() -> int:
 
         from sparse_dit.kernels.gluon_attention import gluon_block_sparse_attention as fn
 
-        if args.persistent:
-            fn = functools.partial(fn, persistent=True)
+        if args.per_tile:
+            fn = functools.partial(fn, persistent=False)
         if args.gluon_schedule:
             import inspect
 

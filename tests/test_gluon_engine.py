@@ -107,12 +107,12 @@ def _stand_in_launch(calls):
     """The kernel's contract in torch: per (b, h, query block) the listed 128-key blocks (keys >= Sk dropped),
     out rows < Sq written (0 for an empty block), lse natural log (-inf for an empty block)."""
 
-    def launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
+    def launch(q, k, v, out, lse, cnt, idx, scale, persistent=True):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         L, _, NQ, W = idx.shape
         assert NQ == -(-Sq // 128) and out.shape == (B, Sq, H, D) and out.is_contiguous()
-        calls.append(dict(Sq=Sq, Sk=Sk, L=L, lse=lse is not None, stages=stages, persistent=persistent))
+        calls.append(dict(Sq=Sq, Sk=Sk, L=L, lse=lse is not None, persistent=persistent))
         used = torch.arange(W) < cnt[..., None].long()
         blocks = torch.zeros(L, H, NQ, -(-Sk // 128) + 1, dtype=torch.bool)
         blocks.scatter_(-1, torch.where(used, idx.long(), blocks.shape[-1] - 1), True)
@@ -161,28 +161,17 @@ def test_host_side_equals_the_reference_around_a_stand_in(monkeypatch, kind, S, 
         assert bool((got[:, :256] == 0).all())
 
 
-@pytest.mark.parametrize("stages, persistent, launched", [(2, None, True), (3, None, False), (2, False, False),
-                                                           (2, True, True)])
-def test_persistent_kernel_by_default_with_two_stages(monkeypatch, stages, persistent, launched):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_grid_by_default(monkeypatch, persistent):
     S, B, H = 1000, 1, 2
     lay = Layout.from_block_mask(random_block_mask(1, H, 8, 0.4, seed=3), 128, S)
     calls = []
     monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
     monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
     q, k, v = qkv(B, S, H, dtype=torch.float16, seed=4)
-    ge.gluon_block_sparse_attention(q, k, v, lay, stages=stages, persistent=persistent)
-    assert calls[0]["stages"] == stages and calls[0]["persistent"] is launched
-
-
-def test_persistent_kernel_with_three_stages_is_refused_before_any_work(monkeypatch):
-    lay = Layout.from_block_mask(random_block_mask(1, 2, 8, 0.4, seed=3), 128, 1000)
-    calls = []
-    monkeypatch.setattr(ge, "gluon_device_ok", lambda q: True)
-    monkeypatch.setattr(ge, "_launch", _stand_in_launch(calls))
-    q, k, v = qkv(1, 1000, 2, dtype=torch.float16, seed=4)
-    with pytest.raises(ValueError, match="persistent kernel has 2 stages"):
-        ge.gluon_block_sparse_attention(q, k, v, lay, stages=3, persistent=True)
-    assert not calls
+    ge.gluon_block_sparse_attention(q, k, v, lay)
+    ge.gluon_block_sparse_attention(q, k, v, lay, persistent=persistent)
+    assert calls[0]["persistent"] is True and calls[1]["persistent"] is persistent
 
 
 def test_provided_outputs_are_written(monkeypatch):

@@ -1,4 +1,6 @@
 # Nsight Compute cycles of the Gluon engine's kernel against its persistent variant, one launch each, Wan 480p.
+# As run on 2026-12-04 (commit bdbe007, the persistent kernel then opt-in); since then the persistent grid is the
+# default and the comparison is "--per-tile" (the same kernel, one CTA per query block) against the default.
 # usage, on the device after setup.sh: bash benchmarks/device/ncu_persistent.sh
 NCU=$(command -v ncu)
 for mask in "window 0.1" "random 0.1" "random 0.3" "random 0.5"; do

@@ -10,9 +10,20 @@ prefers it. It is compiled by Triton at the first call of each (dtype, ragged, l
 
 A block-sparse attention forward written in Gluon with explicit async wgmma, after the "pingpong" prototype
 measured in benchmarks/results/kernel.md (its notes: ``benchmarks/gluon_attention_NOTES.md``; its code in git
-history): per 128-query block one CTA with two consumer warpgroups (64 query rows each, own ``gl.warp_specialize`` partitions, their GEMM issue alternated through
-two "turn" mbarriers) and a 1-warp TMA producer streaming the listed K/V blocks through mbarrier rings; the softmax of
-S_j runs under the PV wgmma of block j-1 (FA3's intra-warpgroup overlap).
+history). Each 128-query block (a "tile") is taken by two consumer warpgroups (64 query rows each, own
+``gl.warp_specialize`` partitions) fed by a 1-warp TMA producer that streams the listed K/V blocks through a 2-slot
+mbarrier ring; the softmax of S_j runs under the PV wgmma of block j-1 (FA3's intra-warpgroup overlap).
+
+The grid is persistent: at most one CTA per SM, each taking tiles pid, pid + grid, ... (query block fastest, then
+head, then batch, so neighbouring CTAs share K/V in L2). The ring's iterations are numbered across a CTA's tiles
+(consumer iteration g frees K_g and V_(g-1)), so the producer streams the next tile's K/V while the consumers finish
+the current one; each warpgroup loads its next tile's Q as soon as its last S GEMM is done and writes O through its
+own buffer, leaving the TMA store in flight until that buffer is needed again. H200, 2026-12-04 (Nsight Compute, SM
+cycles of one launch at Wan 480p, against one CTA per tile): 6.2% / 5.8% fewer at 10% density (window / random),
+2.3% at 30%, 1.6% at 50%; outputs bit-identical. ``persistent=False`` launches one CTA per tile (for A/B runs). The
+per-tile kernel it replaced also made the two warpgroups take turns issuing their GEMMs (FA3's ping-pong, through
+mbarriers); that hand-over measured no cycles either way and is gone (`git show
+b2428dc:sparse_dit/kernels/gluon_attention.py`).
 
 It expresses exactly the layouts the FA4 engine does (`sparse_dit.kernels.fa4.fa4_blocks`: whole 128-key blocks,
 permutations by gathers around the kernel), restricted to query blocks of 128, head dim 128, fp16/bf16. Beyond the
@@ -24,14 +35,7 @@ prototype:
   (constexpr ``HAS_TAIL`` when S % 128 != 0, and then a runtime branch taken on the last listed block only);
 - query blocks with no kept key block produce zeros (and lse -inf) without touching any K/V barrier;
 - optional lse (B, H, S) float32, natural log;
-- tables shared over the batch (L = 1) or per batch element (L = B);
-- persistent by default (2 stages): a grid of at most one CTA per SM, each taking query blocks pid, pid + grid, ...
-  with the K/V ring's iterations numbered across them, the next block's Q loaded once the last S GEMM is done and O
-  stored from its own buffer, so a block's loads and the previous block's store overlap work instead of a CTA's
-  launch and drain. H200, 2026-12-04 (Nsight Compute, SM cycles of one launch at Wan 480p): 6.2% / 5.8% fewer at
-  10% density (window / random), 2.3% at 30%, 1.6% at 50%; outputs bit-identical, the 7 correctness cases pass.
-  Without it the two warpgroups take turns through the "turn" mbarriers; the persistent kernel drops that
-  hand-over, which measured no cycles either way (benchmarks/results/kernel.md).
+- tables shared over the batch (L = 1) or per batch element (L = B).
 
 Nothing Triton is needed at import: the kernel definitions sit behind a guarded import, and `gluon_available` is
 False (never raises) without Gluon's Hopper ops or without a CUDA device of capability (9, 0).
@@ -53,7 +57,7 @@ BLOCK_M = 128  # query rows per CTA (2 consumer warpgroups x 64)
 BLOCK_N = 128  # keys per block (FA4's tables)
 HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16)
-DEFAULT_STAGES = 2  # K/V ring depth (3 fits in smem too)
+STAGES = 2  # K/V ring depth (3 measured no faster; with the O buffers it no longer fits in shared memory)
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
@@ -81,32 +85,6 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
         _PRODUCER_REGS = gl.constexpr(24)
 
         @gluon.jit
-        def _ge_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free,  #
-                         kv_idx_base, cnt, b, col, STAGES: gl.constexpr):
-            """1-warp partition: K_i, V_i -> ring slot i % STAGES.  kv_free[e % STAGES] completes (e // STAGES)-th
-            time when both consumers have finished their iteration e, i.e. with K_e and V_(e-1): so K_i (i >= STAGES)
-            waits for completion e = i - STAGES and V_i for e = i - STAGES + 1.  One release barrier for both K and V
-            saves each consumer an arrive per iteration, and with it a partition barrier Triton puts before every
-            arrive (H200, 2026-12-04: 627 vs 620 TFLOP/s mean over 8 Wan 480p masks, within run-to-run noise)."""
-            BN: gl.constexpr = k_desc.block_type.shape[1]
-            HD: gl.constexpr = k_desc.block_type.shape[2]
-            dtype: gl.constexpr = k_desc.dtype
-            for i in range(cnt):
-                s = i % STAGES
-                r = i // STAGES
-                blk = gl.load(kv_idx_base + i)
-                row = blk * BN
-                mbarrier.wait(kv_free.index(s), (r - 1) & 1, pred=r > 0)
-                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [b, row, col], k_ready.index(s),
-                                                k_smem.index(s)._reinterpret(dtype, [1, BN, HD], k_desc.layout))
-                i1 = i + 1  # completion i - STAGES + 1 of kv_free[(i + 1) % STAGES]
-                mbarrier.wait(kv_free.index(i1 % STAGES), (i1 // STAGES - 1) & 1, pred=r > 0)
-                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [b, row, col], v_ready.index(s),
-                                                v_smem.index(s)._reinterpret(dtype, [1, BN, HD], v_desc.layout))
-
-        @gluon.jit
         def _ge_softmax(s, m_i, l_i, qk_scale):
             """Online softmax (base 2, scale folded in) of one fp32 S tile: P (fp32, S's layout), alpha, m, l."""
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -123,204 +101,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             return gl.where(gl.expand_dims(cols, 0) < lim, s, float("-inf"))
 
         @gluon.jit
-        def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, my_turn, other_turn,  #
-                       kv_idx_base, cnt, qk_scale, Sk, acc, m_i, l_i,  #
-                       s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
-                       STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, WG: gl.constexpr):
-            """The main loop of one consumer warpgroup over cnt >= 1 listed key blocks.  GEMM-issue batch k of this
-            WG (k = 0: S_0; k = j: S_j + PV_{j-1}; k = cnt: last PV) waits for the other WG's batch k - 1 + WG."""
-            BMW: gl.constexpr = qs.shape[0]
-            BN: gl.constexpr = k_smem.shape[1]
-            dtype: gl.constexpr = qs.dtype
-            zero_s = gl.zeros([BMW, BN], gl.float32, s_layout)
-            last = cnt - 1
-            if HAS_TAIL:
-                # ascending indices: the (only) partial key block, when listed, is the last one
-                tail_lim = Sk - gl.load(kv_idx_base + last) * BN
-
-            mbarrier.wait(k_ready.index(0), 0)
-            mbarrier.wait(my_turn, (WG - 1) & 1, pred=WG > 0)
-            s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.arrive(other_turn, count=1)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            gl.thread_barrier()  # partition-local: this WG is done with K_0
-            mbarrier.arrive(kv_free.index(0), count=1)
-            if HAS_TAIL:
-                if last == 0:
-                    s = _ge_mask_tail(s, tail_lim, s_layout)
-            p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
-            p = p32.to(dtype)
-            p = gl.convert_layout(p, p_layout)
-            mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=1 < cnt)
-
-            for j in range(1, cnt):
-                ks = j % STAGES
-                vj = j - 1
-                vs = vj % STAGES
-                mbarrier.wait(v_ready.index(vs), (vj // STAGES) & 1)
-                mbarrier.wait(my_turn, (j - 1 + WG) & 1)
-                s = warpgroup_mma(qs, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-                mbarrier.arrive(other_turn, count=1)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                if HAS_TAIL:
-                    if j == last:
-                        s = _ge_mask_tail(s, tail_lim, s_layout)
-                # softmax of S_j under the PV wgmma; P_j stays fp32 in S's registers until PV is done
-                p32, alpha, m_i, l_i = _ge_softmax(s, m_i, l_i, qk_scale)
-                # the K_{j+1} wait (a try_wait loop = basic-block boundary) keeps ptxas from hoisting the PV wait
-                # above the softmax
-                jn = j + 1
-                mbarrier.wait(k_ready.index(jn % STAGES), (jn // STAGES) & 1, pred=jn < cnt)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                p = gl.convert_layout(p32.to(dtype), p_layout)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-                gl.thread_barrier()  # partition-local: this WG is done with K_j, V_{j-1}
-                mbarrier.arrive(kv_free.index(ks), count=1)
-
-            vs = last % STAGES
-            mbarrier.wait(v_ready.index(vs), (last // STAGES) & 1)
-            mbarrier.wait(my_turn, (last + WG) & 1)
-            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
-            mbarrier.arrive(other_turn, count=1)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            return acc, m_i, l_i
-
-        @gluon.jit
-        def _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
-                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, WG: gl.constexpr):
-            """Consumer warpgroup WG (4 warps): query rows [q0 + 64 WG, q0 + 64 WG + 64) of batch b, head h."""
-            BMW: gl.constexpr = q_desc.block_type.shape[1]  # 64
-            HD: gl.constexpr = q_desc.block_type.shape[2]
-            BN: gl.constexpr = k_smem.shape[1]
-            NW: gl.constexpr = gl.num_warps()  # 4
-            dtype: gl.constexpr = q_desc.dtype
-            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                               instr_shape=[16, BN, 16])
-            o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                               instr_shape=[16, HD, 16])
-            p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-            row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-            orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-            qs = q_smem.index(WG)
-            qs3 = qs._reinterpret(dtype, [1, BMW, HD], q_desc.layout)
-            qb = q_bars.index(WG)
-            row_w = q0 + WG * BMW
-
-            # Q is loaded (zero-filled past Sq) even for an empty row block: its barrier completes on its own
-            mbarrier.expect(qb, q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, row_w, col], qb, qs3)
-
-            acc = gl.zeros([BMW, HD], gl.float32, o_layout)
-            m_i = gl.full([BMW], float("-inf"), gl.float32, row_layout)
-            l_i = gl.zeros([BMW], gl.float32, row_layout)
-            mbarrier.wait(qb, 0)
-            if cnt > 0:
-                acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free,  #
-                                           turn.index(WG), turn.index(1 - WG), kv_idx_base, cnt, qk_scale, Sk,  #
-                                           acc, m_i, l_i, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL, WG)
-
-            has = l_i > 0.0
-            l_safe = gl.where(has, l_i, 1.0)
-            acc = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
-            if RETURN_LSE:
-                rows = row_w + gl.arange(0, BMW, layout=row_layout)
-                lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-                base = (b * H + h).to(gl.int64) * Sq
-                gl.store(lse_ptr + base + rows, lse, mask=rows < Sq)
-
-            # epilogue: O -> this WG's Q buffer -> TMA store (rows past Sq clipped by the descriptor)
-            gl.thread_barrier()
-            qs.store(acc.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(o_desc, [b, row_w, col], qs3)
-            tma.store_wait(pendings=0)
-
-        @gluon.jit
-        def _ge_consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
-                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
-                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, 0)
-
-        @gluon.jit
-        def _ge_consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
-                          kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            _ge_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free, turn,  #
-                         kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,  #
-                         STAGES, HAS_TAIL, RETURN_LSE, 1)
-
-        # sizes are runtime values: no recompilation per sequence length / table width (Triton would otherwise
-        # specialise integers on divisibility by 16 and on == 1)
-        @gluon.jit(do_not_specialize=["qk_scale", "Sq", "Sk", "H", "NQ", "W", "tab_b_stride"])
-        def gluon_sparse_fwd(q_desc, k_desc, v_desc, o_desc,  #
-                             kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
-                             qk_scale, Sq, Sk, H, NQ, W, tab_b_stride,  #
-                             SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
-                             STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            """Grid (NQ, B*H), num_warps 4 (consumer WG0; worker 0 = consumer WG1, 4 warps; worker 1 = producer).
-
-            q_desc/o_desc: 3-D over (B, Sq, H*D), box [1, 64, D]; k_desc/v_desc: (B, Sk, H*D), box [1, 128, D].
-            Tables: kv_cnt (L, H, NQ) int32 and kv_idx (L, H, NQ, W) int32 ascending, batch stride of the count
-            table ``tab_b_stride`` (0 for L = 1, H*NQ for L = B).  lse_ptr: (B, H, Sq) float32 when RETURN_LSE.
-            SMEM_Q/SMEM_KV: the 2-D NVMMA shared layouts of a [64, D] / [128, D] tile (wgmma operands)."""
-            BMW: gl.constexpr = q_desc.block_type.shape[1]
-            HD: gl.constexpr = q_desc.block_type.shape[2]
-            BN: gl.constexpr = k_desc.block_type.shape[1]
-            dtype: gl.constexpr = q_desc.dtype
-
-            pid_m = gl.program_id(0)
-            bh = gl.program_id(1)
-            b = bh // H
-            h = bh - b * H
-            col = h * HD
-            q0 = pid_m * (2 * BMW)
-            tab = b * tab_b_stride + h * NQ + pid_m
-            cnt = gl.load(kv_cnt_ptr + tab)
-            kv_idx_base = kv_idx_ptr + tab.to(gl.int64) * W
-
-            q_smem = gl.allocate_shared_memory(dtype, [2, BMW, HD], SMEM_Q)
-            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
-            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HD], SMEM_KV)
-            q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(q_bars.index(i), count=1)
-                mbarrier.init(turn.index(i), count=1)
-            for i in gl.static_range(STAGES):
-                mbarrier.init(k_ready.index(i), count=1)
-                mbarrier.init(v_ready.index(i), count=1)
-                mbarrier.init(kv_free.index(i), count=2)  # one arrive per consumer warpgroup
-            fence_async_shared()
-            gl.thread_barrier()
-
-            gl.warp_specialize(
-                [
-                    (_ge_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
-                                     turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE)),
-                    (_ge_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,
-                                     turn, kv_idx_base, cnt, lse_ptr, qk_scale, b, h, H, q0, col, Sq, Sk,
-                                     STAGES, HAS_TAIL, RETURN_LSE)),
-                    (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, kv_idx_base,
-                                    cnt, b, col, STAGES)),
-                ],
-                [4, 1],
-                [_CONSUMER1_REGS, _PRODUCER_REGS],
-            )
-
-        KERNEL = gluon_sparse_fwd
-
-        # ---------------------------------------------------------------- persistent variant (opt-in, measured)
-        @gluon.jit
-        def _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD: gl.constexpr):
+        def _ge_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD: gl.constexpr):
             """Tile t (query block fastest, then head, then batch) -> b, h, q0 row, column, count, index row."""
             bh = t // NQ
             pid_m = t - bh * NQ
@@ -331,17 +112,20 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             return b, h, pid_m, h * HD, cnt, kv_idx_ptr + tab.to(gl.int64) * W
 
         @gluon.jit
-        def _gp_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free,  #
+        def _ge_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free,  #
                          kv_idx_ptr, kv_cnt_ptr, NQ, H, W, tab_b_stride, n_tiles, STAGES: gl.constexpr):
-            """1-warp partition: the K/V blocks of every tile of this CTA, through one ring whose iteration count g
-            runs on across tiles (the release protocol of `_ge_producer`, with global iteration numbers: consumer
-            iteration g frees K_g and V_(g-1), also across a tile boundary)."""
+            """1-warp partition: K_g, V_g -> ring slot g % STAGES for the listed K/V blocks of every tile of this CTA,
+            g counting on across tiles.  kv_free[e % STAGES] completes for the (e // STAGES)-th time when both
+            consumers have finished their iteration e, i.e. with K_e and V_(e-1) (V_(e-1) may be the previous tile's
+            last block): so K_g (g >= STAGES) waits for completion e = g - STAGES and V_g for e = g - STAGES + 1.  One
+            release barrier for both K and V saves each consumer an arrive, and with it a partition barrier Triton
+            puts before every arrive."""
             BN: gl.constexpr = k_desc.block_type.shape[1]
             HD: gl.constexpr = k_desc.block_type.shape[2]
             dtype: gl.constexpr = k_desc.dtype
             g0 = 0
             for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-                b, h, pid_m, col, cnt, idx_base = _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+                b, h, pid_m, col, cnt, idx_base = _ge_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
                 for i in range(cnt):
                     g = g0 + i
                     s = g % STAGES
@@ -359,14 +143,13 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                 g0 += cnt
 
         @gluon.jit
-        def _gp_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt, qk_scale, Sk,  #
+        def _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt, qk_scale, Sk,  #
                        acc, m_i, l_i, q_desc, qs3, qb, b, next_row, col, prefetch,  #
                        s_layout: gl.constexpr, p_layout: gl.constexpr, orow_layout: gl.constexpr,  #
                        STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
-            """`_ge_attend` with ring iterations numbered from g0 (this CTA's earlier tiles) and no hand-over
-            between the warpgroups (measured: it changes no cycle count, benchmarks/results/kernel.md).  After the
-            last S = Q K^T of the tile, Q's buffer is free: the next tile's Q is loaded into it (``prefetch``)
-            while the last PV and the epilogue run."""
+            """The main loop of one consumer warpgroup over one tile's cnt >= 1 listed key blocks, ring iterations
+            numbered from g0 (this CTA's earlier tiles).  After the tile's last S = Q K^T, Q's buffer is free: the
+            next tile's Q is loaded into it (``prefetch``) while the last PV and the epilogue run."""
             BMW: gl.constexpr = qs.shape[0]
             BN: gl.constexpr = k_smem.shape[1]
             dtype: gl.constexpr = qs.dtype
@@ -423,10 +206,10 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             return acc, m_i, l_i
 
         @gluon.jit
-        def _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+        def _ge_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
                          kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
                          STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr, WG: gl.constexpr):
-            """Consumer warpgroup WG of the persistent kernel: rows [64 WG, 64 WG + 64) of every tile of this CTA.
+            """Consumer warpgroup WG (4 warps): query rows [64 WG, 64 WG + 64) of every tile of this CTA.
             Q goes through this WG's Q buffer (the next tile's Q loaded as soon as the last S GEMM is done), O
             through its own O buffer (TMA stores left in flight until the buffer is needed again)."""
             BMW: gl.constexpr = q_desc.block_type.shape[1]
@@ -449,17 +232,17 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
 
             pid = gl.program_id(0)
             n_prog = gl.num_programs(0)
-            b, h, pid_m, col, cnt, idx_base = _gp_tile(pid, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+            b, h, pid_m, col, cnt, idx_base = _ge_tile(pid, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
             mbarrier.expect(qb, q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [b, pid_m * (2 * BMW) + WG * BMW, col], qb, qs3)
             g0 = 0
             n_done = 0
             for t in range(pid, n_tiles, n_prog):
-                b, h, pid_m, col, cnt, idx_base = _gp_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
+                b, h, pid_m, col, cnt, idx_base = _ge_tile(t, NQ, H, tab_b_stride, kv_cnt_ptr, kv_idx_ptr, W, HD)
                 row_w = pid_m * (2 * BMW) + WG * BMW
                 tn = t + n_prog
                 prefetch = tn < n_tiles
-                nb, nh, npid_m, ncol, ncnt, nidx = _gp_tile(gl.minimum(tn, n_tiles - 1), NQ, H, tab_b_stride,
+                nb, nh, npid_m, ncol, ncnt, nidx = _ge_tile(gl.minimum(tn, n_tiles - 1), NQ, H, tab_b_stride,
                                                             kv_cnt_ptr, kv_idx_ptr, W, HD)
                 next_row = npid_m * (2 * BMW) + WG * BMW
                 acc = gl.zeros([BMW, HD], gl.float32, o_layout)
@@ -467,7 +250,7 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
                 l_i = gl.zeros([BMW], gl.float32, row_layout)
                 mbarrier.wait(qb, n_done & 1)
                 if cnt > 0:
-                    acc, m_i, l_i = _gp_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt,
+                    acc, m_i, l_i = _ge_attend(qs, k_smem, v_smem, k_ready, v_ready, kv_free, g0, idx_base, cnt,
                                                qk_scale, Sk, acc, m_i, l_i, q_desc, qs3, qb, nb, next_row, ncol,
                                                prefetch, s_layout, p_layout, orow_layout, STAGES, HAS_TAIL)
                 else:
@@ -496,30 +279,34 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
             tma.store_wait(pendings=0)
 
         @gluon.jit
-        def _gp_consumer0(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+        def _ge_consumer0(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
                           kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
                           STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+            _ge_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
                          kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
                          STAGES, HAS_TAIL, RETURN_LSE, 0)
 
         @gluon.jit
-        def _gp_consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+        def _ge_consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
                           kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
                           STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            _gp_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
+            _ge_consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready, kv_free,  #
                          kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W, tab_b_stride, n_tiles,  #
                          STAGES, HAS_TAIL, RETURN_LSE, 1)
 
         @gluon.jit(do_not_specialize=["qk_scale", "Sq", "Sk", "H", "NQ", "W", "tab_b_stride", "n_tiles"])
-        def gluon_sparse_fwd_persistent(q_desc, k_desc, v_desc, o_desc,  #
-                                        kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
-                                        qk_scale, Sq, Sk, H, NQ, W, tab_b_stride, n_tiles,  #
-                                        SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
-                                        STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
-            """`gluon_sparse_fwd` over a grid of at most one CTA per SM, each taking tiles pid, pid + grid, ...
-            (n_tiles = NQ * B * H, query block fastest), so that a tile's Q and first K/V loads and the previous
-            tile's output store overlap the neighbouring tile's work instead of a CTA's launch and drain."""
+        def gluon_sparse_fwd(q_desc, k_desc, v_desc, o_desc,  #
+                             kv_idx_ptr, kv_cnt_ptr, lse_ptr,  #
+                             qk_scale, Sq, Sk, H, NQ, W, tab_b_stride, n_tiles,  #
+                             SMEM_Q: gl.constexpr, SMEM_KV: gl.constexpr,  #
+                             STAGES: gl.constexpr, HAS_TAIL: gl.constexpr, RETURN_LSE: gl.constexpr):
+            """Grid (G,), G <= n_tiles = NQ * B * H; CTA pid takes tiles pid, pid + G, ... (query block fastest).
+            num_warps 4 (consumer WG0; worker 0 = consumer WG1, 4 warps; worker 1 = producer, 1 warp).
+
+            q_desc/o_desc: 3-D over (B, Sq, H*D), box [1, 64, D]; k_desc/v_desc: (B, Sk, H*D), box [1, 128, D].
+            Tables: kv_cnt (L, H, NQ) int32 and kv_idx (L, H, NQ, W) int32 ascending, batch stride of the count
+            table ``tab_b_stride`` (0 for L = 1, H*NQ for L = B).  lse_ptr: (B, H, Sq) float32 when RETURN_LSE.
+            SMEM_Q/SMEM_KV: the 2-D NVMMA shared layouts of a [64, D] / [128, D] tile (wgmma operands)."""
             BMW: gl.constexpr = q_desc.block_type.shape[1]
             HD: gl.constexpr = q_desc.block_type.shape[2]
             BN: gl.constexpr = k_desc.block_type.shape[1]
@@ -543,20 +330,20 @@ if _IMPORT_ERROR is None:  # pragma: no cover - kernel code, exercised on the GP
 
             gl.warp_specialize(
                 [
-                    (_gp_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                    (_ge_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                                      kv_free, kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W,
                                      tab_b_stride, n_tiles, STAGES, HAS_TAIL, RETURN_LSE)),
-                    (_gp_consumer1, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                    (_ge_consumer1, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                                      kv_free, kv_idx_ptr, kv_cnt_ptr, lse_ptr, qk_scale, H, Sq, Sk, NQ, W,
                                      tab_b_stride, n_tiles, STAGES, HAS_TAIL, RETURN_LSE)),
-                    (_gp_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, kv_idx_ptr,
+                    (_ge_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, kv_idx_ptr,
                                     kv_cnt_ptr, NQ, H, W, tab_b_stride, n_tiles, STAGES)),
                 ],
                 [4, 1],
                 [_CONSUMER1_REGS, _PRODUCER_REGS],
             )
 
-        KERNEL_PERSISTENT = gluon_sparse_fwd_persistent
+        KERNEL = gluon_sparse_fwd
     except Exception as e:  # an incompatible Gluon API: no engine
         _IMPORT_ERROR = e
 
@@ -680,7 +467,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
+def _launch(q, k, v, out, lse, cnt, idx, scale, persistent=True):
     """q (B, Sq, H, D), k/v (B, Sk, H, D), out (B, Sq, H, D) contiguous; cnt (L, H, NQ), idx (L, H, NQ, W)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -691,14 +478,10 @@ def _launch(q, k, v, out, lse, cnt, idx, scale, stages, persistent=False):
     descs = (_bshd_desc(q, Q_BOX, lay["q3"]), _bshd_desc(k, BLOCK_N, lay["kv3"]), _bshd_desc(v, BLOCK_N, lay["kv3"]),
              _bshd_desc(out, Q_BOX, lay["q3"]))
     sizes = (scale * LOG2E, Sq, Sk, H, NQ, W, 0 if L == 1 else H * NQ)
-    meta = dict(SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=stages, HAS_TAIL=(Sk % BLOCK_N) != 0,
-                RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS)
-    if persistent:
-        n_tiles = NQ * B * H
-        KERNEL_PERSISTENT[(min(n_tiles, _sm_count(q.device.index)),)](*descs, idx, cnt, lse_arg, *sizes, n_tiles,
-                                                                         **meta)
-    else:
-        KERNEL[(NQ, B * H)](*descs, idx, cnt, lse_arg, *sizes, **meta)
+    n_tiles = NQ * B * H
+    grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
+    KERNEL[grid](*descs, idx, cnt, lse_arg, *sizes, n_tiles, SMEM_Q=lay["q2"], SMEM_KV=lay["kv2"], STAGES=STAGES,
+                 HAS_TAIL=(Sk % BLOCK_N) != 0, RETURN_LSE=lse is not None, num_warps=KERNEL_NUM_WARPS)
 
 
 def gluon_block_sparse_attention(
@@ -711,16 +494,15 @@ def gluon_block_sparse_attention(
     *,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    stages: int = DEFAULT_STAGES,
-    persistent: bool | None = None,
+    persistent: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of q (B, S, H, D) against k, v over ``layout`` with the Gluon kernel (Hopper, fp16 or
     bf16, D = 128, query blocks of 128, layouts `fa4_blocks` expresses). Same contract as
     `sparse_dit.kernels.triton_attention.triton_block_sparse_attention`: returns out (B, S, H, D) and, with
     ``return_lse``, lse (B, H, S) float32 natural log (-inf for a row that attends no key; its output is 0).
     ``out``/``lse``: optional preallocated outputs (out contiguous (B, S, H, D); lse contiguous (B, H, S) float32).
-    ``stages``: K/V ring depth (2 or 3). ``persistent``: one CTA per SM looping over the query blocks (2 stages only;
-    None: persistent with 2 stages, 1.6-6.2% fewer cycles than one CTA per query block on the H200).
+    ``persistent``: at most one CTA per SM looping over the query blocks (the default: 1.6-6.2% fewer cycles on the
+    H200); False: one CTA per query block (for A/B runs).
     Raises ValueError for an unsupported head dim, block size or layout, TypeError for a dtype,
     RuntimeError without Gluon / a Hopper GPU."""
     check_qkv(q, k, v, layout)
@@ -738,12 +520,6 @@ def gluon_block_sparse_attention(
     blocks = _layout_reason(layout)
     if isinstance(blocks, str):
         raise ValueError(f"sparse-dit: the Gluon engine cannot express this layout ({blocks}); use the Triton kernel")
-    if stages not in (2, 3):
-        raise ValueError(f"stages must be 2 or 3; got {stages}")
-    if persistent is None:
-        persistent = stages == 2
-    if persistent and stages != 2:
-        raise ValueError("the persistent kernel has 2 stages (its O buffers take the third stage's shared memory)")
     B, S, H, _ = q.shape
     dev = q.device
     # provided outputs are checked whatever the layout, before any work (TMA stores need 16-byte aligned bases)
@@ -782,7 +558,7 @@ def gluon_block_sparse_attention(
         else:
             lse_k = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
 
-    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), stages, persistent)
+    _launch(q, k, v, o, lse_k, cnt, idx, float(scale), persistent)
 
     if permuted_q:
         o = gather_rows(o, q_inverse)
@@ -799,8 +575,7 @@ def gluon_block_sparse_attention(
 
 
 # ------------------------------------------------------------------------------------------- compile (no GPU)
-def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has_tail: bool = True,
-                     return_lse: bool = True, persistent: bool = False):
+def compile_for_sm90(dtype_name: str = "bf16", has_tail: bool = True, return_lse: bool = True):
     """Compile the kernel for sm_90a without a GPU (Triton 3.6's ``GluonASTSource``); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -816,14 +591,10 @@ def compile_for_sm90(dtype_name: str = "bf16", stages: int = DEFAULT_STAGES, has
         "q_desc": tq, "k_desc": tkv, "v_desc": tkv, "o_desc": tq,
         "kv_idx_ptr": "*i32", "kv_cnt_ptr": "*i32", "lse_ptr": "*fp32",
         "qk_scale": "fp32", "Sq": "i32", "Sk": "i32", "H": "i32", "NQ": "i32", "W": "i32", "tab_b_stride": "i32",
-        "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
+        "n_tiles": "i32", "SMEM_Q": "constexpr", "SMEM_KV": "constexpr", "STAGES": "constexpr", "HAS_TAIL": "constexpr",
         "RETURN_LSE": "constexpr",
     }
-    if persistent:
-        signature["n_tiles"] = "i32"
-        signature = {k: signature[k] for k in list(signature) if signature[k] != "constexpr"} | {
-            k: "constexpr" for k in signature if signature[k] == "constexpr"}
-    constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": stages,
+    constexprs = {"SMEM_Q": get([Q_BOX, HEAD_DIM], g), "SMEM_KV": get([BLOCK_N, HEAD_DIM], g), "STAGES": STAGES,
                   "HAS_TAIL": has_tail, "RETURN_LSE": return_lse}
-    src = GluonASTSource(KERNEL_PERSISTENT if persistent else KERNEL, signature, constexprs=constexprs)
+    src = GluonASTSource(KERNEL, signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": KERNEL_NUM_WARPS})
