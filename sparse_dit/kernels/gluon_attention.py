@@ -1,7 +1,9 @@
 """Optional Gluon engine (``triton.experimental.gluon``, Triton 3.6) for Hopper (sm_90) behind the same `Layout`.
 
-Checked on an H200 (2026-12-03 23:35 UTC, and 2026-12-04 03:33 after the one-release-barrier change,
-`benchmarks/gluon_engine_check.py`, raw in benchmarks/results/raw/gluon_engine_h200_2335/ and _0333/): equal to the
+Checked on an H200 (2026-12-03 23:35 UTC; 2026-12-04 03:33 after the one-release-barrier change; 2026-12-04 12:45
+for the persistent kernel, whose outputs were bit-identical to the per-tile kernel's, and its GPU tests at 12:50;
+`benchmarks/gluon_engine_check.py`, raw in benchmarks/results/raw/gluon_engine_h200_2335/, _0333/ and
+gluon_persistent_h200_1243/): equal to the
 reference and the Triton kernel on ragged lengths, batch 1/2, shared and per-batch tables, empty query blocks, lse,
 fp16/bf16, a permuted layout; at Wan 480p (B=2 H=12 S=32760, bf16) 581-657 effective TFLOP/s at densities 0.1-0.5,
 1.16-1.44x the Triton kernel and above cuDNN dense (573-576) in both runs. `kernels.EngineChooser` measures it
