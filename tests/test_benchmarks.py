@@ -36,3 +36,21 @@ def test_profile_step_and_replan_fidelity_scripts(tmp_path):
         "--block-size", "16", "--methods", "prune keep 0.25", out=tmp_path)
     rows = json.loads((tmp_path / "replan_fidelity.json").read_text())
     assert [r["replan_every"] for r in rows] == [1, 2] and all(r["density"] == 0.25 for r in rows)
+
+
+def test_plot_kernel_draws_a_kernel_py_json_and_refuses_one_without_timings(tmp_path):
+    rows = [dict(shape="wan480p", kind=kind, density=d, tflops=450 + 50 * d, gluon_tflops=600 + 20 * d,
+                 fa4_tflops=float("nan") if kind == "window" else 610.0)
+            for kind in ("random", "window") for d in (0.1, 0.3, 0.5)]
+    data = dict(device="NVIDIA H200", torch="2.11", triton="3.6", cudnn={"wan480p": {"tflops": 575.0}},
+                fa4_dense={"wan480p": {"tflops": 687.0}}, bench=rows)
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_kernel.py"), str(tmp_path / "k.json"),
+                           "--target", "600", "--out", str(tmp_path / "k.png")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "k.png").stat().st_size > 10_000
+    (tmp_path / "empty.json").write_text(json.dumps(dict(bench=[])))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_kernel.py"), str(tmp_path / "empty.json"),
+                           "--out", str(tmp_path / "e.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no bench rows" in done.stderr and not (tmp_path / "e.png").exists()
