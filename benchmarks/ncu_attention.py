@@ -9,6 +9,8 @@ mask of the given density (the masks of benchmarks/gluon_engine_check.py), runs 
 profiled range (compilation, table conversion), then once between cudaProfilerStart/Stop, so only the attention
 kernel itself (and, for the FA4 engine, nothing else: its tables are converted and cached by the first call) is
 profiled. Engines: gluon, fa4, triton. Prints the kernel's time measured with CUDA events outside the profiler.
+(The 2026-12-04 schedule experiments used this script's `--gluon-schedule` at commit 95ad850, with the experiment
+kernel of that commit; both were reverted after.)
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _setup import ensure_sparse_dit  # noqa: E402
 
-# The schedule experiments of 2026-12-04 (kernel.md) ran a kernel with schedule options; they were reverted after.
-SCHEDULE_COMMIT = "95ad850"
-
 ensure_sparse_dit()  # importable on a bare GPU machine
 
 
@@ -35,9 +34,6 @@ def main() -> int:
     ap.add_argument("--shape", type=int, nargs=4, default=[2, 12, 32760, 128], metavar=("B", "H", "S", "D"))
     ap.add_argument("--per-tile", action="store_true",
                     help="Gluon engine only: one CTA per query block instead of the persistent grid")
-    ap.add_argument("--gluon-schedule", default=None, metavar="JSON",
-                    help="Gluon engine only: schedule options as a JSON object; only the experiment kernel of commit "
-                         f"{SCHEDULE_COMMIT} has them (`git show {SCHEDULE_COMMIT}:sparse_dit/kernels/gluon_attention.py`)")
     args = ap.parse_args()
 
     import torch
@@ -61,20 +57,11 @@ def main() -> int:
 
     if args.engine == "gluon":
         import functools
-        import json
 
         from sparse_dit.kernels.gluon_attention import gluon_block_sparse_attention as fn
 
         if args.per_tile:
             fn = functools.partial(fn, persistent=False)
-        if args.gluon_schedule:
-            import inspect
-
-            if "schedule" not in inspect.signature(fn).parameters:
-                print(f"--gluon-schedule needs the experiment kernel of commit {SCHEDULE_COMMIT}; this engine has no "
-                      "schedule options", file=sys.stderr)
-                return 2
-            fn = functools.partial(fn, schedule=json.loads(args.gluon_schedule))
     elif args.engine == "fa4":
         from sparse_dit.kernels.fa4 import fa4_block_sparse_attention as fn
     else:

@@ -36,6 +36,7 @@ class _Model:
         self.qbuf: list = [None, None]
         self.released: list[set] = [set(), set()]
         self.in_flight: list = []
+        self.reads = {"k": [0, 0], "v": [0, 0], "q": [0, 0]}  # per warpgroup, of blocks seen landed
 
     def _init(self, bar, count):
         self.completions[bar], self.arrivals[bar], self.count[bar] = 0, 0, count
@@ -102,7 +103,7 @@ class _Model:
                 yield ("q_load", w, t + 1)
             g0 += cnt
 
-    def run(self) -> None:
+    def run(self) -> dict:
         actors = {"producer": self.producer(), 0: self.consumer(0), 1: self.consumer(1)}
         current = {a: next(gen, None) for a, gen in actors.items()}
         for _ in range(200_000):
@@ -112,7 +113,7 @@ class _Model:
                 ready.append("tma")
             if not ready:
                 assert all(op is None for op in current.values()), f"deadlock: {current}"
-                return
+                return self.reads
             actor = self.rnd.choice(ready)
             if actor == "tma":  # a copy lands, in any order
                 kind, s, i = self.in_flight.pop(self.rnd.randrange(len(self.in_flight)))
@@ -143,10 +144,12 @@ class _Model:
         elif op[0] == "read_q":
             _, w, t = op
             assert self.qbuf[w] == (t, True), f"warpgroup {w} reads Q of tile {t}: buffer holds {self.qbuf[w]}"
+            self.reads["q"][w] += 1
         elif op[0] == "read":
             _, w, kind, i = op
             assert self.slot[kind][i % STAGES] == (i, True), (
                 f"warpgroup {w} reads {kind}{i}: slot holds {self.slot[kind][i % STAGES]}")
+            self.reads[kind][w] += 1
         elif op[0] == "release":
             _, w, items, bar = op
             self.released[w].update(items)
@@ -160,7 +163,9 @@ def _tile_sequences(n: int, seed: int):
 
 def test_the_persistent_protocol_holds_over_random_interleavings():
     for i, cnts in enumerate(_tile_sequences(300, seed=0)):
-        _Model(cnts, seed=i).run()
+        reads = _Model(cnts, seed=i).run()
+        # every listed K and V block reached both warpgroups, and Q once per S GEMM
+        assert reads["k"] == reads["v"] == [sum(cnts)] * 2 and reads["q"] == [sum(cnts)] * 2
 
 
 @pytest.mark.parametrize("mutation, message", [("drop_v_wait", "overwrites slot"), ("late_v_read", "reads v")])

@@ -2,7 +2,8 @@
 # do_bench times vary ~5%). One ncu run per variant on one mask of benchmarks/ncu_attention.py.
 # usage, on the device after setup.sh: bash benchmarks/device/ncu_gluon_variants.sh KIND DENSITY VARIANTS_FILE
 # VARIANTS_FILE: lines "name {json}" with schedule options of the experiment kernel of commit 95ad850 (reverted
-# after the 2026-12-04 runs: check that kernel out first, `git checkout 95ad850 -- sparse_dit/kernels/gluon_attention.py`).
+# after the 2026-12-04 runs, with ncu_attention.py's --gluon-schedule: check both out first,
+# `git checkout 95ad850 -- sparse_dit/kernels/gluon_attention.py benchmarks/ncu_attention.py`).
 # Prints per variant: gpu__time_duration (ms), sm__cycles_active.avg, tensor pipe active %, warp stalls per issued
 # instruction (barrier, gmma, wait), instructions executed.
 NCU=$(command -v ncu)
